@@ -1,0 +1,46 @@
+"""dst: topology refresh for continual learning.
+
+Continual backpropagation (unit-level) and dynamic sparse training (connection-level) are two refresh
+strategies over one masked-layer abstraction, one strategy registry and one experiment loop.
+"""
+
+from . import init, nets, optim, sparsity, strategies
+from .config import Config, setting
+from .errors import ConfigError, DataError, DSTError, NonFiniteLossError, TopologyError
+from .masked import MaskedConv2d, MaskedLinear, apply_masks, mask_gradients, masked_layers, sparsify
+from .optim import ElementwiseAdam, build_optimizer, reset_optimizer_state
+from .refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig, replace_units
+from .topology import HiddenLayer, Topology
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataError",
+    "DSTError",
+    "ElementwiseAdam",
+    "HiddenLayer",
+    "MaskedConv2d",
+    "MaskedLinear",
+    "NO_REFRESH",
+    "NonFiniteLossError",
+    "RefreshStats",
+    "RefreshStrategy",
+    "StrategyConfig",
+    "Topology",
+    "TopologyError",
+    "apply_masks",
+    "build_optimizer",
+    "init",
+    "mask_gradients",
+    "masked_layers",
+    "nets",
+    "optim",
+    "replace_units",
+    "reset_optimizer_state",
+    "setting",
+    "sparsify",
+    "sparsity",
+    "strategies",
+]

@@ -1,0 +1,247 @@
+"""Masked layers: the one abstraction every topology refresh works on.
+
+``MaskedLinear`` and ``MaskedConv2d`` are ``nn.Linear`` / ``nn.Conv2d`` with a boolean ``mask`` buffer
+shaped like ``weight`` (``None`` for a dense layer, which then costs nothing). The forward pass is the
+parent's plain ``F.linear`` / ``F.conv2d`` on a weight whose masked entries are zero, so backward
+produces the *dense* gradient: RigL reads it before :func:`mask_gradients` zeroes the masked entries
+(the strategies' ``before_step``). With the masked gradient zero and the masked weight zero, every
+optimizer state at a masked position stays zero for SGD (momentum, weight decay), Adam and AdamW.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = [
+    "MaskedLinear",
+    "MaskedConv2d",
+    "MaskedMixin",
+    "masked_layers",
+    "mask_gradients",
+    "apply_masks",
+    "mask_of",
+    "sparsify",
+]
+
+# Parameter -> owning masked layer. Optimizers that keep per-element clocks (dst.optim.ElementwiseAdam)
+# look masks up here; a weak reference to the module survives `.to(device)`, which replaces buffers.
+_OWNERS: "weakref.WeakKeyDictionary[torch.Tensor, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def mask_of(param: torch.Tensor) -> torch.Tensor | None:
+    """The mask of the masked layer that owns ``param`` as its weight, or ``None``."""
+    ref = _OWNERS.get(param)
+    module = ref() if ref is not None else None
+    if module is None or module.weight is not param:
+        return None
+    return module.mask
+
+
+class MaskedMixin:
+    """Mask bookkeeping shared by MaskedLinear and MaskedConv2d."""
+
+    weight: nn.Parameter
+    mask: torch.Tensor | None
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        """Install (or remove, with ``None``) the mask and zero the masked weights."""
+        if mask is None:
+            self._buffers["mask"] = None
+            return
+        if mask.shape != self.weight.shape:
+            raise ConfigError(
+                f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(self.weight.shape)}"
+            )
+        mask = mask.to(device=self.weight.device, dtype=torch.bool)
+        self._buffers["mask"] = mask
+        _OWNERS[self.weight] = weakref.ref(self)
+        self.apply_mask()
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.mask is not None
+
+    @property
+    def density(self) -> float:
+        if self.mask is None:
+            return 1.0
+        return float(self.mask.sum()) / self.mask.numel()
+
+    @property
+    def active_connections(self) -> int:
+        return self.weight.numel() if self.mask is None else int(self.mask.sum())
+
+    @torch.no_grad()
+    def apply_mask(self) -> None:
+        """Zero the weights at masked positions."""
+        if self.mask is not None:
+            self.weight.mul_(self.mask)
+
+    @torch.no_grad()
+    def mask_grad(self) -> None:
+        """Zero the gradient at masked positions (call after backward, before the optimizer step)."""
+        if self.mask is not None and self.weight.grad is not None:
+            self.weight.grad.mul_(self.mask)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        key = prefix + "mask"
+        if key in state_dict and self.mask is None and state_dict[key] is not None:
+            # A dense layer receiving a sparse state: take the mask's shape first, then load it.
+            self.set_mask(torch.ones_like(self.weight, dtype=torch.bool))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+        if self.mask is not None:
+            _OWNERS[self.weight] = weakref.ref(self)
+
+    def _mask_repr(self) -> str:
+        return "" if self.mask is None else f", density={self.density:.4f}"
+
+
+class MaskedLinear(MaskedMixin, nn.Linear):
+    """``nn.Linear`` with an optional boolean connection mask."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        mask: torch.Tensor | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("mask", None)
+        if mask is not None:
+            self.set_mask(mask)
+
+    @classmethod
+    def from_dense(cls, layer: nn.Linear, mask: torch.Tensor | None = None) -> "MaskedLinear":
+        """Wrap an existing layer, sharing its Parameter objects (an existing optimizer keeps working)."""
+        new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        new.weight = layer.weight
+        new.bias = layer.bias
+        new.set_mask(mask)
+        return new
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._mask_repr()
+
+
+class MaskedConv2d(MaskedMixin, nn.Conv2d):
+    """``nn.Conv2d`` with an optional boolean connection mask over (out, in, kh, kw)."""
+
+    def __init__(self, *args, mask: torch.Tensor | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("mask", None)
+        if mask is not None:
+            self.set_mask(mask)
+
+    @classmethod
+    def from_dense(cls, layer: nn.Conv2d, mask: torch.Tensor | None = None) -> "MaskedConv2d":
+        new = cls(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+            device="meta",
+        )
+        new.weight = layer.weight
+        new.bias = layer.bias
+        new.set_mask(mask)
+        return new
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._mask_repr()
+
+
+def masked_layers(model: nn.Module) -> Iterator[MaskedMixin]:
+    """The layers of ``model`` that carry a mask (dense layers are skipped)."""
+    for module in model.modules():
+        if isinstance(module, MaskedMixin) and module.mask is not None:
+            yield module
+
+
+def mask_gradients(model: nn.Module) -> None:
+    for layer in masked_layers(model):
+        layer.mask_grad()
+
+
+def apply_masks(model: nn.Module) -> None:
+    for layer in masked_layers(model):
+        layer.apply_mask()
+
+
+def sparsify(
+    model: nn.Module,
+    density: float = 0.1,
+    distribution: str = "erk",
+    *,
+    dense_first: bool = False,
+    dense_last: bool = False,
+    skip: tuple[str, ...] = (),
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+) -> nn.Module:
+    """Convert ``model``'s Linear/Conv2d layers to masked layers in place and return ``model``.
+
+    ``density`` is the global fraction of active weights over the layers that are sparsified;
+    ``distribution`` (``uniform``, ``er``, ``erk``) spreads it over layers (``dst.sparsity``). Layers named in
+    ``skip`` and, with ``dense_first``/``dense_last``, the first/last layer stay dense and are not part of
+    the budget. Each layer gets exactly ``round(density_l * numel)`` active weights at random positions
+    drawn from ``generator`` (or a fresh one seeded with ``seed``, or the global RNG). Density 1.0 leaves
+    the model untouched.
+    """
+    from .sparsity import layer_densities, random_mask
+
+    if not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
+        raise ConfigError(f"density must be in (0, 1], got {density!r}")
+    layers = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d))
+    ]
+    if not layers:
+        raise ConfigError("sparsify found no nn.Linear or nn.Conv2d layer in the model")
+    unknown = set(skip) - {name for name, _ in layers}
+    if unknown:
+        raise ConfigError(
+            f"sparsify: skip names {sorted(unknown)} are not layers of the model; "
+            f"layers: {[name for name, _ in layers]}"
+        )
+    if density == 1.0:
+        return model
+    keep_dense = set(skip)
+    if dense_first:
+        keep_dense.add(layers[0][0])
+    if dense_last:
+        keep_dense.add(layers[-1][0])
+    targets = [(name, module) for name, module in layers if name not in keep_dense]
+    if not targets:
+        raise ConfigError("sparsify: every layer is kept dense; nothing to sparsify")
+    densities = layer_densities([m.weight.shape for _, m in targets], float(density), distribution)
+    if generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    for (name, module), layer_density in zip(targets, densities):
+        mask = random_mask(module.weight.shape, layer_density, generator)
+        if isinstance(module, MaskedMixin):
+            module.set_mask(mask)
+            continue
+        wrapper = MaskedConv2d if isinstance(module, nn.Conv2d) else MaskedLinear
+        _replace_module(model, name, wrapper.from_dense(module, mask))
+    return model
+
+
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)

@@ -1,0 +1,223 @@
+"""The refresh-strategy protocol and the surgery every strategy shares.
+
+A training step with a strategy reads::
+
+    loss.backward()
+    strategy.before_step()    # read dense gradients (RigL), then zero masked gradients
+    optimizer.step()
+    strategy.after_step()     # drop / regrow connections, re-initialise units
+
+Surgery on hidden units (:func:`replace_units` and its parts) re-initialises incoming rows while
+respecting the mask, zeroes outgoing columns (a conv channel's whole block of consumer columns), folds
+the unit's mean contribution into the consumer's bias, and zeroes the optimizer state at exactly those
+positions. Unit-level strategies (CBP, ReDo) call it; none copies it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from . import strategies
+from .config import Config
+from .errors import ConfigError
+from .init import fans, init_bound
+from .optim import reset_optimizer_state
+from .topology import HiddenLayer, Topology
+
+__all__ = [
+    "RefreshStrategy",
+    "RefreshStats",
+    "NO_REFRESH",
+    "StrategyConfig",
+    "Backprop",
+    "reinit_incoming",
+    "zero_outgoing",
+    "fold_into_consumer_bias",
+    "reset_unit_optimizer_state",
+    "replace_units",
+]
+
+
+@dataclass(frozen=True)
+class RefreshStats:
+    """What one ``after_step`` changed."""
+
+    units_replaced: int = 0
+    connections_regrown: int = 0
+
+
+#: Returned by steps that change nothing (no allocation on the hot path).
+NO_REFRESH = RefreshStats()
+
+
+@dataclass(frozen=True)
+class StrategyConfig(Config):
+    """Base of strategy configs."""
+
+
+class RefreshStrategy:
+    """Base class: masks gradients before the step, counts steps, checkpoints its state.
+
+    Subclasses override :meth:`after_step` (calling ``super().after_step()`` first) and extend
+    :meth:`state_dict` / :meth:`load_state_dict` with their own tensors. ``self.generator`` is the
+    strategy's own random generator on the model's device, seeded from ``seed``.
+    """
+
+    name: ClassVar[str] = "base"
+    Config: ClassVar[type[Config]] = StrategyConfig
+
+    def __init__(
+        self,
+        model: nn.Module | Topology,
+        optimizer: torch.optim.Optimizer,
+        config: Config | None = None,
+        *,
+        seed: int | None = None,
+    ) -> None:
+        self.topology = model if isinstance(model, Topology) else Topology.from_model(model)
+        self.model = self.topology.model
+        self.optimizer = optimizer
+        if config is None:
+            config = type(self).Config()
+        if not isinstance(config, type(self).Config):
+            raise ConfigError(
+                f"strategy {self.name!r} takes a {type(self).Config.__name__}, got {type(config).__name__}"
+            )
+        self.config = config
+        self.step = 0
+        self.masked = self.topology.masked_layers()
+        parameter = next(self.model.parameters(), None)
+        self.device = parameter.device if parameter is not None else torch.device("cpu")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def before_step(self) -> None:
+        """After backward, before ``optimizer.step()``: zero the gradient at masked positions."""
+        for layer in self.masked:
+            layer.mask_grad()
+
+    def after_step(self) -> RefreshStats:
+        """After ``optimizer.step()``: refresh the topology. The base class only counts the step."""
+        self.step += 1
+        return NO_REFRESH
+
+    def on_task_start(self, task: int) -> None:
+        """Called by the experiment loop before the first step of each task (task 0 included)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.generator.set_state(state["generator"].cpu())
+
+
+@dataclass(frozen=True)
+class BackpropConfig(StrategyConfig):
+    """Plain backprop has no settings of its own (optimizer settings belong to the benchmark)."""
+
+
+@strategies.register("bp")
+class Backprop(RefreshStrategy):
+    """Plain backpropagation: no refresh (masks of a sparse net stay fixed: static sparse training)."""
+
+    Config = BackpropConfig
+
+
+# -- surgery ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reinit_incoming(
+    layer: HiddenLayer,
+    units: torch.Tensor,
+    init: str = "kaiming",
+    gain: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Draw the units' incoming weights afresh from U(-b, b) (masked entries stay 0) and zero their bias.
+
+    The bound uses the layer's dense fan-in, as the initial weights did.
+    """
+    weight = layer.producer.weight
+    fan_in, fan_out = fans(weight.shape)
+    bound = init_bound(init, fan_in, fan_out, gain)
+    fresh = torch.empty((units.numel(), *weight.shape[1:]), device=weight.device, dtype=weight.dtype)
+    fresh.uniform_(-bound, bound, generator=generator)
+    mask = getattr(layer.producer, "mask", None)
+    if mask is not None:
+        fresh.mul_(mask[units])
+    weight[units] = fresh
+    if layer.producer.bias is not None:
+        layer.producer.bias[units] = 0
+
+
+@torch.no_grad()
+def zero_outgoing(layer: HiddenLayer, units: torch.Tensor) -> None:
+    """Zero the consumer's input columns fed by ``units`` (a conv channel's whole block)."""
+    layer.consumer.weight[:, layer.consumer_columns(units)] = 0
+
+
+@torch.no_grad()
+def fold_into_consumer_bias(layer: HiddenLayer, units: torch.Tensor, mean_activation: torch.Tensor) -> None:
+    """consumer.bias += sum over the units' columns of w_out[:, column] * f_unit.
+
+    Call before :func:`zero_outgoing`: the consumer's output then stays what it was on average,
+    because the replaced unit's mean contribution moves into the bias. ``mean_activation`` has one
+    value per unit, or one per consumer column of the unit (shape ``(units, block)``). For a conv
+    consumer the kernel's taps are summed (exact away from zero-padded borders).
+    """
+    bias = layer.consumer.bias
+    if bias is None:
+        return
+    outgoing = layer.outgoing_weights(units)  # (out, units, block * kernel)
+    if mean_activation.dim() == 1:
+        contribution = outgoing.sum(-1) @ mean_activation.to(outgoing.dtype)
+    else:
+        per_column = outgoing.reshape(outgoing.shape[0], units.numel(), layer.block, -1).sum(-1)
+        contribution = (per_column * mean_activation.to(outgoing.dtype)).sum((1, 2))
+    bias.add_(contribution)
+
+
+@torch.no_grad()
+def reset_unit_optimizer_state(
+    optimizer: torch.optim.Optimizer, layer: HiddenLayer, units: torch.Tensor
+) -> None:
+    """Zero optimizer state of the units' incoming rows, bias entries and outgoing columns."""
+    reset_optimizer_state(optimizer, layer.producer.weight, (units,))
+    if layer.producer.bias is not None:
+        reset_optimizer_state(optimizer, layer.producer.bias, (units,))
+    reset_optimizer_state(
+        optimizer, layer.consumer.weight, (slice(None), layer.consumer_columns(units))
+    )
+
+
+@torch.no_grad()
+def replace_units(
+    layer: HiddenLayer,
+    units: torch.Tensor,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    init: str = "kaiming",
+    gain: float = 1.0,
+    generator: torch.Generator | None = None,
+    mean_activation: torch.Tensor | None = None,
+) -> None:
+    """Re-initialise ``units`` of ``layer``: fresh incoming weights, zero bias, outgoing weights zero.
+
+    With ``mean_activation`` the units' mean contribution is first folded into the consumer's bias.
+    The optimizer state at every touched position is zeroed.
+    """
+    if units.numel() == 0:
+        return
+    if mean_activation is not None:
+        fold_into_consumer_bias(layer, units, mean_activation)
+    reinit_incoming(layer, units, init, gain, generator)
+    zero_outgoing(layer, units)
+    if optimizer is not None:
+        reset_unit_optimizer_state(optimizer, layer, units)

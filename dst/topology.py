@@ -1,0 +1,249 @@
+"""The unit graph: which layer produces each hidden unit, which activation it passes, who consumes it.
+
+A *hidden unit* is an output row of a producer layer (an output channel of a conv). Its activation h
+feeds input columns of a consumer layer: one column for linear -> linear, one input channel for
+conv -> conv, and a block of ``block`` consecutive columns for conv -> flatten -> linear (PyTorch
+flattens channel-major, so channel c owns columns [c*block, (c+1)*block)).
+
+``Topology.from_model`` discovers (producer, activation, consumer) triples in sequential MLPs and
+ConvNets, in the order the modules are registered. Other models declare their triples explicitly.
+Activations are captured with forward hooks only while a strategy has asked for them
+(:meth:`Topology.start_capture` / :meth:`Topology.stop_capture`), so steps that need none pay nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import TopologyError
+from .masked import MaskedMixin
+
+__all__ = ["HiddenLayer", "Topology", "ACTIVATIONS"]
+
+#: Modules treated as a unit's activation function (nn.Identity marks a deliberately linear layer).
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.Identity,
+)
+_WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+@dataclass(eq=False)
+class HiddenLayer:
+    """One layer of hidden units: ``producer`` rows -> ``activation`` -> ``consumer`` columns."""
+
+    name: str
+    producer: nn.Module
+    consumer: nn.Module
+    activation: nn.Module | None = None
+    block: int = 1
+    #: Latest captured activation (batch, units[, H, W]); set only while capture is on.
+    output: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def n_units(self) -> int:
+        return self.producer.weight.shape[0]
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.producer, nn.Conv2d)
+
+    @property
+    def capture_module(self) -> nn.Module:
+        """The module whose forward output is the units' activation h."""
+        return self.activation if self.activation is not None else self.producer
+
+    def consumer_columns(self, units: torch.Tensor) -> torch.Tensor:
+        """Consumer input indices (dim 1 of its weight) fed by ``units`` (a 1-D long tensor)."""
+        if self.block == 1:
+            return units
+        offsets = torch.arange(self.block, device=units.device)
+        return (units[:, None] * self.block + offsets).reshape(-1)
+
+    def outgoing_weights(self, units: torch.Tensor | None = None) -> torch.Tensor:
+        """Consumer weights viewed as (consumer_out, units, block * kernel...) for per-unit reductions."""
+        weight = self.consumer.weight
+        per_unit = weight.reshape(weight.shape[0], self.n_units, -1)
+        return per_unit if units is None else per_unit[:, units]
+
+
+def _validate_pair(name: str, producer: nn.Module, consumer: nn.Module) -> int:
+    """Check that producer's units match consumer's inputs and return the block size."""
+    units = producer.weight.shape[0]
+    if isinstance(consumer, nn.Conv2d):
+        if not isinstance(producer, nn.Conv2d):
+            raise TopologyError(f"{name}: a linear layer cannot feed a conv layer in a unit graph")
+        if consumer.groups != 1 or consumer.in_channels != units:
+            raise TopologyError(
+                f"{name}: producer has {units} channels but the consumer conv takes "
+                f"{consumer.in_channels} (groups={consumer.groups})"
+            )
+        return 1
+    columns = consumer.weight.shape[1]
+    if isinstance(producer, nn.Conv2d):
+        if columns % units != 0:
+            raise TopologyError(
+                f"{name}: consumer takes {columns} inputs, not a multiple of the producer's {units} "
+                "channels; declare the hidden layers explicitly"
+            )
+        return columns // units
+    if columns != units:
+        raise TopologyError(
+            f"{name}: producer has {units} units but the consumer takes {columns} inputs; "
+            "declare the hidden layers explicitly"
+        )
+    return 1
+
+
+class Topology:
+    """The hidden layers of a model, and activation capture for the strategies that need it.
+
+    ``Topology.from_model(model)`` discovers the triples lazily, on first use of :attr:`hidden_layers`,
+    so strategies that never touch units (plain backprop, SET, RigL) work on any model.
+    ``Topology(model, [("fc1", "act1", "fc2"), ...])`` declares them explicitly by module name; the
+    activation may be ``None`` to capture the producer's output.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[tuple[str, str | None, str]] | Sequence[HiddenLayer] | None = None,
+    ) -> None:
+        self.model = model
+        self._declared = layers
+        self._layers: list[HiddenLayer] | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "Topology":
+        return cls(model)
+
+    # -- discovery ----------------------------------------------------------------------------
+    @property
+    def hidden_layers(self) -> list[HiddenLayer]:
+        if self._layers is None:
+            self._layers = self._declare() if self._declared is not None else self._discover()
+        return self._layers
+
+    def _declare(self) -> list[HiddenLayer]:
+        layers = []
+        for item in self._declared or ():
+            if isinstance(item, HiddenLayer):
+                item.block = _validate_pair(item.name, item.producer, item.consumer)
+                layers.append(item)
+                continue
+            try:
+                producer_name, activation_name, consumer_name = item
+            except (TypeError, ValueError):
+                raise TopologyError(
+                    f"a declared hidden layer must be (producer, activation, consumer) names, got {item!r}"
+                ) from None
+            modules = dict(self.model.named_modules())
+            for module_name in (producer_name, activation_name, consumer_name):
+                if module_name is not None and module_name not in modules:
+                    raise TopologyError(f"declared module {module_name!r} is not in the model")
+            producer, consumer = modules[producer_name], modules[consumer_name]
+            for role, module in (("producer", producer), ("consumer", consumer)):
+                if not isinstance(module, _WEIGHT_LAYERS):
+                    raise TopologyError(f"{role} {module!r} must be an nn.Linear or nn.Conv2d")
+            block = _validate_pair(producer_name, producer, consumer)
+            activation = modules[activation_name] if activation_name is not None else None
+            layers.append(HiddenLayer(producer_name, producer, consumer, activation, block))
+        return layers
+
+    def _discover(self) -> list[HiddenLayer]:
+        layers: list[HiddenLayer] = []
+        producer_name, producer, activation = None, None, None
+        for name, module in self.model.named_modules():
+            if any(True for _ in module.children()):
+                continue  # containers: only leaves take part
+            if isinstance(module, _WEIGHT_LAYERS):
+                if producer is not None:
+                    if activation is None:
+                        raise TopologyError(
+                            f"no activation module between {producer_name!r} and {name!r}. If the model "
+                            "applies its activation functionally (F.relu), declare the hidden layers "
+                            "explicitly with Topology(model, [(producer, activation, consumer), ...]); "
+                            "mark a deliberately linear layer with nn.Identity()."
+                        )
+                    block = _validate_pair(producer_name, producer, module)
+                    layers.append(HiddenLayer(producer_name, producer, module, activation, block))
+                producer_name, producer, activation = name, module, None
+            elif isinstance(module, ACTIVATIONS) and producer is not None and activation is None:
+                activation = module
+        return layers
+
+    # -- views --------------------------------------------------------------------------------
+    def weight_layers(self) -> list[nn.Module]:
+        """Every Linear/Conv2d (masked or not) in registration order."""
+        return [m for m in self.model.modules() if isinstance(m, _WEIGHT_LAYERS)]
+
+    def masked_layers(self) -> list[MaskedMixin]:
+        """The layers carrying a mask."""
+        return [m for m in self.model.modules() if isinstance(m, MaskedMixin) and m.mask is not None]
+
+    def __len__(self) -> int:
+        return len(self.hidden_layers)
+
+    def __iter__(self) -> Iterator[HiddenLayer]:
+        return iter(self.hidden_layers)
+
+    def __repr__(self) -> str:
+        parts = [
+            f"{layer.name}: {layer.n_units} units -> {type(layer.consumer).__name__}"
+            + (f" (block {layer.block})" if layer.block != 1 else "")
+            for layer in self.hidden_layers
+        ]
+        return f"Topology({'; '.join(parts)})"
+
+    # -- activation capture -------------------------------------------------------------------
+    @property
+    def capturing(self) -> bool:
+        return bool(self._handles)
+
+    def start_capture(self) -> None:
+        """Store each hidden layer's activation on every forward pass from now on."""
+        if self._handles:
+            return
+        for layer in self.hidden_layers:
+
+            def hook(module, inputs, output, layer=layer):
+                layer.output = output.detach()
+
+            self._handles.append(layer.capture_module.register_forward_hook(hook))
+
+    def stop_capture(self) -> None:
+        """Remove the hooks and drop stored activations."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for layer in self._layers or ():
+            layer.output = None
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[HiddenLayer]]:
+        """``with topology.capture() as layers: model(x)`` then read ``layer.output``."""
+        already = self.capturing
+        self.start_capture()
+        try:
+            yield self.hidden_layers
+        finally:
+            if not already:
+                # keep the outputs readable after the block; only remove the hooks
+                for handle in self._handles:
+                    handle.remove()
+                self._handles.clear()
