@@ -4,18 +4,25 @@ Continual backpropagation (unit-level) and dynamic sparse training (connection-l
 strategies over one masked-layer abstraction, one strategy registry and one experiment loop.
 """
 
-from . import init, nets, optim, sparsity, strategies
+from . import benchmarks, init, nets, optim, runner, sparsity, strategies, streams
 from .config import Config, setting
+from .experiment import Experiment
 from .errors import ConfigError, DataError, DSTError, NonFiniteLossError, TopologyError
 from .masked import MaskedConv2d, MaskedLinear, apply_masks, mask_gradients, masked_layers, sparsify
 from .optim import ElementwiseAdam, build_optimizer, reset_optimizer_state
 from .refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig, replace_units
+from .runner import RunSpec
 from .topology import HiddenLayer, Topology
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Config",
+    "Experiment",
+    "RunSpec",
+    "benchmarks",
+    "runner",
+    "streams",
     "ConfigError",
     "DataError",
     "DSTError",

@@ -56,6 +56,8 @@ def _describe_range(meta: Mapping[str, Any]) -> str:
     if meta.get("choices"):
         return "one of " + ", ".join(repr(c) for c in meta["choices"])
     low, high = meta.get("low"), meta.get("high")
+    if low is None and high is None:
+        return ""
     left = "(" if meta.get("low_open") else "["
     right = ")" if meta.get("high_open") else "]"
     return f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"

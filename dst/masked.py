@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import ConfigError
 
@@ -31,7 +32,8 @@ __all__ = [
 
 # Parameter -> owning masked layer. Optimizers that keep per-element clocks (dst.optim.ElementwiseAdam)
 # look masks up here; a weak reference to the module survives `.to(device)`, which replaces buffers.
-_OWNERS: "weakref.WeakKeyDictionary[torch.Tensor, weakref.ref]" = weakref.WeakKeyDictionary()
+# Keyed by identity: a plain WeakKeyDictionary compares tensor keys with `==`, which is elementwise.
+_OWNERS: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
 
 
 def mask_of(param: torch.Tensor) -> torch.Tensor | None:

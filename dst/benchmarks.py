@@ -1,0 +1,179 @@
+"""Continual benchmarks, registered by name like strategies.
+
+A benchmark bundles a stream, a learner network, an optimizer and a loss, with defaults from the
+literature in a frozen config. ``python -m dst run --benchmark NAME --bench key=value`` overrides them,
+validated exactly like strategy settings. Third-party benchmarks register through the entry-point
+group ``dst.benchmarks``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config, setting
+from .errors import ConfigError
+from .init import INIT_SCHEMES
+from .masked import sparsify
+from .nets import ACTIVATION_MODULES, mlp
+from .optim import OPTIMIZERS, build_optimizer
+from .registry import Registry
+from .sparsity import DISTRIBUTIONS
+from .streams import BitFlippingStream, Stream
+from .streams.base import derive_seed
+
+__all__ = [
+    "Benchmark",
+    "BenchmarkConfig",
+    "BitFlipping",
+    "BitFlippingConfig",
+    "register",
+    "available",
+    "get",
+    "build",
+    "registry",
+]
+
+registry: Registry = Registry("benchmark", "dst.benchmarks")
+register = registry.register
+available = registry.available
+get = registry.get
+
+_MODEL, _MASK = 11, 12  # seed-derivation keys
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig(Config):
+    """Settings every benchmark has: the optimizer, the sparsity of the learner, the logging bin."""
+
+    optimizer: str = setting("sgd", choices=OPTIMIZERS, help="sgd, adam, adamw or elementwise-adam")
+    lr: float = setting(0.01, low=0.0, low_open=True, search=(1e-4, 1e-1), log=True, help="step size")
+    momentum: float = setting(0.0, low=0.0, high=1.0, high_open=True, help="SGD momentum")
+    weight_decay: float = setting(0.0, low=0.0, help="L2 penalty (decoupled for adamw)")
+    betas: tuple[float, ...] = setting((0.9, 0.999), low=0.0, high=1.0, high_open=True, help="Adam betas")
+    density: float = setting(
+        1.0, low=0.0, high=1.0, low_open=True, search=(0.05, 1.0), help="global weight density (1 = dense)"
+    )
+    distribution: str = setting("erk", choices=DISTRIBUTIONS, help="layer-density distribution")
+    dense_first: bool = setting(False, help="keep the first layer dense")
+    dense_last: bool = setting(False, help="keep the last layer dense")
+    batch_size: int = setting(1, low=1, help="examples per step")
+    bin_size: int = setting(1000, low=1, help="steps per metrics row")
+
+    def validate(self) -> None:
+        if len(self.betas) != 2:
+            raise ConfigError(f"{self.owner}: betas takes two values, got {self.betas}")
+
+
+class Benchmark(ABC):
+    """A continual problem with its learner. Subclasses say how to build the stream and the net."""
+
+    name: ClassVar[str] = "benchmark"
+    Config: ClassVar[type[BenchmarkConfig]] = BenchmarkConfig
+    #: "regression" (MSE, no accuracy) or "classification" (cross-entropy, online accuracy).
+    task_type: ClassVar[str] = "regression"
+
+    def __init__(self, config: BenchmarkConfig | None = None) -> None:
+        self.config = config if config is not None else type(self).Config()
+
+    @abstractmethod
+    def make_stream(self, seed: int, device: torch.device) -> Stream:
+        """The stream of ``(x, y, task)`` batches for ``seed``."""
+
+    @abstractmethod
+    def make_model(self, generator: torch.Generator) -> nn.Module:
+        """The dense learner, initialised from ``generator``."""
+
+    def loss_fn(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.task_type == "classification":
+            return F.cross_entropy(output, target)
+        return F.mse_loss(output, target)
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        c = self.config
+        kwargs: dict[str, Any] = dict(weight_decay=c.weight_decay)
+        if c.optimizer == "sgd":
+            kwargs["momentum"] = c.momentum
+        else:
+            kwargs["betas"] = tuple(c.betas)
+        return build_optimizer(c.optimizer, model.parameters(), c.lr, **kwargs)
+
+    def build(self, seed: int, device: torch.device | str) -> tuple[Stream, nn.Module, torch.optim.Optimizer]:
+        """Stream, (sparsified) learner on ``device`` and its optimizer, all determined by ``seed``."""
+        device = torch.device(device)
+        model = self.make_model(torch.Generator().manual_seed(derive_seed(seed, _MODEL)))
+        c = self.config
+        sparsify(
+            model,
+            c.density,
+            c.distribution,
+            dense_first=c.dense_first,
+            dense_last=c.dense_last,
+            seed=derive_seed(seed, _MASK),
+        )
+        model.to(device)
+        return self.make_stream(seed, device), model, self.make_optimizer(model)
+
+
+def build(name: str, **overrides: Any) -> Benchmark:
+    """A registered benchmark with its settings overridden (validated)."""
+    entry = registry.get(name)
+    return entry.cls(entry.config.from_dict(overrides))
+
+
+@dataclass(frozen=True)
+class BitFlippingConfig(BenchmarkConfig):
+    """Slowly-changing regression (Dohare et al. 2024): defaults are the paper's."""
+
+    lr: float = setting(0.01, low=0.0, low_open=True, search=(1e-4, 1e-1), log=True, help="step size")
+    bin_size: int = setting(20_000, low=1, help="steps per metrics row (the paper's error bins)")
+    n_bits: int = setting(20, low=1, help="input bits m")
+    n_flipping: int = setting(15, low=0, help="bits held fixed within a task")
+    change_every: int = setting(10_000, low=1, help="examples between changes of the flipping bits")
+    flip: str = setting("one", choices=("one", "all"), help="flip one bit (paper) or re-draw all (released code)")
+    target_hidden: int = setting(100, low=1, help="LTU units of the target network")
+    beta: float = setting(0.7, low=0.0, high=1.0, help="LTU threshold parameter")
+    hidden: tuple[int, ...] = setting((5,), low=1, help="learner hidden widths, e.g. 5 or 100,100")
+    activation: str = setting("relu", choices=tuple(ACTIVATION_MODULES), help="learner activation")
+    init: str = setting("kaiming", choices=INIT_SCHEMES, help="learner weight initialisation")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_flipping > self.n_bits:
+            raise ConfigError(f"{self.owner}: n_flipping ({self.n_flipping}) exceeds n_bits ({self.n_bits})")
+        if self.change_every % self.batch_size:
+            raise ConfigError(
+                f"{self.owner}: change_every ({self.change_every}) must be a multiple of "
+                f"batch_size ({self.batch_size})"
+            )
+
+
+@register("bit-flipping")
+class BitFlipping(Benchmark):
+    """Slowly-changing regression: 20 bits, 15 of them change every 10,000 examples; LTU target net."""
+
+    Config = BitFlippingConfig
+    task_type = "regression"
+
+    def make_stream(self, seed: int, device: torch.device) -> Stream:
+        c = self.config
+        return BitFlippingStream(
+            seed,
+            n_bits=c.n_bits,
+            n_flipping=c.n_flipping,
+            change_every=c.change_every,
+            flip=c.flip,
+            target_hidden=c.target_hidden,
+            beta=c.beta,
+            batch_size=c.batch_size,
+            device=device,
+        )
+
+    def make_model(self, generator: torch.Generator) -> nn.Module:
+        c = self.config
+        return mlp(c.n_bits, c.hidden, 1, c.activation, init=c.init, generator=generator)

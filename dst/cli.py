@@ -1,0 +1,124 @@
+"""``python -m dst``: run one experiment, list strategies and benchmarks.
+
+    python -m dst run --benchmark bit-flipping --strategy bp --steps 100000 --seed 0 --out runs/x
+    python -m dst run --strategy cbp --set replacement_rate=1e-5 --bench hidden=100 --bench density=0.1
+    python -m dst run --out runs/x --steps 1000000 --resume
+    python -m dst strategies
+    python -m dst benchmarks
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import pandas as pd
+
+from . import benchmarks, strategies
+from .config import Config, parse_assignments
+from .errors import DSTError, NonFiniteLossError
+from .experiment import METRICS
+from .runner import RunSpec, run
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dst", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run_parser = commands.add_parser("run", help="train one strategy on one benchmark and log metrics")
+    run_parser.add_argument("--benchmark", default="bit-flipping", help="benchmark name (default: %(default)s)")
+    run_parser.add_argument("--strategy", default="bp", help="strategy name (default: %(default)s)")
+    run_parser.add_argument("--steps", type=int, default=100_000, help="training steps (default: %(default)s)")
+    run_parser.add_argument("--seed", type=int, default=0, help="seed of stream, net, masks and strategy")
+    run_parser.add_argument("--out", default=None, help="output directory (default: runs/BENCHMARK-STRATEGY-sSEED)")
+    run_parser.add_argument(
+        "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+        help="strategy setting, repeatable (see `python -m dst strategies`)",
+    )
+    run_parser.add_argument(
+        "--bench", action="append", default=[], metavar="KEY=VALUE",
+        help="benchmark setting, repeatable (see `python -m dst benchmarks`)",
+    )
+    run_parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA if present)")
+    run_parser.add_argument(
+        "--checkpoint-every", type=int, default=100_000, metavar="N",
+        help="steps between checkpoints, rounded up to whole bins; 0 disables (default: %(default)s)",
+    )
+    run_parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    run_parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    commands.add_parser("strategies", help="list registered strategies with their settings")
+    commands.add_parser("benchmarks", help="list registered benchmarks with their settings")
+    return parser
+
+
+def _describe(registry_module) -> str:
+    lines = []
+    for name in registry_module.available():
+        entry = registry_module.get(name)
+        lines.append(f"{name}: {entry.summary}")
+        config: type[Config] = entry.config
+        fields = config.describe()
+        if not fields:
+            lines.append("    (no settings)")
+        for field in fields:
+            extra = f"  {field['range']}" if field["range"] else ""
+            help_text = f"  - {field['help']}" if field["help"] else ""
+            lines.append(f"    {field['name']} = {field['default']!r} ({field['type']}){extra}{help_text}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _table(df: pd.DataFrame) -> str:
+    columns = [c for c in ("step", "task", "loss", "accuracy", "units_replaced", "connections_regrown",
+                           "seconds_per_step") if c in df.columns]
+    formats = {"loss": "{:.4f}".format, "accuracy": "{:.4f}".format, "seconds_per_step": "{:.2e}".format}
+    return df[columns].to_string(index=False, formatters=formats)
+
+
+def _run(args: argparse.Namespace) -> int:
+    spec = RunSpec(
+        benchmark=args.benchmark,
+        strategy=args.strategy,
+        steps=args.steps,
+        seed=args.seed,
+        bench=parse_assignments(args.bench, "--bench setting"),
+        settings=parse_assignments(args.settings, "--set setting"),
+        device=args.device,
+        checkpoint_every=args.checkpoint_every or None,
+    )
+    out = args.out or f"runs/{args.benchmark}-{args.strategy}-s{args.seed}"
+    try:
+        df = run(spec, out, resume=args.resume, progress=not args.no_progress)
+    except NonFiniteLossError as err:
+        print(f"error: {err} ({out}/{METRICS})", file=sys.stderr)
+        return 3
+    print(_table(df))
+    print(f"\nwrote {out}/{METRICS} ({len(df)} rows) and {out}/config.json")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "strategies":
+            sys.stdout.write(_describe(strategies))
+            return 0
+        if args.command == "benchmarks":
+            sys.stdout.write(_describe(benchmarks))
+            return 0
+    except DSTError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rows written so far are kept; --resume continues from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    return 2

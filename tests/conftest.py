@@ -1,0 +1,45 @@
+"""Small shared fixtures: tiny, seeded networks that train in milliseconds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from dst import nets
+
+
+@pytest.fixture
+def tiny_mlp() -> Callable[..., nn.Sequential]:
+    """Factory for ``6 -> 5 -> 4 -> 3`` ReLU MLPs (hidden sizes overridable), seeded for repeatability."""
+
+    def make(hidden=(5, 4), in_features: int = 6, out_features: int = 3, seed: int = 0) -> nn.Sequential:
+        return nets.mlp(
+            in_features, list(hidden), out_features, generator=torch.Generator().manual_seed(seed)
+        )
+
+    return make
+
+
+@pytest.fixture
+def tiny_convnet() -> Callable[..., nn.Sequential]:
+    """Factory for a two-conv net on 2x14x14 images.
+
+    Layout: conv(2->4, 3) relu pool | conv(4->6, 3) relu pool | flatten (6 * 2 * 2 = 24) |
+    linear(24->8) relu | linear(8->3). So the conv->conv unit block is 1 and the conv->linear block is 4.
+    """
+
+    def make(seed: int = 0) -> nn.Sequential:
+        return nets.convnet(
+            2,
+            14,
+            3,
+            channels=(4, 6),
+            kernel_sizes=(3, 3),
+            hidden=(8,),
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    return make
