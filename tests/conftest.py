@@ -15,9 +15,15 @@ from dst import nets
 def tiny_mlp() -> Callable[..., nn.Sequential]:
     """Factory for ``6 -> 5 -> 4 -> 3`` ReLU MLPs (hidden sizes overridable), seeded for repeatability."""
 
-    def make(hidden=(5, 4), in_features: int = 6, out_features: int = 3, seed: int = 0) -> nn.Sequential:
+    def make(
+        hidden=(5, 4), in_features: int = 6, out_features: int = 3, activation: str = "relu", seed: int = 0
+    ) -> nn.Sequential:
         return nets.mlp(
-            in_features, list(hidden), out_features, generator=torch.Generator().manual_seed(seed)
+            in_features,
+            list(hidden),
+            out_features,
+            activation,
+            generator=torch.Generator().manual_seed(seed),
         )
 
     return make
@@ -43,3 +49,13 @@ def tiny_convnet() -> Callable[..., nn.Sequential]:
         )
 
     return make
+
+
+@pytest.fixture
+def single_thread():
+    """Run on one intra-op thread: for tensors this small, thread hand-offs cost more than the math,
+    and on a busy two-core machine spinning OpenMP workers make tiny tests tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

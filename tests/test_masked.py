@@ -11,6 +11,8 @@ from dst.errors import ConfigError
 from dst.masked import MaskedConv2d, MaskedLinear, mask_of, masked_layers, sparsify
 from dst.optim import ElementwiseAdam
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def _checkerboard(shape) -> torch.Tensor:
     return (torch.arange(torch.Size(shape).numel()) % 2 == 0).view(*shape)

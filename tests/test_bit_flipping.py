@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from dst.errors import ConfigError
+from dst.streams import BitFlippingStream, LTUTarget
+
+
+def test_ltu_target_fires_iff_input_exceeds_released_threshold():
+    target = LTUTarget(2, 1, 0.7, torch.Generator().manual_seed(0))
+    target.weight1 = torch.tensor([[1.0, -1.0]])
+    target.bias1 = torch.tensor([1.0])
+    # S = (m - sum_j W_ij + b_i) / 2 = (2 - 0 + 1) / 2 = 1.5; tau = 0.7 * (2 + 1) - 1.5 = 0.6
+    target.tau = 0.7 * 3 - (2 - target.weight1.sum(1) + target.bias1) / 2
+    assert target.tau.item() == pytest.approx(0.6)
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # W x + b = 2, 0, 1
+    assert target.features(x).flatten().tolist() == [1.0, 0.0, 1.0]
+
+
+def test_target_weights_are_signs_and_threshold_follows_formula():
+    stream = BitFlippingStream(3)
+    t = stream.target
+    for tensor in (t.weight1, t.bias1, t.weight2, t.bias2):
+        assert set(tensor.unique().tolist()) <= {-1.0, 1.0}
+    expected = 0.7 * 21 - (20 - t.weight1.sum(1) + t.bias1) / 2
+    torch.testing.assert_close(t.tau, expected)
+    assert t.weight1.shape == (100, 20)
+
+
+def test_flipping_bits_are_fixed_within_a_task_and_random_bits_vary():
+    stream = BitFlippingStream(0, change_every=500)
+    x, y = stream.task_examples(2)
+    assert x.shape == (500, 20) and y.shape == (500, 1)
+    assert (x[:, :15] == x[0, :15]).all()
+    assert x[:, 15:].std(0).min() > 0.3
+    torch.testing.assert_close(y, stream.target(x))
+
+
+def test_flip_one_changes_exactly_one_bit_per_task():
+    stream = BitFlippingStream(1, flip="one")
+    for task in range(1, 30):
+        changed = (stream.flipping_bits(task) != stream.flipping_bits(task - 1)).sum().item()
+        assert changed == 1
+
+
+def test_flip_all_redraws_every_bit():
+    stream = BitFlippingStream(1, flip="all")
+    changes = [(stream.flipping_bits(t) != stream.flipping_bits(t - 1)).sum().item() for t in range(1, 30)]
+    assert max(changes) > 3  # many bits change at once, as in the released default
+    assert sum(changes) / len(changes) == pytest.approx(7.5, abs=2.5)  # each bit flips w.p. 1/2
+
+
+def test_stream_is_deterministic_per_seed_and_differs_across_seeds():
+    a, b, c = BitFlippingStream(5), BitFlippingStream(5), BitFlippingStream(6)
+    xa, ya = a.task_examples(3)
+    xb, yb = b.task_examples(3)
+    xc, _ = c.task_examples(3)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(xa, xc)
+
+
+def test_batches_from_a_start_step_equal_the_tail_of_a_full_iteration():
+    stream = BitFlippingStream(0, change_every=100, batch_size=4)
+    full = stream.batches(0)
+    items = [next(full) for _ in range(60)]
+    resumed = BitFlippingStream(0, change_every=100, batch_size=4).batches(37)
+    for step in range(37, 60):
+        x, y, task = next(resumed)
+        assert task == items[step][2] == step // 25
+        assert torch.equal(x, items[step][0]) and torch.equal(y, items[step][1])
+
+
+def test_change_period_must_be_a_multiple_of_the_batch_size():
+    with pytest.raises(ConfigError, match="multiple of batch_size"):
+        BitFlippingStream(0, change_every=100, batch_size=3)
