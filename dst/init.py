@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["INIT_SCHEMES", "activation_gain", "init_bound", "fans", "uniform_"]
+__all__ = ["INIT_SCHEMES", "activation_gain", "module_gain", "init_bound", "fans", "uniform_"]
 
 INIT_SCHEMES = ("kaiming", "lecun", "xavier", "default")
 
@@ -47,6 +47,29 @@ def activation_gain(activation: str) -> float:
             f"known: {', '.join(sorted(_GAIN_NAMES))}"
         ) from None
     return nn.init.calculate_gain(name)
+
+
+_MODULE_GAINS = {
+    "ReLU": "relu",
+    "LeakyReLU": "leaky_relu",
+    "Tanh": "tanh",
+    "Sigmoid": "sigmoid",
+    "Identity": "linear",
+    "SELU": "selu",
+    "ELU": "elu",
+    "GELU": "gelu",
+    "SiLU": "swish",
+}
+
+
+def module_gain(activation: nn.Module | None) -> float:
+    """The gain for an activation module (``None``, a linear unit, has gain 1)."""
+    if activation is None:
+        return 1.0
+    name = _MODULE_GAINS.get(type(activation).__name__)
+    if name == "leaky_relu":
+        return nn.init.calculate_gain("leaky_relu", activation.negative_slope)
+    return activation_gain(name) if name is not None else 1.0
 
 
 def fans(weight_shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:

@@ -1,0 +1,347 @@
+"""Continual backpropagation, pinned on small hand-checkable nets."""
+
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+from torch import nn
+
+import dst
+from cbp import ContinualBackprop
+from dst.optim import ElementwiseAdam
+
+
+def _net(weights_in, bias_in, weights_out, bias_out):
+    net = nn.Sequential(nn.Linear(len(weights_in[0]), len(weights_in)), nn.ReLU(), nn.Linear(len(weights_in), len(weights_out)))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor(weights_in))
+        net[0].bias.copy_(torch.tensor(bias_in))
+        net[2].weight.copy_(torch.tensor(weights_out))
+        net[2].bias.copy_(torch.tensor(bias_out))
+    return net
+
+
+def _step(net, opt, strategy, x, y=None):
+    out = net(x)
+    loss = ((out - (torch.zeros_like(out) if y is None else y)) ** 2).mean()
+    opt.zero_grad()
+    loss.backward()
+    strategy.before_step()
+    opt.step()
+    return strategy.after_step()
+
+
+def _hand_net():
+    # x = [1, 1] -> h = relu(W x + b) = [1, 2, 3, 4]; w_out column magnitudes [1, 1, 0.1, 1]
+    return _net(
+        [[0.5, 0.5], [1.0, 1.0], [1.5, 1.5], [2.0, 2.0]],
+        [0.0, 0.0, 0.0, 0.0],
+        [[1.0, -1.0, 0.1, 1.0], [1.0, 1.0, -0.1, -1.0]],
+        [0.5, -0.5],
+    )
+
+
+def test_cbp_registers_through_the_entry_point_group_like_a_third_party_strategy():
+    names = {point.name: point.value for point in entry_points(group="dst.strategies")}
+    assert names.get("cbp") == "cbp.strategy" and names.get("redo") == "cbp.strategy"
+    assert {"bp", "cbp", "redo"} <= set(dst.strategies.available())
+
+
+def test_the_unit_with_the_lowest_corrected_utility_is_replaced():
+    net = _hand_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    strategy = dst.strategies.build(
+        "cbp", net, opt, utility="contribution", maturity_threshold=0, replacement_rate=0.25, seed=0
+    )
+    # contribution utility y = mean|w_out| * |h| = [1, 2, 0.3, 4]; after one step u_hat = y
+    stats = _step(net, opt, strategy, torch.ones(1, 2))
+    assert stats.units_replaced == 1
+    assert net[2].weight[:, 2].abs().sum() == 0
+    assert (net[2].weight[:, [0, 1, 3]] != 0).all()
+    assert strategy.utilities[0].age.tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_adaptable_contribution_ranks_by_deviation_over_input_magnitude():
+    net = _hand_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    strategy = dst.strategies.build("cbp", net, opt, maturity_threshold=0, replacement_rate=0.0, seed=0)
+    x = torch.ones(1, 2)
+    _step(net, opt, strategy, x)
+    _step(net, opt, strategy, 2 * x)  # h doubles: h - f_hat = h2 - (eta h1 + (1 - eta) h2) / (1 - eta^2)
+    utility = strategy.utilities[0]
+    eta = 0.99
+    h1 = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    h2 = 2 * h1
+    out_mag = torch.tensor([1.0, 1.0, 0.1, 1.0])
+    in_mag = torch.tensor([0.5, 1.0, 1.5, 2.0])
+    y1 = out_mag * 0.0 / in_mag  # at step 1, f_hat = h1 exactly
+    f_hat2 = ((1 - eta) * (eta * h1 + h2)) / (1 - eta**2)
+    y2 = out_mag * (h2 - f_hat2).abs() / in_mag
+    expected = ((1 - eta) * (eta * y1 + y2)) / (1 - eta**2)
+    torch.testing.assert_close(utility.corrected_utility(), expected)
+
+
+def test_immature_units_are_never_replaced():
+    torch.manual_seed(0)
+    net = dst.nets.mlp(3, [6], 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    m = 7
+    strategy = dst.strategies.build("cbp", net, opt, maturity_threshold=m, replacement_rate=0.3, seed=1)
+    replaced_total = 0
+    for step in range(1, 120):
+        before = strategy.utilities[0].age.clone()
+        stats = _step(net, opt, strategy, torch.randn(4, 3), torch.randn(4, 1))
+        after = strategy.utilities[0].age
+        chosen = torch.nonzero(after == 0).flatten()
+        assert (before[chosen] + 1 > m).all(), f"step {step}: replaced a unit of age <= {m}"
+        assert len(chosen) == stats.units_replaced
+        if step <= m:
+            assert stats.units_replaced == 0
+        replaced_total += stats.units_replaced
+    assert replaced_total > 20
+
+
+def test_number_replaced_over_many_steps_matches_the_exact_accumulator():
+    torch.manual_seed(0)
+    net = dst.nets.mlp(3, [8], 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    # maturity 0: all 8 units are eligible at every step, so 8 / 64 = 0.125 units accrue per step
+    strategy = dst.strategies.build("cbp", net, opt, maturity_threshold=0, replacement_rate=1 / 64, seed=0)
+    counts = [_step(net, opt, strategy, torch.randn(2, 3), torch.randn(2, 1)).units_replaced for _ in range(100)]
+    assert sum(counts) == 12  # floor(100 * 0.125)
+    assert counts[:8] == [0] * 7 + [1]  # exactly one unit at every 8th step
+    assert max(counts) == 1
+
+
+def test_maturity_delays_eligibility_in_the_accumulator():
+    torch.manual_seed(0)
+    net = dst.nets.mlp(3, [4], 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    strategy = dst.strategies.build("cbp", net, opt, maturity_threshold=3, replacement_rate=0.25, seed=0)
+    counts = [_step(net, opt, strategy, torch.randn(2, 3), torch.randn(2, 1)).units_replaced for _ in range(8)]
+    # steps 1-3: no unit older than 3. Step 4: 4 eligible -> 1 replaced (matures at step 8);
+    # steps 5, 6, 7: 3 eligible -> 0.75 each: acc 0.75, 1.5 -> 1, 1.25 -> 1; step 8 ...
+    assert counts[:3] == [0, 0, 0]
+    assert counts[3] == 1
+    assert counts[4:7] == [0, 1, 1]
+
+
+def test_consumer_bias_changes_by_exactly_w_out_times_the_mean_activation():
+    net = _hand_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    strategy = dst.strategies.build(
+        "cbp", net, opt, utility="contribution", maturity_threshold=3, replacement_rate=0.25, seed=0
+    )
+    x = torch.ones(1, 2)
+    for _ in range(3):
+        assert _step(net, opt, strategy, x).units_replaced == 0
+    bias_before = net[2].bias.clone()
+    w_out = net[2].weight[:, 2].clone()
+    assert _step(net, opt, strategy, x).units_replaced == 1  # unit 2, h_2 = 3 at every step
+    torch.testing.assert_close(net[2].bias - bias_before, w_out * 3.0)
+    # the network's output on x is unchanged by the replacement: the unit's contribution moved to the bias
+    assert net[2].weight[:, 2].abs().sum() == 0
+
+
+def test_without_bias_correction_the_consumer_bias_is_untouched():
+    net = _hand_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    strategy = dst.strategies.build("cbp", net, opt, utility="contribution", maturity_threshold=0,
+                                    replacement_rate=0.25, bias_correction=False, seed=0)
+    before = net[2].bias.clone()
+    assert _step(net, opt, strategy, torch.ones(1, 2)).units_replaced == 1
+    assert torch.equal(net[2].bias, before)
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
+        lambda p: torch.optim.Adam(p, lr=1e-3),
+        lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01),
+        lambda p: ElementwiseAdam(p, lr=1e-3),
+    ],
+    ids=["sgd-momentum", "adam", "adamw", "elementwise-adam"],
+)
+def test_replaced_unit_has_zero_outgoing_weights_and_zero_optimizer_state(make_opt):
+    torch.manual_seed(0)
+    net = dst.nets.mlp(3, [5], 2)
+    opt = make_opt(net.parameters())
+    strategy = dst.strategies.build("cbp", net, opt, maturity_threshold=10, replacement_rate=0.1, seed=0)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    for _ in range(10):
+        assert _step(net, opt, strategy, x, y).units_replaced == 0
+    assert _step(net, opt, strategy, x, y).units_replaced == 0  # 5 * 0.1 = 0.5 accrued
+    before = net[0].weight.clone()
+    assert _step(net, opt, strategy, x, y).units_replaced == 1
+    unit = int(torch.nonzero(strategy.utilities[0].age == 0)[0])
+    assert (net[2].weight[:, unit] == 0).all()
+    assert net[0].bias[unit] == 0
+    assert not torch.equal(net[0].weight[unit], before[unit])
+    bound = dst.nets.activation_gain("relu") * (3 / 3) ** 0.5
+    assert net[0].weight[unit].abs().max() <= bound
+    for param, index in ((net[0].weight, (unit,)), (net[0].bias, (unit,)), (net[2].weight, (slice(None), unit))):
+        for value in opt.state[param].values():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                assert (value[index] == 0).all()
+
+
+def test_conv_channels_and_the_conv_to_linear_block_are_replaced_whole():
+    torch.manual_seed(0)
+    net = dst.nets.convnet(1, 10, 2, channels=(3, 4), kernel_sizes=(3, 3), hidden=(5,))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    strategy = dst.strategies.build("cbp", net, opt, maturity_threshold=0, replacement_rate=0.5, seed=0)
+    x, y = torch.randn(2, 1, 10, 10), torch.randn(2, 2)
+    stats = _step(net, opt, strategy, x, y)
+    assert stats.units_replaced > 0
+    conv_conv, conv_linear = strategy.layers[0], strategy.layers[1]
+    assert conv_linear.block == 1 * 1 and conv_linear.consumer is net[7]  # 10 -conv3-> 8 -pool-> 4 -conv3-> 2 -pool-> 1
+    for layer, utility in zip(strategy.layers[:2], strategy.utilities[:2]):
+        units = torch.nonzero(utility.age == 0).flatten()
+        assert len(units) > 0
+        columns = layer.consumer_columns(units)
+        assert (layer.consumer.weight[:, columns] == 0).all()
+        assert (opt.state[layer.consumer.weight]["momentum_buffer"][:, columns] == 0).all()
+
+
+def test_conv_to_linear_block_of_several_columns_is_zeroed_and_folded():
+    torch.manual_seed(0)
+    net = dst.nets.convnet(1, 12, 2, channels=(3,), kernel_sizes=(3,), hidden=())  # 12 -> 10 -> pool 5: block 25
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    strategy = dst.strategies.build("cbp", net, opt, maturity_threshold=0, replacement_rate=1 / 3,
+                                    utility="random", seed=0)
+    layer = strategy.layers[0]
+    assert layer.block == 25
+    bias_before = layer.consumer.bias.clone()
+    weight_before = layer.consumer.weight.clone()
+    x = torch.rand(1, 1, 12, 12)
+    with torch.no_grad():
+        channel_means = net[1](net[0](x))[0].mean((1, 2))  # one step: f_hat is this step's mean
+    assert _step(net, opt, strategy, x).units_replaced == 1
+    unit = int(torch.nonzero(strategy.utilities[0].age == 0)[0])
+    block = slice(unit * 25, (unit + 1) * 25)
+    assert (layer.consumer.weight[:, block] == 0).all()
+    others = torch.ones(75, dtype=torch.bool)
+    others[block] = False
+    assert torch.equal(layer.consumer.weight[:, others], weight_before[:, others])
+    expected = weight_before[:, block].sum(1) * channel_means[unit]
+    torch.testing.assert_close(layer.consumer.bias - bias_before, expected)
+
+
+@pytest.mark.parametrize("refresh_fan_in", ["keep", "redraw"])
+def test_masked_invariants_hold_after_every_replacement_on_a_sparse_net(refresh_fan_in):
+    torch.manual_seed(0)
+    net = dst.sparsify(dst.nets.mlp(10, [20, 20], 3), density=0.3, distribution="uniform", seed=0)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    strategy = dst.strategies.build("cbp", net, opt, maturity_threshold=2, replacement_rate=0.05,
+                                    refresh_fan_in=refresh_fan_in, seed=0)
+    layers = list(dst.masked_layers(net))
+    counts = [layer.mask.sum(1) for layer in layers]
+    replaced = 0
+    for _ in range(60):
+        replaced += _step(net, opt, strategy, torch.randn(8, 10), torch.randn(8, 3)).units_replaced
+        for layer in layers:
+            assert (layer.weight[~layer.mask] == 0).all()
+            for value in opt.state[layer.weight].values():
+                if isinstance(value, torch.Tensor) and value.shape == layer.weight.shape:
+                    assert (value[~layer.mask] == 0).all()
+    assert replaced > 20
+    for layer, before in zip(layers, counts):
+        assert torch.equal(layer.mask.sum(1), before)  # each unit keeps its fan-in size
+
+
+def test_redraw_gives_replaced_units_a_new_incoming_pattern():
+    torch.manual_seed(0)
+    net = dst.sparsify(dst.nets.mlp(30, [10], 1), density=0.3, distribution="uniform", seed=0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    strategy = dst.strategies.build("cbp", net, opt, maturity_threshold=0, replacement_rate=0.5,
+                                    refresh_fan_in="redraw", seed=0)
+    before = net[0].mask.clone()
+    _step(net, opt, strategy, torch.randn(4, 30), torch.randn(4, 1))
+    units = torch.nonzero(strategy.utilities[0].age == 0).flatten()
+    untouched = torch.ones(10, dtype=torch.bool)
+    untouched[units] = False
+    assert not torch.equal(net[0].mask[units], before[units])
+    assert torch.equal(net[0].mask[untouched], before[untouched])
+
+
+def test_state_dict_round_trips_mid_run_and_the_run_continues_identically():
+    def make():
+        torch.manual_seed(0)
+        net = dst.nets.mlp(4, [6, 6], 2)
+        opt = ElementwiseAdam(net.parameters(), lr=1e-2)
+        strategy = dst.strategies.build("cbp", net, opt, maturity_threshold=3, replacement_rate=0.05, seed=7)
+        return net, opt, strategy
+
+    data = [(torch.randn(3, 4, generator=torch.Generator().manual_seed(i)), torch.randn(3, 2)) for i in range(60)]
+    net_a, opt_a, strat_a = make()
+    for x, y in data[:30]:
+        _step(net_a, opt_a, strat_a, x, y)
+    saved = (
+        {k: v.clone() for k, v in net_a.state_dict().items()},
+        opt_a.state_dict(),
+        strat_a.state_dict(),
+    )
+    import copy
+
+    saved = copy.deepcopy(saved)
+    replaced_a = sum(_step(net_a, opt_a, strat_a, x, y).units_replaced for x, y in data[30:])
+
+    net_b, opt_b, strat_b = make()
+    net_b.load_state_dict(saved[0])
+    opt_b.load_state_dict(saved[1])
+    strat_b.load_state_dict(saved[2])
+    replaced_b = sum(_step(net_b, opt_b, strat_b, x, y).units_replaced for x, y in data[30:])
+    assert replaced_a == replaced_b > 0
+    for (name, a), b in zip(net_a.state_dict().items(), net_b.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_steps_that_replace_nothing_never_synchronise_with_the_device(monkeypatch):
+    torch.manual_seed(0)
+    net = dst.nets.mlp(3, [6], 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    strategy = dst.strategies.build("cbp", net, opt, maturity_threshold=5, replacement_rate=1e-3, seed=0)
+    x, y = torch.randn(2, 3), torch.randn(2, 1)
+    loss = ((net(x) - y) ** 2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("device synchronisation on a step that replaced nothing")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    for _ in range(20):
+        assert strategy.after_step().units_replaced == 0
+        net(x)  # next forward feeds the capture hooks
+
+
+def test_probabilistic_rounding_replaces_at_the_configured_rate_on_average():
+    torch.manual_seed(0)
+    net = dst.nets.mlp(3, [10], 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    strategy = dst.strategies.build("cbp", net, opt, maturity_threshold=0, replacement_rate=0.02,
+                                    accumulate="probabilistic", seed=3)
+    x = torch.randn(2, 3)
+    counts = [_step(net, opt, strategy, x).units_replaced for _ in range(500)]
+    assert set(counts) <= {0, 1}
+    assert 60 <= sum(counts) <= 140  # 500 steps * 10 units * 0.02 = 100 expected
+
+
+def test_cbp_without_hidden_layers_is_a_clear_error():
+    net = nn.Sequential(nn.Linear(3, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(dst.TopologyError, match="hidden layers"):
+        dst.strategies.build("cbp", net, opt)
+
+
+def test_out_of_range_cbp_settings_name_the_range():
+    net = dst.nets.mlp(3, [4], 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(dst.ConfigError, match=r"decay_rate=1.0 is out of range; it must be \[0.0, 1.0\)"):
+        dst.strategies.build("cbp", net, opt, decay_rate=1.0)
+    with pytest.raises(dst.ConfigError, match="unknown setting 'replacment_rate'.*replacement_rate"):
+        dst.strategies.build("cbp", net, opt, replacment_rate=1e-4)
+    assert isinstance(dst.strategies.build("cbp", net, opt), ContinualBackprop)
