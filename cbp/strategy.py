@@ -21,7 +21,7 @@ from dst.init import INIT_SCHEMES, module_gain
 from dst.refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig, replace_units
 from dst.topology import HiddenLayer, Topology
 
-from .utility import UTILITIES, UnitUtility
+from .utility import UTILITIES, UnitUtility, weight_factors
 
 __all__ = ["CBPConfig", "ContinualBackprop", "ReDoConfig", "ReDo", "redraw_fan_in"]
 
@@ -48,6 +48,11 @@ class CBPConfig(StrategyConfig):
     bias_correction: bool = setting(True, help="fold a replaced unit's mean contribution into the consumer bias")
     refresh_fan_in: str = setting(
         "keep", choices=("keep", "redraw"), help="sparse layers: keep the incoming mask row or draw a new one"
+    )
+    magnitude_every: int = setting(
+        1, low=1,
+        help="steps between recomputing the weight-magnitude factors (1: every step, exact; "
+        "larger amortises the reads of every weight matrix on wide nets)",
     )
 
 
@@ -92,6 +97,8 @@ class ContinualBackprop(RefreshStrategy):
         ]
         self.accumulated = [0.0] * len(self.layers)
         self.host_random = random.Random(self.generator.initial_seed())  # probabilistic rounding
+        self.factors: list[torch.Tensor | None] = []
+        self._factors_stale = True
         self.topology.start_capture()
 
     def _count_to_replace(self, index: int) -> int:
@@ -114,13 +121,16 @@ class ContinualBackprop(RefreshStrategy):
 
     def after_step(self) -> RefreshStats:
         super().after_step()
-        for layer, utility in zip(self.layers, self.utilities):
+        if self._factors_stale or self.step % self.config.magnitude_every == 0:
+            self.factors = weight_factors(self.layers, self.config.utility)
+            self._factors_stale = False
+        for layer, utility, factor in zip(self.layers, self.utilities, self.factors):
             if layer.output is None:
                 raise RuntimeError(
                     f"cbp saw no activation of {layer.name!r}: call after_step() after a forward and "
                     "optimizer step of the model it was built on"
                 )
-            utility.update(layer.output, self.generator)
+            utility.update(layer.output, factor, self.generator)
         replaced = 0
         threshold = self.config.maturity_threshold
         # Deepest layer first: a unit replaced in layer l + 1 gets fresh incoming weights, and the zeroed
@@ -147,6 +157,7 @@ class ContinualBackprop(RefreshStrategy):
             )
             utility.reset(units)
             replaced += count
+            self._factors_stale = True  # replaced rows and columns change the magnitudes
         return RefreshStats(units_replaced=replaced) if replaced else NO_REFRESH
 
     def state_dict(self) -> dict[str, Any]:
@@ -157,6 +168,8 @@ class ContinualBackprop(RefreshStrategy):
             maturing=[[list(item) for item in queue] for queue in self.maturing],
             accumulated=list(self.accumulated),
             host_random=self.host_random.getstate(),
+            factors=list(self.factors),
+            factors_stale=self._factors_stale,
         )
         return state
 
@@ -168,6 +181,8 @@ class ContinualBackprop(RefreshStrategy):
         self.maturing = [deque([list(item) for item in queue]) for queue in state["maturing"]]
         self.accumulated = list(state["accumulated"])
         self.host_random.setstate(state["host_random"])
+        self.factors = list(state["factors"])
+        self._factors_stale = bool(state["factors_stale"])
 
 
 @dataclass(frozen=True)

@@ -345,3 +345,28 @@ def test_out_of_range_cbp_settings_name_the_range():
     with pytest.raises(dst.ConfigError, match="unknown setting 'replacment_rate'.*replacement_rate"):
         dst.strategies.build("cbp", net, opt, replacment_rate=1e-4)
     assert isinstance(dst.strategies.build("cbp", net, opt), ContinualBackprop)
+
+
+def test_magnitude_every_reuses_weight_factors_between_refreshes():
+    torch.manual_seed(0)
+    net = dst.nets.mlp(3, [6], 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    strategy = dst.strategies.build("cbp", net, opt, maturity_threshold=1000, magnitude_every=4, seed=0)
+    seen = []
+    for _ in range(9):
+        _step(net, opt, strategy, torch.randn(2, 3), torch.randn(2, 1))
+        seen.append(strategy.factors[0])
+    # computed at step 1 (first use), then at steps 4 and 8 only
+    assert [seen[i] is seen[i - 1] for i in range(1, 9)] == [True, True, False, True, True, True, False, True]
+
+
+def test_weight_factors_are_recomputed_right_after_a_replacement():
+    torch.manual_seed(0)
+    net = dst.nets.mlp(3, [6], 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    strategy = dst.strategies.build("cbp", net, opt, maturity_threshold=0, replacement_rate=1 / 6,
+                                    magnitude_every=1000, seed=0)
+    assert _step(net, opt, strategy, torch.randn(2, 3), torch.randn(2, 1)).units_replaced == 1
+    stale = strategy.factors[0]
+    _step(net, opt, strategy, torch.randn(2, 3), torch.randn(2, 1))
+    assert strategy.factors[0] is not stale

@@ -1,0 +1,113 @@
+"""Per-step cost of the framework and of CBP, measured in one process.
+
+    python benchmarks/overhead.py                 # both measurements
+    python benchmarks/overhead.py --only small    # 5-unit bit-flipping net
+    python benchmarks/overhead.py --only wide     # 784-2000-2000-2000-10 net, batch 1
+
+small: a minimal hand-written PyTorch loop, dst's Experiment with ``bp``, and with ``cbp``, on the same
+pre-generated bit-flipping examples (SGD 0.01, batch 1). Repetitions are interleaved and the median
+per-step time of each is reported, with the ratios framework/minimal and cbp/bp.
+
+wide: a training step of a 784-2000-2000-2000-10 ReLU net at batch 1 (SGD 0.003, random inputs),
+with ``bp`` and with ``cbp`` (adaptable contribution, rate 1e-4, maturity 100), interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _small(steps: int, repeats: int) -> None:
+    import dst
+    from dst.benchmarks import build as build_benchmark
+    from dst.experiment import Experiment
+
+    benchmark = build_benchmark("bit-flipping", bin_size=steps, change_every=steps)
+    times: dict[str, list[float]] = {"minimal": [], "dst bp": [], "dst cbp": []}
+    for _ in range(repeats):
+        for name in times:
+            torch.manual_seed(0)
+            stream, model, opt = benchmark.build(0, "cpu")
+            if name == "minimal":
+                x, y = stream.task_examples(0)
+                start = time.perf_counter()
+                for i in range(steps):
+                    loss = F.mse_loss(model(x[i : i + 1]), y[i : i + 1])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                times[name].append((time.perf_counter() - start) / steps)
+                continue
+            strategy = dst.strategies.build(name.split()[1], model, opt, seed=0)
+            experiment = Experiment(stream, model, opt, strategy, steps=steps, loss_fn=benchmark.loss_fn,
+                                    bin_size=steps, progress=False)
+            stream.task_examples(0)  # same data generation cost outside the timed region as minimal
+            start = time.perf_counter()
+            experiment.run()
+            times[name].append((time.perf_counter() - start) / steps)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    print(f"bit-flipping 20-5-1, batch 1, {steps} steps x {repeats} interleaved repeats (median us/step)")
+    for name, value in median.items():
+        print(f"  {name:10s} {value * 1e6:8.1f}")
+    print(f"  framework overhead (dst bp / minimal): {median['dst bp'] / median['minimal']:.3f}")
+    print(f"  cbp / bp:                              {median['dst cbp'] / median['dst bp']:.3f}")
+
+
+def _wide(steps: int, repeats: int) -> None:
+    import dst
+
+    times: dict[str, list[float]] = {"bp": [], "cbp": []}
+    x = torch.rand(steps, 1, 784)
+    y = torch.randint(0, 10, (steps, 1))
+    for _ in range(repeats):
+        for name in times:
+            torch.manual_seed(0)
+            model = dst.nets.mlp(784, [2000, 2000, 2000], 10)
+            opt = torch.optim.SGD(model.parameters(), lr=0.003)
+            strategy = dst.strategies.build(name, model, opt, seed=0)
+            for i in range(5):  # warm-up
+                loss = F.cross_entropy(model(x[i]), y[i])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                strategy.before_step()
+                opt.step()
+                strategy.after_step()
+            start = time.perf_counter()
+            for i in range(steps):
+                loss = F.cross_entropy(model(x[i]), y[i])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                strategy.before_step()
+                opt.step()
+                strategy.after_step()
+            times[name].append((time.perf_counter() - start) / steps)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    print(f"784-2000-2000-2000-10, batch 1, {steps} steps x {repeats} interleaved repeats (median ms/step)")
+    for name, value in median.items():
+        print(f"  {name:4s} {value * 1e3:8.2f}")
+    print(f"  cbp / bp: {median['cbp'] / median['bp']:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("small", "wide"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--small-steps", type=int, default=20_000)
+    parser.add_argument("--wide-steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s)")
+    if args.only in (None, "small"):
+        _small(args.small_steps, args.repeats)
+    if args.only in (None, "wide"):
+        _wide(args.wide_steps, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
