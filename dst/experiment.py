@@ -236,6 +236,7 @@ class Experiment:
             dynamic_ncols=True, mininterval=1.0, leave=False,
         )
         next_check = min(step + self.check_every, step + self.bin_size, self.steps)
+        strategy.set_horizon(self.steps, self.stream.steps_per_task)
         model.train()
         try:
             for x, y, batch_task in self.stream.batches(step):

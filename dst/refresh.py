@@ -89,6 +89,8 @@ class RefreshStrategy:
             )
         self.config = config
         self.step = 0
+        self.total_steps: int | None = None
+        self.steps_per_task: int | None = None
         self.masked = self.topology.masked_layers()
         parameter = next(self.model.parameters(), None)
         self.device = parameter.device if parameter is not None else torch.device("cpu")
@@ -108,6 +110,15 @@ class RefreshStrategy:
 
     def on_task_start(self, task: int) -> None:
         """Called by the experiment loop before the first step of each task (task 0 included)."""
+
+    def set_horizon(self, total_steps: int | None, steps_per_task: int | None = None) -> None:
+        """Tell the strategy how long the run and its tasks are (schedules such as RigL's T_end use it).
+
+        The experiment loop calls it before the first step; library users call it themselves when a
+        schedule depends on the run length.
+        """
+        self.total_steps = total_steps
+        self.steps_per_task = steps_per_task
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "generator": self.generator.get_state()}

@@ -1,0 +1,242 @@
+"""SET and RigL: exact counts, masked invariants, schedules, regrowth values, determinism."""
+
+import math
+
+import pytest
+import torch
+
+import dst
+from dst.optim import ElementwiseAdam
+from dst.prune_regrow import DropSchedule
+
+
+def _sparse_net(seed=0, density=0.3):
+    torch.manual_seed(seed)
+    return dst.sparsify(dst.nets.mlp(12, [16, 16], 3), density=density, distribution="erk", seed=seed)
+
+
+def _step(net, opt, strategy, x, y):
+    loss = ((net(x) - y) ** 2).mean()
+    opt.zero_grad()
+    loss.backward()
+    strategy.before_step()
+    opt.step()
+    return strategy.after_step()
+
+
+def _data(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 12, generator=g), torch.randn(4, 3, generator=g)) for _ in range(n)]
+
+
+OPTIMIZERS = {
+    "sgd-momentum-wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-2),
+    "elementwise-adam": lambda p: ElementwiseAdam(p, lr=1e-2),
+}
+
+
+@pytest.mark.parametrize("name", ["set", "rigl"])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_active_counts_are_unchanged_and_masked_state_stays_zero_over_many_refreshes(name, optimizer):
+    net = _sparse_net()
+    opt = OPTIMIZERS[optimizer](net.parameters())
+    strategy = dst.strategies.build(name, net, opt, update_interval=5, schedule="constant", seed=0)
+    counts = [int(layer.mask.sum()) for layer in strategy.masked]
+    regrown = 0
+    for x, y in _data(60):
+        loss = ((net(x) - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        strategy.before_step()
+        for layer in strategy.masked:  # the gradient handed to the optimizer
+            assert (layer.weight.grad[~layer.mask] == 0).all()
+        opt.step()
+        regrown += strategy.after_step().connections_regrown
+        for layer, count in zip(strategy.masked, counts):
+            assert int(layer.mask.sum()) == count
+            assert (layer.weight[~layer.mask] == 0).all()
+            for value in opt.state[layer.weight].values():
+                if isinstance(value, torch.Tensor) and value.shape == layer.weight.shape:
+                    assert (value[~layer.mask] == 0).all()
+    assert regrown == 12 * sum(round(0.3 * c) for c in counts)
+
+
+def test_set_drops_exactly_the_smallest_magnitudes_and_regrows_as_many():
+    net = _sparse_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    strategy = dst.strategies.build("set", net, opt, update_interval=1, drop_fraction=0.25, seed=0)
+    layer = strategy.masked[0]
+    magnitude = layer.weight.detach().abs().flatten()
+    active = layer.mask.flatten().clone()
+    dropped = strategy.drop_indices(0, layer, 0.25)
+    assert dropped.numel() == round(0.25 * int(active.sum()))
+    assert active[dropped].all()
+    kept = active.clone()
+    kept[dropped] = False
+    assert magnitude[dropped].max() <= magnitude[kept].min()
+    x, y = _data(1)[0]
+    before = layer.mask.clone()
+    stats = _step(net, opt, strategy, x, y)
+    assert int((layer.mask & ~before).sum()) <= dropped.numel()  # regrown among free positions
+    assert int(layer.mask.sum()) == int(before.sum())
+    assert stats.connections_regrown == sum(round(0.25 * c) for c in strategy.active)
+
+
+def test_rigl_grows_where_the_dense_gradient_is_largest_and_grown_weights_start_at_zero():
+    net = _sparse_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    strategy = dst.strategies.build("rigl", net, opt, update_interval=1, schedule="constant", drop_fraction=0.2,
+                                    seed=0)
+    layer = strategy.masked[0]
+    x, y = _data(1)[0]
+    before = layer.mask.clone()
+    loss = ((net(x) - y) ** 2).mean()
+    opt.zero_grad()
+    loss.backward()
+    dense = layer.weight.grad.clone()  # dense gradient: nonzero at inactive positions too
+    assert (dense[~before] != 0).any()
+    strategy.before_step()
+    opt.step()
+    strategy.after_step()
+    grown = layer.mask & ~before
+    k = int(grown.sum())
+    assert k > 0
+    assert (layer.weight[grown] == 0).all()
+    # grown positions are the top-|grad| candidates among positions inactive after the drop
+    candidates = ~layer.mask | grown
+    cutoff = dense.abs()[candidates].sort(descending=True).values[k - 1]
+    assert (dense.abs()[grown] >= cutoff).all()
+
+
+def test_grow_init_random_gives_small_nonzero_values_and_zero_optimizer_state():
+    net = _sparse_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    strategy = dst.strategies.build("set", net, opt, update_interval=3, grow_init="random", grow_scale=0.1, seed=0)
+    layer = strategy.masked[0]
+    data = _data(3)
+    for x, y in data[:2]:
+        _step(net, opt, strategy, x, y)
+    before = layer.mask.clone()
+    _step(net, opt, strategy, *data[2])
+    grown = layer.mask & ~before
+    bound = 0.1 / math.sqrt(12)
+    assert grown.any()
+    assert (layer.weight[grown] != 0).all() and (layer.weight[grown].abs() <= bound).all()
+    assert (opt.state[layer.weight]["momentum_buffer"][grown] == 0).all()
+
+
+def test_a_just_dropped_position_regrown_at_once_restarts_at_the_grow_value():
+    net = _sparse_net(density=0.05)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    # drop everything: regrowth must reuse dropped positions in layers with few free positions
+    strategy = dst.strategies.build("rigl", net, opt, update_interval=2, schedule="constant", drop_fraction=1.0,
+                                    seed=0)
+    layer = strategy.masked[-1]  # the small output layer, almost dense under ERK
+    data = _data(2)
+    _step(net, opt, strategy, *data[0])
+    before_mask, before_weight = layer.mask.clone(), layer.weight.clone()
+    _step(net, opt, strategy, *data[1])
+    kept = before_mask & layer.mask  # dropped and regrown in the same update
+    if kept.any():
+        assert (layer.weight[kept] == 0).all()
+        assert (before_weight[kept] != 0).any()
+        assert (opt.state[layer.weight]["momentum_buffer"][kept] == 0).all()
+
+
+def test_drop_fraction_follows_the_cosine_schedule():
+    schedule = DropSchedule("cosine", 0.3, 100, end_step=1000)
+    assert schedule(50, 50) is None  # not an update step
+    assert schedule(100, 100) == pytest.approx(0.15 * (1 + math.cos(math.pi * 0.1)))
+    assert schedule(500, 500) == pytest.approx(0.15)
+    assert schedule(1000, 1000) is None  # f = 0 at T_end
+    assert schedule(1100, 1100) is None
+
+
+def test_cosine_per_task_restarts_at_every_task_boundary():
+    schedule = DropSchedule("cosine-per-task", 0.3, 10, end_step=0)
+    # 0.75 x a 100-step task = 75
+    assert schedule(110, 10, task_steps=100) == pytest.approx(schedule(10, 10, task_steps=100))
+    assert schedule(180, 80, task_steps=100) is None
+    assert schedule(210, 10, task_steps=100) == pytest.approx(0.15 * (1 + math.cos(math.pi * 10 / 75)))
+
+
+def test_stop_and_constant_schedules():
+    assert DropSchedule("constant", 0.3, 10)(10_000, 0) == 0.3
+    stop = DropSchedule("stop", 0.3, 10, end_step=100)
+    assert stop(100, 0) == 0.3 and stop(110, 0) is None
+
+
+def test_default_end_step_is_three_quarters_of_the_run_from_the_horizon():
+    net = _sparse_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    strategy = dst.strategies.build("rigl", net, opt, update_interval=10, seed=0)
+    with pytest.raises(dst.ConfigError, match="set_horizon"):
+        strategy.fraction(10)
+    strategy.set_horizon(1000)
+    assert strategy.fraction(750) is None and strategy.fraction(740) > 0
+
+
+def test_rigl_per_task_schedule_restarts_in_the_experiment_loop():
+    df = dst.runner.run(
+        dst.RunSpec(steps=2000, bench={"hidden": (30,), "density": 0.2, "change_every": 500, "bin_size": 250},
+                    strategy="rigl", settings={"schedule": "cosine-per-task", "update_interval": 50}),
+        progress=False,
+    )
+    regrown = df["connections_regrown"].tolist()
+    assert regrown[0] > regrown[1] > 0  # decays within the task ...
+    assert regrown[2] == regrown[0] and regrown[4] == regrown[0]  # ... and restarts at each boundary
+
+
+def test_set_split_sign_drops_within_each_sign():
+    net = _sparse_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    strategy = dst.strategies.build("set", net, opt, update_interval=1, split_sign=True, drop_fraction=0.5, seed=0)
+    layer = strategy.masked[0]
+    weight = layer.weight.detach()
+    positives, negatives = layer.mask & (weight > 0), layer.mask & (weight < 0)
+    dropped = strategy.drop_indices(0, layer, 0.5)
+    flat_pos, flat_neg = positives.flatten()[dropped], negatives.flatten()[dropped]
+    assert int(flat_pos.sum()) == round(0.5 * int(positives.sum()))
+    assert int(flat_neg.sum()) == round(0.5 * int(negatives.sum()))
+    largest_dropped_positive = weight.flatten()[dropped][flat_pos].max()
+    kept_positive = weight[positives].sort().values[round(0.5 * int(positives.sum())):]
+    assert (kept_positive >= largest_dropped_positive).all()
+
+
+@pytest.mark.parametrize("name", ["set", "rigl"])
+def test_results_are_deterministic_for_a_seed_and_state_dict_round_trips(name):
+    import copy
+
+    def make():
+        net = _sparse_net(seed=1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        strategy = dst.strategies.build(name, net, opt, update_interval=4, schedule="constant", seed=5)
+        return net, opt, strategy
+
+    data = _data(40, seed=2)
+    net_a, opt_a, strat_a = make()
+    for x, y in data[:21]:
+        _step(net_a, opt_a, strat_a, x, y)
+    saved = copy.deepcopy((net_a.state_dict(), opt_a.state_dict(), strat_a.state_dict()))
+    for x, y in data[21:]:
+        _step(net_a, opt_a, strat_a, x, y)
+    net_b, opt_b, strat_b = make()
+    net_b.load_state_dict(saved[0])
+    opt_b.load_state_dict(saved[1])
+    strat_b.load_state_dict(saved[2])
+    for x, y in data[21:]:
+        _step(net_b, opt_b, strat_b, x, y)
+    net_c, opt_c, strat_c = make()
+    for x, y in data:
+        _step(net_c, opt_c, strat_c, x, y)
+    for a, b, c in zip(net_a.state_dict().values(), net_b.state_dict().values(), net_c.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_connection_strategies_on_a_dense_model_are_a_clear_error():
+    net = dst.nets.mlp(4, [8], 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(dst.TopologyError, match="sparsify"):
+        dst.strategies.build("rigl", net, opt)
