@@ -1,13 +1,18 @@
 """Continual backpropagation and its unit-level relatives, as dst refresh strategies.
 
-Importing this package registers ``cbp`` and ``redo`` in ``dst.strategies``; installed, the package
+Importing this package registers ``cbp``, ``redo``, ``cbp-rigl``, ``cbp-set`` and ``rigl-utility`` in ``dst.strategies``; installed, the package
 is also found through the ``dst.strategies`` entry-point group, like any third-party strategy.
 """
 
-from .strategy import CBPConfig, ContinualBackprop, ReDo, ReDoConfig, redraw_fan_in
+from .strategy import CBPConfig, ContinualBackprop, ReDo, ReDoConfig, redraw_fan_in  # noqa: I001 (registers cbp first)
+from .compositions import CBPSET, CBPRigL, RigLUtility, RigLUtilityConfig
 from .utility import UTILITIES, UnitUtility, incoming_magnitude, outgoing_magnitude
 
 __all__ = [
+    "CBPRigL",
+    "CBPSET",
+    "RigLUtility",
+    "RigLUtilityConfig",
     "CBPConfig",
     "ContinualBackprop",
     "ReDo",

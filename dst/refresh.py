@@ -39,6 +39,8 @@ __all__ = [
     "fold_into_consumer_bias",
     "reset_unit_optimizer_state",
     "replace_units",
+    "CompositeStrategy",
+    "compose",
 ]
 
 
@@ -232,3 +234,89 @@ def replace_units(
     zero_outgoing(layer, units)
     if optimizer is not None:
         reset_unit_optimizer_state(optimizer, layer, units)
+
+
+# -- composition ------------------------------------------------------------------------------
+
+
+class CompositeStrategy(RefreshStrategy):
+    """Several registered strategies refreshing one model together (e.g. RigL connections + CBP units).
+
+    Parts run in the order given: put connection-level strategies first, so RigL reads the dense
+    gradient in its ``before_step`` before any part masks it. Built by :func:`compose`.
+    """
+
+    part_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model, optimizer, config=None, *, seed: int | None = None) -> None:
+        from .streams.base import derive_seed
+
+        super().__init__(model, optimizer, config, seed=seed)
+        base_seed = self.generator.initial_seed()
+        self.parts: list[RefreshStrategy] = []
+        for index, name in enumerate(self.part_names):
+            entry = strategies.get(name)
+            values = {key: getattr(self.config, key) for key in entry.config.field_names()}
+            part_config = entry.config.from_dict(values)
+            self.parts.append(entry.cls(self.topology, optimizer, part_config, seed=derive_seed(base_seed, index)))
+
+    def before_step(self) -> None:
+        for part in self.parts:
+            part.before_step()
+
+    def after_step(self) -> RefreshStats:
+        super().after_step()
+        units = connections = 0
+        for part in self.parts:
+            stats = part.after_step()
+            units += stats.units_replaced
+            connections += stats.connections_regrown
+        return RefreshStats(units, connections) if units or connections else NO_REFRESH
+
+    def on_task_start(self, task: int) -> None:
+        for part in self.parts:
+            part.on_task_start(task)
+
+    def set_horizon(self, total_steps: int | None, steps_per_task: int | None = None) -> None:
+        super().set_horizon(total_steps, steps_per_task)
+        for part in self.parts:
+            part.set_horizon(total_steps, steps_per_task)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        for part, saved in zip(self.parts, state["parts"]):
+            part.load_state_dict(saved)
+
+
+def compose(name: str, *parts: str, summary: str = "") -> type[CompositeStrategy]:
+    """Register strategy ``name`` that runs the registered ``parts`` together.
+
+    Its config holds every field of the parts' configs (a field name used by two parts is an error),
+    so ``--set`` and studies reach each part's settings by their usual names.
+    """
+    import dataclasses
+    import typing
+
+    fields = []
+    owners: dict[str, str] = {}
+    for part in parts:
+        config_cls = strategies.get(part).config
+        hints = typing.get_type_hints(config_cls)
+        for field in dataclasses.fields(config_cls):
+            if field.name in owners:
+                raise ConfigError(
+                    f"cannot compose {name!r}: setting {field.name!r} belongs to both "
+                    f"{owners[field.name]!r} and {part!r}"
+                )
+            owners[field.name] = part
+            fields.append(
+                (field.name, hints[field.name], dataclasses.field(default=field.default, metadata=field.metadata))
+            )
+    class_name = "".join(piece.capitalize() for piece in name.replace("-", " ").split())
+    config_cls = dataclasses.make_dataclass(f"{class_name}Config", fields, bases=(StrategyConfig,), frozen=True)
+    doc = summary or f"{' + '.join(parts)} refreshing one model together."
+    strategy_cls = type(class_name, (CompositeStrategy,), {"__doc__": doc, "part_names": tuple(parts)})
+    return strategies.register(name, config_cls)(strategy_cls)
