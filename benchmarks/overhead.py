@@ -3,6 +3,7 @@
     python benchmarks/overhead.py                 # both measurements
     python benchmarks/overhead.py --only small    # 5-unit bit-flipping net
     python benchmarks/overhead.py --only wide     # 784-2000-2000-2000-10 net, batch 1
+    python benchmarks/overhead.py --only refresh  # SET/RigL update cost at density 0.1, delta T = 100
 
 small: a minimal hand-written PyTorch loop, dst's Experiment with ``bp``, and with ``cbp``, on the same
 pre-generated bit-flipping examples (SGD 0.01, batch 1). Repetitions are interleaved and the median
@@ -10,6 +11,10 @@ per-step time of each is reported, with the ratios framework/minimal and cbp/bp.
 
 wide: a training step of a 784-2000-2000-2000-10 ReLU net at batch 1 (SGD 0.003, random inputs),
 with ``bp`` and with ``cbp`` (adaptable contribution, rate 1e-4, maturity 100), interleaved.
+
+refresh: the same net at density 0.1 (ERK), batch 1. The mean time of a training step with ``bp``
+(static sparse), and the time of one SET / RigL mask update; the update's cost amortised over
+delta T = 100 steps is reported as a fraction of the training step.
 """
 
 from __future__ import annotations
@@ -93,9 +98,51 @@ def _wide(steps: int, repeats: int) -> None:
     print(f"  cbp / bp: {median['cbp'] / median['bp']:.3f}")
 
 
+def _refresh(steps: int, repeats: int) -> None:
+    import dst
+
+    x = torch.rand(steps, 1, 784)
+    y = torch.randint(0, 10, (steps, 1))
+    torch.manual_seed(0)
+    model = dst.sparsify(dst.nets.mlp(784, [2000, 2000, 2000], 10), density=0.1, distribution="erk", seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.003)
+    step_times = []
+    strategies = {name: dst.strategies.build(name, model, opt, update_interval=10**9, schedule="constant", seed=0)
+                  for name in ("set", "rigl")}
+    bp = dst.strategies.build("bp", model, opt)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(steps):
+            loss = F.cross_entropy(model(x[i]), y[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            bp.before_step()
+            opt.step()
+            bp.after_step()
+        step_times.append((time.perf_counter() - start) / steps)
+    step = statistics.median(step_times)
+    print(f"784-2000-2000-2000-10 at density 0.1 (ERK), batch 1: training step {step * 1e3:.2f} ms (median)")
+    for name, strategy in strategies.items():
+        update_times = []
+        for _ in range(repeats):
+            loss = F.cross_entropy(model(x[0]), y[0])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if name == "rigl":  # keep the dense gradients, as before_step does on an update step
+                strategy.dense_grads = [layer.weight.grad.detach().clone() for layer in strategy.masked]
+            start = time.perf_counter()
+            with torch.no_grad():
+                for index, layer in enumerate(strategy.masked):
+                    strategy.update_layer(index, layer, 0.3)
+            update_times.append(time.perf_counter() - start)
+        update = statistics.median(update_times)
+        print(f"  {name}: one update {update * 1e3:.1f} ms; amortised over 100 steps = "
+              f"{update / 100 / step * 100:.2f}% of a training step")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("small", "wide"))
+    parser.add_argument("--only", choices=("small", "wide", "refresh"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--small-steps", type=int, default=20_000)
     parser.add_argument("--wide-steps", type=int, default=200)
@@ -107,6 +154,8 @@ def main() -> None:
         _small(args.small_steps, args.repeats)
     if args.only in (None, "wide"):
         _wide(args.wide_steps, args.repeats)
+    if args.only in (None, "refresh"):
+        _refresh(args.wide_steps, args.repeats)
 
 
 if __name__ == "__main__":

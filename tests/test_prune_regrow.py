@@ -240,3 +240,18 @@ def test_connection_strategies_on_a_dense_model_are_a_clear_error():
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     with pytest.raises(dst.TopologyError, match="sparsify"):
         dst.strategies.build("rigl", net, opt)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("k", [1, 37, 5_000, 60_000])
+def test_fast_top_k_selects_exactly_the_k_extreme_scores(k, largest):
+    from dst.prune_regrow import top_k
+
+    g = torch.Generator().manual_seed(k)
+    scores = torch.rand(400_000, generator=g)
+    scores[torch.rand(400_000, generator=g) < 0.5] = torch.inf if not largest else -torch.inf
+    scores[:1000] = 0.5  # ties
+    chosen = top_k(scores, k, largest)
+    assert chosen.numel() == k == chosen.unique().numel()
+    reference = torch.topk(scores, k, largest=largest).values
+    assert torch.equal(scores[chosen].sort().values, reference.sort().values)
