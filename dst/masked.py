@@ -205,7 +205,7 @@ def sparsify(
     """
     from .sparsity import layer_densities, random_mask
 
-    if not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
         raise ConfigError(f"density must be in (0, 1], got {density!r}")
     layers = [
         (name, module)

@@ -63,7 +63,9 @@ class Registry(Generic[T]):
                     f"{self._entries[name].cls.__module__}.{self._entries[name].cls.__qualname__}; "
                     "choose another name or pass replace=True"
                 )
-            if config_cls.owner == Config.owner or config_cls.owner.startswith(f"{self.kind} "):
+            # Judge the class's own owner, not one inherited from a base registered elsewhere.
+            own_owner = vars(config_cls).get("owner")
+            if own_owner is None or own_owner.startswith(f"{self.kind} "):
                 config_cls.owner = f"{self.kind} {name!r}"
             cls.name = name  # type: ignore[attr-defined]
             cls.Config = config_cls  # type: ignore[attr-defined]

@@ -51,9 +51,9 @@ def tiny_convnet() -> Callable[..., nn.Sequential]:
     return make
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def single_thread():
-    """Run on one intra-op thread: for tensors this small, thread hand-offs cost more than the math,
+    """Every test runs on one intra-op thread: for tensors this small, thread hand-offs cost more than the math,
     and on a busy two-core machine spinning OpenMP workers make tiny tests tens of times slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

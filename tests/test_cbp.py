@@ -195,7 +195,7 @@ def test_conv_channels_and_the_conv_to_linear_block_are_replaced_whole():
     x, y = torch.randn(2, 1, 10, 10), torch.randn(2, 2)
     stats = _step(net, opt, strategy, x, y)
     assert stats.units_replaced > 0
-    conv_conv, conv_linear = strategy.layers[0], strategy.layers[1]
+    conv_linear = strategy.layers[1]
     assert conv_linear.block == 1 * 1 and conv_linear.consumer is net[7]  # 10 -conv3-> 8 -pool-> 4 -conv3-> 2 -pool-> 1
     for layer, utility in zip(strategy.layers[:2], strategy.utilities[:2]):
         units = torch.nonzero(utility.age == 0).flatten()

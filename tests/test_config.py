@@ -11,8 +11,6 @@ import pytest
 from dst.config import Config, parse_assignments, setting
 from dst.errors import ConfigError
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 @dataclass(frozen=True)
 class ExampleConfig(Config):

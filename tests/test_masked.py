@@ -11,7 +11,6 @@ from dst.errors import ConfigError
 from dst.masked import MaskedConv2d, MaskedLinear, mask_of, masked_layers, sparsify
 from dst.optim import ElementwiseAdam
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _checkerboard(shape) -> torch.Tensor:

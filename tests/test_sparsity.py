@@ -12,7 +12,6 @@ from dst.errors import ConfigError
 from dst.masked import MaskedConv2d, MaskedLinear, masked_layers, sparsify
 from dst.sparsity import layer_densities, random_mask
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 DISTRIBUTIONS = ("uniform", "er", "erk")
 

@@ -20,7 +20,6 @@ from dst.refresh import (
 )
 from dst.topology import Topology
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 UNITS = torch.tensor([1, 3])
 

@@ -11,7 +11,6 @@ from dst.errors import TopologyError
 from dst.masked import sparsify
 from dst.topology import HiddenLayer, Topology
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _no_hooks(model: nn.Module) -> bool:
