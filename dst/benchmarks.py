@@ -32,6 +32,11 @@ __all__ = [
     "BenchmarkConfig",
     "BitFlipping",
     "BitFlippingConfig",
+    "MNISTConfig",
+    "PermutedMNIST",
+    "PermutedMNISTConfig",
+    "RandomLabelMNIST",
+    "RandomLabelMNISTConfig",
     "register",
     "available",
     "get",
@@ -63,7 +68,7 @@ class BenchmarkConfig(Config):
     dense_first: bool = setting(False, help="keep the first layer dense")
     dense_last: bool = setting(False, help="keep the last layer dense")
     batch_size: int = setting(1, low=1, help="examples per step")
-    bin_size: int = setting(1000, low=1, help="steps per metrics row")
+    bin_size: int = setting(1000, low=0, help="steps per metrics row (0: one row per task)")
 
     def validate(self) -> None:
         if len(self.betas) != 2:
@@ -78,8 +83,26 @@ class Benchmark(ABC):
     #: "regression" (MSE, no accuracy) or "classification" (cross-entropy, online accuracy).
     task_type: ClassVar[str] = "regression"
 
+    #: Named override sets, e.g. the published scale: ``--bench preset=paper``.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
     def __init__(self, config: BenchmarkConfig | None = None) -> None:
         self.config = config if config is not None else type(self).Config()
+
+    def default_steps(self, stream: Stream) -> int:
+        """Run length when none is given: ``tasks`` whole tasks where the config has them."""
+        tasks = getattr(self.config, "tasks", None)
+        if tasks is not None and stream.steps_per_task:
+            return tasks * stream.steps_per_task
+        return 100_000
+
+    def bin_steps(self, stream: Stream) -> int:
+        """Steps per metrics row: ``bin_size``, or one task when it is 0."""
+        if self.config.bin_size:
+            return self.config.bin_size
+        if not stream.steps_per_task:
+            raise ConfigError(f"{self.config.owner}: bin_size=0 (one row per task) needs tasks of fixed length")
+        return stream.steps_per_task
 
     @abstractmethod
     def make_stream(self, seed: int, device: torch.device) -> Stream:
@@ -121,8 +144,20 @@ class Benchmark(ABC):
 
 
 def build(name: str, **overrides: Any) -> Benchmark:
-    """A registered benchmark with its settings overridden (validated)."""
+    """A registered benchmark with its settings overridden (validated).
+
+    ``preset=NAME`` first applies one of the benchmark's named presets (``Benchmark.presets``); the
+    other overrides apply on top of it.
+    """
     entry = registry.get(name)
+    preset = overrides.pop("preset", None)
+    if preset is not None:
+        presets = getattr(entry.cls, "presets", {})
+        if preset not in presets:
+            raise ConfigError(
+                f"benchmark {name!r} has no preset {preset!r}; presets: {', '.join(presets) or '(none)'}"
+            )
+        overrides = {**presets[preset], **overrides}
     return entry.cls(entry.config.from_dict(overrides))
 
 
@@ -131,7 +166,7 @@ class BitFlippingConfig(BenchmarkConfig):
     """Slowly-changing regression (Dohare et al. 2024): defaults are the paper's."""
 
     lr: float = setting(0.01, low=0.0, low_open=True, search=(1e-4, 1e-1), log=True, help="step size")
-    bin_size: int = setting(20_000, low=1, help="steps per metrics row (the paper's error bins)")
+    bin_size: int = setting(20_000, low=0, help="steps per metrics row (the paper's error bins; 0: per task)")
     n_bits: int = setting(20, low=1, help="input bits m")
     n_flipping: int = setting(15, low=0, help="bits held fixed within a task")
     change_every: int = setting(10_000, low=1, help="examples between changes of the flipping bits")
@@ -177,3 +212,86 @@ class BitFlipping(Benchmark):
     def make_model(self, generator: torch.Generator) -> nn.Module:
         c = self.config
         return mlp(c.n_bits, c.hidden, 1, c.activation, init=c.init, generator=generator)
+
+
+# -- MNIST benchmarks ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MNISTConfig(BenchmarkConfig):
+    """Settings shared by the MNIST benchmarks."""
+
+    data_dir: str = setting("", help="MNIST directory ('' : DST_DATA_DIR, then the default cache)")
+    tasks: int = setting(100, low=1, help="tasks in a run when --steps is not given")
+    hidden: tuple[int, ...] = setting((100, 100, 100), low=1, help="learner hidden widths")
+    activation: str = setting("relu", choices=tuple(ACTIVATION_MODULES), help="learner activation")
+    init: str = setting("kaiming", choices=INIT_SCHEMES, help="learner weight initialisation")
+    bin_size: int = setting(0, low=0, help="steps per metrics row (0: one row per task)")
+
+
+class MNISTBenchmark(Benchmark):
+    """Shared parts: MNIST loading, the MLP learner, cross-entropy, task-sized bins."""
+
+    Config = MNISTConfig
+    task_type = "classification"
+
+    def _data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from .streams.mnist import load_mnist
+
+        return load_mnist(self.config.data_dir or None, train=True)
+
+    def make_model(self, generator: torch.Generator) -> nn.Module:
+        c = self.config
+        return mlp(784, c.hidden, 10, c.activation, init=c.init, generator=generator)
+
+
+@dataclass(frozen=True)
+class PermutedMNISTConfig(MNISTConfig):
+    """Online permuted MNIST; the defaults are a small net, the ``paper`` preset the published scale."""
+
+    lr: float = setting(0.003, low=0.0, low_open=True, search=(1e-4, 1e-1), log=True, help="step size")
+    examples_per_task: int = setting(60_000, low=1, high=60_000, help="images shown per task (one pass)")
+    probe_size: int = setting(2000, low=1, help="probe examples: the first ones of each task")
+
+
+@register("permuted-mnist")
+class PermutedMNIST(MNISTBenchmark):
+    """Online permuted MNIST: each task a fixed pixel permutation of the 60,000 images, shown once."""
+
+    Config = PermutedMNISTConfig
+    presets = {
+        "paper": dict(tasks=800, examples_per_task=60_000, batch_size=1, hidden=(2000, 2000, 2000), lr=0.003),
+    }
+
+    def make_stream(self, seed: int, device: torch.device) -> Stream:
+        from .streams.mnist_tasks import PermutedMNISTStream
+
+        c = self.config
+        images, labels = self._data()
+        return PermutedMNISTStream(images, labels, seed, examples_per_task=c.examples_per_task,
+                                   batch_size=c.batch_size, probe_size=c.probe_size, device=device)
+
+
+@dataclass(frozen=True)
+class RandomLabelMNISTConfig(MNISTConfig):
+    """Random-label MNIST (Kumar et al. 2023): 1200 images, labels re-drawn per task, batch 16."""
+
+    lr: float = setting(0.01, low=0.0, low_open=True, search=(1e-4, 1e-1), log=True, help="step size")
+    batch_size: int = setting(16, low=1, help="examples per step")
+    subset: int = setting(1200, low=1, high=60_000, help="images in the fixed subset")
+    epochs: int = setting(10, low=1, help="passes over the subset per task")
+
+
+@register("random-label-mnist")
+class RandomLabelMNIST(MNISTBenchmark):
+    """Random-label MNIST: a fixed 1200-image subset whose labels are re-drawn for every task."""
+
+    Config = RandomLabelMNISTConfig
+
+    def make_stream(self, seed: int, device: torch.device) -> Stream:
+        from .streams.mnist_tasks import RandomLabelMNISTStream
+
+        c = self.config
+        images, labels = self._data()
+        return RandomLabelMNISTStream(images, labels, seed, subset=c.subset, epochs=c.epochs,
+                                      batch_size=c.batch_size, device=device)

@@ -32,7 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     run_parser = commands.add_parser("run", help="train one strategy on one benchmark and log metrics")
     run_parser.add_argument("--benchmark", default="bit-flipping", help="benchmark name (default: %(default)s)")
     run_parser.add_argument("--strategy", default="bp", help="strategy name (default: %(default)s)")
-    run_parser.add_argument("--steps", type=int, default=100_000, help="training steps (default: %(default)s)")
+    run_parser.add_argument(
+        "--steps", type=int, default=None,
+        help="training steps (default: the benchmark's: 100000 for bit-flipping, `tasks` whole tasks for MNIST)",
+    )
     run_parser.add_argument("--seed", type=int, default=0, help="seed of stream, net, masks and strategy")
     run_parser.add_argument("--out", default=None, help="output directory (default: runs/BENCHMARK-STRATEGY-sSEED)")
     run_parser.add_argument(
@@ -61,6 +64,10 @@ def _describe(registry_module) -> str:
     for name in registry_module.available():
         entry = registry_module.get(name)
         lines.append(f"{name}: {entry.summary}")
+        presets = getattr(entry.cls, "presets", {})
+        for preset, values in presets.items():
+            settings = ", ".join(f"{k}={v}" for k, v in values.items())
+            lines.append(f"    preset {preset} (--bench preset={preset}): {settings}")
         config: type[Config] = entry.config
         fields = config.describe()
         if not fields:

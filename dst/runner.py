@@ -43,7 +43,7 @@ class RunSpec:
 
     benchmark: str = "bit-flipping"
     strategy: str = "bp"
-    steps: int = 100_000
+    steps: int | None = None  # None: the benchmark's default length
     seed: int = 0
     bench: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -53,13 +53,14 @@ class RunSpec:
 
 def prepare(spec: RunSpec, out_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Experiment:
     """Build the benchmark's stream, learner and optimizer, the strategy, and the experiment."""
-    if not isinstance(spec.steps, int) or spec.steps <= 0:
+    if spec.steps is not None and (not isinstance(spec.steps, int) or spec.steps <= 0):
         raise ConfigError(f"steps must be a positive integer, got {spec.steps!r}")
     benchmark = benchmarks.build(spec.benchmark, **spec.bench)
     strategy_config = strategies.config(spec.strategy, **spec.settings)
     device = resolve_device(spec.device)
     torch.manual_seed(derive_seed(spec.seed, _GLOBAL_RNG))
     stream, model, optimizer = benchmark.build(spec.seed, device)
+    steps = spec.steps if spec.steps is not None else benchmark.default_steps(stream)
     strategy = strategies.build(
         spec.strategy, model, optimizer, config=strategy_config, seed=derive_seed(spec.seed, _STRATEGY_RNG)
     )
@@ -67,7 +68,7 @@ def prepare(spec: RunSpec, out_dir: str | os.PathLike | None = None, *, progress
         "benchmark": spec.benchmark,
         "strategy": spec.strategy,
         "seed": spec.seed,
-        "steps": spec.steps,
+        "steps": steps,
         "device": str(device),
         "bench": benchmark.config.to_dict(),
         "settings": strategy_config.to_dict(),
@@ -78,10 +79,10 @@ def prepare(spec: RunSpec, out_dir: str | os.PathLike | None = None, *, progress
         model,
         optimizer,
         strategy,
-        steps=spec.steps,
+        steps=steps,
         loss_fn=benchmark.loss_fn,
         task_type=benchmark.task_type,
-        bin_size=benchmark.config.bin_size,
+        bin_size=benchmark.bin_steps(stream),
         out_dir=out_dir,
         checkpoint_every=spec.checkpoint_every,
         metadata=metadata,

@@ -1,0 +1,64 @@
+import torch
+
+import dst
+
+
+def _backward(net, x):
+    loss = net(x).pow(2).mean()
+    loss.backward()
+
+
+def test_shrink_perturb_shrinks_by_lr_times_decay_exactly_without_noise():
+    net = dst.nets.mlp(4, [6], 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    strategy = dst.strategies.build("shrink-perturb", net, opt, weight_decay=0.1, noise_std=0.0)
+    before = [p.detach().clone() for p in net.parameters()]
+    strategy.after_step()  # no optimizer step: only the strategy acts
+    for p, b in zip(net.parameters(), before):
+        torch.testing.assert_close(p.detach(), b * (1 - 0.5 * 0.1))
+
+
+def test_shrink_perturb_noise_has_the_configured_scale_and_masked_weights_stay_zero():
+    net = dst.sparsify(dst.nets.mlp(50, [200], 10), density=0.2, seed=0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    strategy = dst.strategies.build("shrink-perturb", net, opt, weight_decay=0.0, noise_std=0.01, seed=0)
+    before = net[0].weight.detach().clone()
+    strategy.after_step()
+    delta = (net[0].weight - before)[net[0].mask]
+    assert abs(delta.std().item() - 0.01) < 0.001
+    assert (net[0].weight[~net[0].mask] == 0).all()
+
+
+def test_l2_init_adds_the_gradient_of_the_pull_toward_initial_weights():
+    torch.manual_seed(0)
+    net = dst.nets.mlp(3, [4], 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    strategy = dst.strategies.build("l2-init", net, opt, strength=0.5)
+    initial = [p.detach().clone() for p in net.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    x = torch.randn(2, 3)
+    _backward(net, x)
+    plain = [p.grad.clone() for p in net.parameters()]
+    strategy.before_step()
+    for p, g, start in zip(net.parameters(), plain, initial):
+        torch.testing.assert_close(p.grad, g + 2 * 0.5 * (p.detach() - start))
+
+
+def test_head_reset_reinitialises_the_output_layer_at_each_new_task_only():
+    torch.manual_seed(0)
+    net = dst.nets.mlp(3, [4], 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    strategy = dst.strategies.build("head-reset", net, opt, seed=0)
+    _backward(net, torch.randn(2, 3))
+    opt.step()
+    head_before, hidden_before = net[2].weight.detach().clone(), net[0].weight.detach().clone()
+    strategy.on_task_start(0)
+    assert torch.equal(net[2].weight, head_before)
+    strategy.on_task_start(1)
+    assert not torch.equal(net[2].weight, head_before)
+    assert (net[2].bias == 0).all()
+    assert (opt.state[net[2].weight]["momentum_buffer"] == 0).all()
+    assert torch.equal(net[0].weight, hidden_before)
+    assert net[2].weight.abs().max() <= (1 * 3 / 4) ** 0.5
