@@ -4,7 +4,7 @@ Continual backpropagation (unit-level) and dynamic sparse training (connection-l
 strategies over one masked-layer abstraction, one strategy registry and one experiment loop.
 """
 
-from . import baselines, benchmarks, init, nets, optim, prune_regrow, runner, sparsity, strategies, streams
+from . import baselines, benchmarks, init, metrics, nets, optim, prune_regrow, runner, sparsity, strategies, streams
 from .config import Config, setting
 from .experiment import Experiment
 from .errors import ConfigError, DataError, DSTError, NonFiniteLossError, TopologyError
@@ -43,6 +43,7 @@ __all__ = [
     "init",
     "mask_gradients",
     "masked_layers",
+    "metrics",
     "nets",
     "optim",
     "prune_regrow",

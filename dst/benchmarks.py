@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,9 @@ from .registry import Registry
 from .sparsity import DISTRIBUTIONS
 from .streams import BitFlippingStream, Stream
 from .streams.base import derive_seed
+
+if TYPE_CHECKING:
+    from .probe import Probe
 
 __all__ = [
     "Benchmark",
@@ -69,6 +72,9 @@ class BenchmarkConfig(Config):
     dense_last: bool = setting(False, help="keep the last layer dense")
     batch_size: int = setting(1, low=1, help="examples per step")
     bin_size: int = setting(1000, low=0, help="steps per metrics row (0: one row per task)")
+    probe: bool = setting(True, help="plasticity metrics at every task start (dst.probe)")
+    probe_every: int = setting(0, low=0, help="also probe every N steps (0: only at task starts)")
+    probe_size: int = setting(2000, low=1, help="probe examples: the first ones of each task")
 
     def validate(self) -> None:
         if len(self.betas) != 2:
@@ -116,6 +122,11 @@ class Benchmark(ABC):
         if self.task_type == "classification":
             return F.cross_entropy(output, target)
         return F.mse_loss(output, target)
+
+    def make_probe(self) -> "Probe | None":
+        from .probe import Probe
+
+        return Probe(every=self.config.probe_every) if self.config.probe else None
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         c = self.config
@@ -206,6 +217,7 @@ class BitFlipping(Benchmark):
             target_hidden=c.target_hidden,
             beta=c.beta,
             batch_size=c.batch_size,
+            probe_size=c.probe_size,
             device=device,
         )
 
@@ -251,7 +263,6 @@ class PermutedMNISTConfig(MNISTConfig):
 
     lr: float = setting(0.003, low=0.0, low_open=True, search=(1e-4, 1e-1), log=True, help="step size")
     examples_per_task: int = setting(60_000, low=1, high=60_000, help="images shown per task (one pass)")
-    probe_size: int = setting(2000, low=1, help="probe examples: the first ones of each task")
 
 
 @register("permuted-mnist")
@@ -294,4 +305,4 @@ class RandomLabelMNIST(MNISTBenchmark):
         c = self.config
         images, labels = self._data()
         return RandomLabelMNISTStream(images, labels, seed, subset=c.subset, epochs=c.epochs,
-                                      batch_size=c.batch_size, device=device)
+                                      batch_size=c.batch_size, probe_size=c.probe_size, device=device)

@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -32,12 +32,15 @@ from .errors import ConfigError, NonFiniteLossError
 from .refresh import NO_REFRESH, RefreshStrategy
 from .streams import Stream
 
+if TYPE_CHECKING:
+    from .probe import Probe
+
 __all__ = ["Experiment", "TIMING_COLUMNS", "check_output_dir"]
 
 log = logging.getLogger(__name__)
 
 #: Columns that differ between otherwise identical runs.
-TIMING_COLUMNS = ("seconds", "seconds_per_step")
+TIMING_COLUMNS = ("seconds", "seconds_per_step", "probe_seconds")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
 CONFIG = "config.json"
@@ -105,6 +108,7 @@ class Experiment:
         check_every: int = 1000,
         metadata: dict[str, Any] | None = None,
         progress: bool = True,
+        probe: "Probe | None" = None,
     ) -> None:
         if not isinstance(steps, int) or steps <= 0:
             raise ConfigError(f"steps must be a positive integer, got {steps!r}")
@@ -124,7 +128,11 @@ class Experiment:
                 log.info("checkpoint_every %d rounded up to %d (whole bins)", checkpoint_every, self.checkpoint_every)
         self.metadata = metadata
         self.progress = progress
+        self.probe = probe
+        if probe is not None and not hasattr(stream, "probe_batch"):
+            raise ConfigError(f"{type(stream).__name__} has no probe_batch(task): it cannot be probed")
         self.rows: list[dict[str, Any]] = []
+        self._probed: dict[str, Any] = {}
 
     # -- checkpoints ------------------------------------------------------------------------
     def _checkpoint_state(self, step: int, task: int) -> dict[str, Any]:
@@ -187,7 +195,7 @@ class Experiment:
         path = self.out_dir / METRICS
         handle = path.open("w", newline="")
         if self.rows:
-            writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]), lineterminator="\n")
+            writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]), lineterminator="\n", restval="")
             writer.writeheader()
             writer.writerows(self.rows)
             handle.flush()
@@ -199,7 +207,7 @@ class Experiment:
             return
         if handle.tell() == 0:
             csv.DictWriter(handle, fieldnames=list(row), lineterminator="\n").writeheader()
-        csv.DictWriter(handle, fieldnames=list(self.rows[0]), lineterminator="\n").writerow(row)
+        csv.DictWriter(handle, fieldnames=list(self.rows[0]), lineterminator="\n", restval="").writerow(row)
         handle.flush()
 
     # -- the loop ---------------------------------------------------------------------------
@@ -222,6 +230,19 @@ class Experiment:
                 handle.close()
         return pd.DataFrame(self.rows)
 
+    def _next_event(self, step: int, in_bin: int) -> int:
+        """The next step at which the loop leaves its hot path (check, bin end, probe, end)."""
+        events = [step + self.check_every, step + self.bin_size - in_bin, self.steps]
+        if self.probe is not None and self.probe.every:
+            events.append(step + self.probe.every - step % self.probe.every)
+        return min(events)
+
+    def _run_probe(self, task: int) -> None:
+        inputs, targets = self.stream.probe_batch(task)  # type: ignore[attr-defined]
+        self._probed = self.probe(  # type: ignore[misc]
+            self.model, self.strategy.topology, inputs, targets, self.loss_fn
+        )
+
     def _loop(self, step: int, task: int, handle: Any) -> None:
         model, optimizer, strategy, loss_fn = self.model, self.optimizer, self.strategy, self.loss_fn
         classify = self.task_type == "classification"
@@ -235,7 +256,7 @@ class Experiment:
             total=self.steps, initial=step, disable=not self.progress, unit="step",
             dynamic_ncols=True, mininterval=1.0, leave=False,
         )
-        next_check = min(step + self.check_every, step + self.bin_size, self.steps)
+        next_check = self._next_event(step, 0)
         strategy.set_horizon(self.steps, self.stream.steps_per_task)
         model.train()
         try:
@@ -243,6 +264,8 @@ class Experiment:
                 if batch_task != task:
                     task = batch_task
                     strategy.on_task_start(task)
+                    if self.probe is not None:
+                        self._run_probe(task)
                 output = model(x)
                 loss = loss_fn(output, y)
                 losses.append(loss.detach())
@@ -268,6 +291,8 @@ class Experiment:
                     raise NonFiniteLossError(bad_step, float(recent[bad]))
                 checked = len(losses)
                 bar.update(step - bar.n)
+                if self.probe is not None and self.probe.every and step % self.probe.every == 0:
+                    self._run_probe(task)
                 if len(losses) == self.bin_size or step == self.steps:
                     elapsed = time.perf_counter() - bin_start_time
                     row: dict[str, Any] = {"step": step, "task": task, "loss": float(torch.stack(losses).mean())}
@@ -279,6 +304,8 @@ class Experiment:
                         seconds=elapsed,
                         seconds_per_step=elapsed / len(losses),
                     )
+                    row.update(self._probed)
+                    self._probed = {}
                     self._emit(handle, row)
                     bar.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
                     losses, corrects, examples, units, connections, checked = [], [], 0, 0, 0, 0
@@ -289,7 +316,7 @@ class Experiment:
                     bin_start_time = time.perf_counter()
                 if step >= self.steps:
                     break
-                next_check = min(step + self.check_every, step + self.bin_size - len(losses), self.steps)
+                next_check = self._next_event(step, len(losses))
             else:
                 raise ConfigError(f"the stream ended after {step} steps, before the {self.steps} asked for")
         finally:

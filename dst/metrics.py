@@ -92,7 +92,7 @@ def srank(features: torch.Tensor, threshold: float = 0.99) -> int:
     if total <= 0:
         return 0
     ratio = torch.cumsum(sigma, 0) / total
-    below = int((ratio < threshold).sum())
+    below = int((ratio < threshold - _SRANK_TOLERANCE).sum())
     return min(below + 1, sigma.numel())
 
 

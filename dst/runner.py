@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -18,6 +20,7 @@ from . import benchmarks, strategies
 from .errors import ConfigError
 from .experiment import Experiment
 from .streams.base import derive_seed
+from .summary import summarize
 
 __all__ = ["RunSpec", "prepare", "run", "resolve_device"]
 
@@ -87,14 +90,20 @@ def prepare(spec: RunSpec, out_dir: str | os.PathLike | None = None, *, progress
         checkpoint_every=spec.checkpoint_every,
         metadata=metadata,
         progress=progress,
+        probe=benchmark.make_probe(),
     )
 
 
 def run(
     spec: RunSpec, out_dir: str | os.PathLike | None = None, *, resume: bool = False, progress: bool = True
 ) -> pd.DataFrame:
-    """Prepare and run ``spec``; returns the metrics rows (also in ``out_dir/metrics.csv``)."""
-    return prepare(spec, out_dir, progress=progress).run(resume=resume)
+    """Prepare and run ``spec``; returns the metrics rows (also in ``out_dir/metrics.csv``, with the
+    run's :func:`dst.summary.summarize` in ``out_dir/summary.json``)."""
+    rows = prepare(spec, out_dir, progress=progress).run(resume=resume)
+    if out_dir is not None and len(rows):
+        summary = summarize(rows)
+        Path(out_dir, "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return rows
 
 
 def spec_dict(spec: RunSpec) -> dict[str, Any]:

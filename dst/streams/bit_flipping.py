@@ -59,6 +59,7 @@ class BitFlippingStream(Stream):
         target_hidden: int = 100,
         beta: float = 0.7,
         batch_size: int = 1,
+        probe_size: int = 2000,
         device: torch.device | str = "cpu",
     ) -> None:
         if not 0 <= n_flipping <= n_bits:
@@ -74,6 +75,7 @@ class BitFlippingStream(Stream):
         self.n_bits, self.n_flipping, self.change_every = n_bits, n_flipping, change_every
         self.flip, self.batch_size = flip, batch_size
         self.steps_per_task = change_every // batch_size
+        self.probe_size = min(probe_size, change_every)
         self.device = torch.device(device)
         self.target = LTUTarget(
             n_bits, target_hidden, beta, torch.Generator().manual_seed(derive_seed(seed, _TARGET))
@@ -103,6 +105,11 @@ class BitFlippingStream(Stream):
         fixed = self.flipping_bits(task).expand(self.change_every, self.n_flipping)
         x = torch.cat((fixed, random_bits), dim=1)
         return x, self.target(x)
+
+    def probe_batch(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``probe_size`` examples of ``task``, on the device."""
+        x, y = self.task_examples(task)
+        return x[: self.probe_size].to(self.device), y[: self.probe_size].to(self.device)
 
     def batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         task, offset = divmod(start_step, self.steps_per_task)

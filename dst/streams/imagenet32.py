@@ -29,11 +29,11 @@ import torch
 from ..errors import DataError
 
 __all__ = [
-    "load_imagenet32_class",
-    "available_classes",
-    "TRAIN_IMAGES_PER_CLASS",
-    "TEST_IMAGES_PER_CLASS",
     "FILE_PATTERN",
+    "TEST_IMAGES_PER_CLASS",
+    "TRAIN_IMAGES_PER_CLASS",
+    "available_classes",
+    "load_imagenet32_class",
 ]
 
 TRAIN_IMAGES_PER_CLASS = 600

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import DataError
 
-__all__ = ["load_mnist", "resolve_data_dir", "CHECKSUMS", "MIRRORS", "DATA_DIR_ENV"]
+__all__ = ["CHECKSUMS", "DATA_DIR_ENV", "MIRRORS", "load_mnist", "resolve_data_dir"]
 
 DATA_DIR_ENV = "DST_DATA_DIR"
 
@@ -57,9 +57,9 @@ _IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 _LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 _SIDE = 28
 _FIX = (
-    "Delete it and let the loader download it again, or point {env} (or data_dir) at a good copy, "
-    "e.g. {env}=../shared/data/mnist."
-).format(env=DATA_DIR_ENV)
+    f"Delete it and let the loader download it again, or point {DATA_DIR_ENV} (or data_dir) at a good copy, "
+    f"e.g. {DATA_DIR_ENV}=../shared/data/mnist."
+)
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -165,7 +165,7 @@ def _read_idx(path: Path, magic: int, verify: bool) -> np.ndarray:
 
 
 def _canonical_name(path: Path) -> str:
-    return path.name[: -len(".gz")] if path.name.endswith(".gz") else path.name
+    return path.name.removesuffix(".gz")
 
 
 def _fetch_missing(directory: Path, missing: list[str], *, download: bool, verify: bool) -> None:
@@ -174,10 +174,10 @@ def _fetch_missing(directory: Path, missing: list[str], *, download: bool, verif
     if download:
         for name in list(missing):
             error = _download(directory, name, verify)
-            if error is None:
-                missing.remove(name)
-            else:
+            if error is not None:  # stop: the next file would only wait out the same timeouts
                 failure = f"downloading from every mirror failed (last error: {error})"
+                break
+            missing.remove(name)
         if not missing:
             return
     listed = ", ".join(f"{name}[.gz]" for name in missing)
@@ -199,7 +199,7 @@ def _download(directory: Path, name: str, verify: bool) -> str | None:
     for base in MIRRORS:
         url = base.rstrip("/") + f"/{name}.gz"
         try:
-            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:  # noqa: S310
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
                 body = response.read()
             data = gzip.decompress(body)
         except (OSError, EOFError, zlib.error, ValueError, http.client.HTTPException) as error:
