@@ -63,6 +63,19 @@ def _small(steps: int, repeats: int) -> None:
     print(f"  cbp / bp:                              {median['dst cbp'] / median['dst bp']:.3f}")
 
 
+def _train(model, opt, strategy, x, y, steps: int) -> float:
+    """Seconds per step of the strategy protocol on a cross-entropy loss."""
+    start = time.perf_counter()
+    for i in range(steps):
+        loss = F.cross_entropy(model(x[i]), y[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        strategy.before_step()
+        opt.step()
+        strategy.after_step()
+    return (time.perf_counter() - start) / steps
+
+
 def _wide(steps: int, repeats: int) -> None:
     import dst
 
@@ -75,22 +88,8 @@ def _wide(steps: int, repeats: int) -> None:
             model = dst.nets.mlp(784, [2000, 2000, 2000], 10)
             opt = torch.optim.SGD(model.parameters(), lr=0.003)
             strategy = dst.strategies.build(name, model, opt, seed=0)
-            for i in range(5):  # warm-up
-                loss = F.cross_entropy(model(x[i]), y[i])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                strategy.before_step()
-                opt.step()
-                strategy.after_step()
-            start = time.perf_counter()
-            for i in range(steps):
-                loss = F.cross_entropy(model(x[i]), y[i])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                strategy.before_step()
-                opt.step()
-                strategy.after_step()
-            times[name].append((time.perf_counter() - start) / steps)
+            _train(model, opt, strategy, x, y, 5)  # warm-up
+            times[name].append(_train(model, opt, strategy, x, y, steps))
     median = {name: statistics.median(values) for name, values in times.items()}
     print(f"784-2000-2000-2000-10, batch 1, {steps} steps x {repeats} interleaved repeats (median ms/step)")
     for name, value in median.items():
@@ -111,15 +110,7 @@ def _refresh(steps: int, repeats: int) -> None:
                   for name in ("set", "rigl")}
     bp = dst.strategies.build("bp", model, opt)
     for _ in range(repeats):
-        start = time.perf_counter()
-        for i in range(steps):
-            loss = F.cross_entropy(model(x[i]), y[i])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            bp.before_step()
-            opt.step()
-            bp.after_step()
-        step_times.append((time.perf_counter() - start) / steps)
+        step_times.append(_train(model, opt, bp, x, y, steps))
     step = statistics.median(step_times)
     print(f"784-2000-2000-2000-10 at density 0.1 (ERK), batch 1: training step {step * 1e3:.2f} ms (median)")
     for name, strategy in strategies.items():

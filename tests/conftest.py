@@ -59,3 +59,38 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def train_step(net: nn.Module, opt: torch.optim.Optimizer, strategy, x: torch.Tensor, y: torch.Tensor):
+    """One step of the strategy protocol on an MSE loss; returns the strategy's RefreshStats."""
+    loss = ((net(x) - y) ** 2).mean()
+    opt.zero_grad()
+    loss.backward()
+    strategy.before_step()
+    opt.step()
+    return strategy.after_step()
+
+
+@pytest.fixture
+def check_resume():
+    """``check(make, data, split)``: a run snapshotted at ``split`` and resumed in fresh objects ends
+    exactly where an uninterrupted run ends. ``make()`` returns (net, optimizer, strategy). Returns the
+    RefreshStats of the resumed part, uninterrupted and resumed."""
+    import copy
+
+    def check(make, data, split):
+        net_a, opt_a, strat_a = make()
+        for x, y in data[:split]:
+            train_step(net_a, opt_a, strat_a, x, y)
+        saved = copy.deepcopy((net_a.state_dict(), opt_a.state_dict(), strat_a.state_dict()))
+        stats_a = [train_step(net_a, opt_a, strat_a, x, y) for x, y in data[split:]]
+        net_b, opt_b, strat_b = make()
+        net_b.load_state_dict(saved[0])
+        opt_b.load_state_dict(saved[1])
+        strat_b.load_state_dict(saved[2])
+        stats_b = [train_step(net_b, opt_b, strat_b, x, y) for x, y in data[split:]]
+        for (name, a), b in zip(net_a.state_dict().items(), net_b.state_dict().values()):
+            assert torch.equal(a, b), name
+        return stats_a, stats_b
+
+    return check

@@ -266,7 +266,7 @@ def test_redraw_gives_replaced_units_a_new_incoming_pattern():
     assert torch.equal(net[0].mask[untouched], before[untouched])
 
 
-def test_state_dict_round_trips_mid_run_and_the_run_continues_identically():
+def test_state_dict_round_trips_mid_run_and_the_run_continues_identically(check_resume):
     def make():
         torch.manual_seed(0)
         net = dst.nets.mlp(4, [6, 6], 2)
@@ -275,27 +275,8 @@ def test_state_dict_round_trips_mid_run_and_the_run_continues_identically():
         return net, opt, strategy
 
     data = [(torch.randn(3, 4, generator=torch.Generator().manual_seed(i)), torch.randn(3, 2)) for i in range(60)]
-    net_a, opt_a, strat_a = make()
-    for x, y in data[:30]:
-        _step(net_a, opt_a, strat_a, x, y)
-    saved = (
-        {k: v.clone() for k, v in net_a.state_dict().items()},
-        opt_a.state_dict(),
-        strat_a.state_dict(),
-    )
-    import copy
-
-    saved = copy.deepcopy(saved)
-    replaced_a = sum(_step(net_a, opt_a, strat_a, x, y).units_replaced for x, y in data[30:])
-
-    net_b, opt_b, strat_b = make()
-    net_b.load_state_dict(saved[0])
-    opt_b.load_state_dict(saved[1])
-    strat_b.load_state_dict(saved[2])
-    replaced_b = sum(_step(net_b, opt_b, strat_b, x, y).units_replaced for x, y in data[30:])
-    assert replaced_a == replaced_b > 0
-    for (name, a), b in zip(net_a.state_dict().items(), net_b.state_dict().values()):
-        assert torch.equal(a, b), name
+    stats, resumed = check_resume(make, data, 30)
+    assert stats == resumed and sum(s.units_replaced for s in stats) > 0
 
 
 def test_steps_that_replace_nothing_never_synchronise_with_the_device(monkeypatch):

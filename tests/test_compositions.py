@@ -1,7 +1,5 @@
 """Strategies built from shared pieces: CBP on RigL/SET, RigL with a utility drop score."""
 
-import copy
-
 import pytest
 import torch
 
@@ -66,7 +64,7 @@ def test_composing_parts_whose_settings_clash_is_an_error():
     assert "set-rigl-test" not in dst.strategies.available()
 
 
-def test_composite_state_dict_round_trips():
+def test_composite_state_dict_round_trips(check_resume):
     def make():
         net = _sparse_net(seed=2)
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
@@ -74,21 +72,8 @@ def test_composite_state_dict_round_trips():
                                         replacement_rate=0.02, maturity_threshold=3, seed=4)
         return net, opt, strategy
 
-    data = _data(40, seed=1)
-    net_a, opt_a, strat_a = make()
-    for x, y in data[:19]:
-        _step(net_a, opt_a, strat_a, x, y)
-    saved = copy.deepcopy((net_a.state_dict(), opt_a.state_dict(), strat_a.state_dict()))
-    for x, y in data[19:]:
-        _step(net_a, opt_a, strat_a, x, y)
-    net_b, opt_b, strat_b = make()
-    net_b.load_state_dict(saved[0])
-    opt_b.load_state_dict(saved[1])
-    strat_b.load_state_dict(saved[2])
-    for x, y in data[19:]:
-        _step(net_b, opt_b, strat_b, x, y)
-    for a, b in zip(net_a.state_dict().values(), net_b.state_dict().values()):
-        assert torch.equal(a, b)
+    stats, resumed = check_resume(make, _data(40, seed=1), 19)
+    assert stats == resumed
 
 
 def test_rigl_utility_scores_a_connection_by_its_share_of_the_source_units_utility():

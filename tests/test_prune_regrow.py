@@ -206,9 +206,7 @@ def test_set_split_sign_drops_within_each_sign():
 
 
 @pytest.mark.parametrize("name", ["set", "rigl"])
-def test_results_are_deterministic_for_a_seed_and_state_dict_round_trips(name):
-    import copy
-
+def test_results_are_deterministic_for_a_seed_and_state_dict_round_trips(name, check_resume):
     def make():
         net = _sparse_net(seed=1)
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
@@ -216,23 +214,13 @@ def test_results_are_deterministic_for_a_seed_and_state_dict_round_trips(name):
         return net, opt, strategy
 
     data = _data(40, seed=2)
-    net_a, opt_a, strat_a = make()
-    for x, y in data[:21]:
-        _step(net_a, opt_a, strat_a, x, y)
-    saved = copy.deepcopy((net_a.state_dict(), opt_a.state_dict(), strat_a.state_dict()))
-    for x, y in data[21:]:
-        _step(net_a, opt_a, strat_a, x, y)
-    net_b, opt_b, strat_b = make()
-    net_b.load_state_dict(saved[0])
-    opt_b.load_state_dict(saved[1])
-    strat_b.load_state_dict(saved[2])
-    for x, y in data[21:]:
-        _step(net_b, opt_b, strat_b, x, y)
-    net_c, opt_c, strat_c = make()
+    check_resume(make, data, 21)
+    first, second = make(), make()
     for x, y in data:
-        _step(net_c, opt_c, strat_c, x, y)
-    for a, b, c in zip(net_a.state_dict().values(), net_b.state_dict().values(), net_c.state_dict().values()):
-        assert torch.equal(a, b) and torch.equal(a, c)
+        _step(*first, x, y)
+        _step(*second, x, y)
+    for a, b in zip(first[0].state_dict().values(), second[0].state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_connection_strategies_on_a_dense_model_are_a_clear_error():
