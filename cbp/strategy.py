@@ -21,9 +21,12 @@ from dst.init import INIT_SCHEMES, module_gain
 from dst.refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig, replace_units
 from dst.topology import HiddenLayer, Topology
 
-from .utility import UTILITIES, UnitUtility, weight_factors
+from .utility import UTILITIES, UnitUtility, host_weight_factors, weight_factors
 
 __all__ = ["CBPConfig", "ContinualBackprop", "ReDoConfig", "ReDo", "redraw_fan_in"]
+
+
+HOST_MAX_WEIGHTS = 1 << 15  # producer + consumer weights per layer up to which CPU updates use numpy
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,14 @@ class ContinualBackprop(RefreshStrategy):
         ]
         self.accumulated = [0.0] * len(self.layers)
         self.host_random = random.Random(self.generator.initial_seed())  # probabilistic rounding
-        self.factors: list[torch.Tensor | None] = []
+        self.factors: list[Any] = []
         self._factors_stale = True
+        # Small layers on the CPU: the per-step arithmetic in numpy on the tensors' memory, because
+        # torch's per-op dispatch there costs more than the arithmetic (same formulas, same state).
+        self.host = self.device.type == "cpu" and c.utility != "random" and all(
+            layer.producer.weight.numel() + layer.consumer.weight.numel() <= HOST_MAX_WEIGHTS
+            for layer in self.layers
+        )
         self.topology.start_capture()
 
     def _count_to_replace(self, index: int) -> int:
@@ -122,7 +131,8 @@ class ContinualBackprop(RefreshStrategy):
     def after_step(self) -> RefreshStats:
         super().after_step()
         if self._factors_stale or self.step % self.config.magnitude_every == 0:
-            self.factors = weight_factors(self.layers, self.config.utility)
+            factors = host_weight_factors if self.host else weight_factors
+            self.factors = factors(self.layers, self.config.utility)
             self._factors_stale = False
         for layer, utility, factor in zip(self.layers, self.utilities, self.factors):
             if layer.output is None:

@@ -18,11 +18,20 @@ they rank units like the paper's sums over connections.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dst.topology import HiddenLayer
 
-__all__ = ["UTILITIES", "UnitUtility", "incoming_magnitude", "outgoing_magnitude", "weight_factors"]
+__all__ = [
+    "UTILITIES",
+    "UnitUtility",
+    "host_weight_factors",
+    "incoming_magnitude",
+    "numpy_view",
+    "outgoing_magnitude",
+    "weight_factors",
+]
 
 UTILITIES = (
     "contribution",
@@ -36,47 +45,96 @@ UTILITIES = (
 _STATE = ("born", "utility", "mean", "decay_power")
 
 
-def outgoing_magnitude(layer: HiddenLayer, abs_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """mean |w_out| per unit over consumer rows (and the unit's block columns / kernel taps).
-
-    ``abs_weight`` is ``consumer.weight.abs()`` when the caller already has it.
-    """
-    weight = layer.consumer.weight.abs() if abs_weight is None else abs_weight
-    per_unit = weight.reshape(weight.shape[0], layer.n_units, -1)  # (out, units, block * kernel)
-    return per_unit.sum((0, 2)).div_(per_unit.shape[0] * per_unit.shape[2])
+#: mean |w_in| is clamped here: a unit with no incoming weight (an empty sparse row) gets a large finite
+#: factor, so its utility is 0 x large = 0 (replaced first) instead of 0 x inf = NaN (never replaced).
+MIN_INCOMING = 1e-12
+_FUSED_BELOW = 1 << 16  # a weight this small: one fused |w|-sum per use beats sharing |W| between layers
 
 
-def incoming_magnitude(layer: HiddenLayer, abs_weight: torch.Tensor | None = None) -> torch.Tensor:
+def _abs_sums(weight: torch.Tensor, shape: tuple[int, ...], dims: tuple[int, ...], shared=None) -> torch.Tensor:
+    """sum |w| over ``dims`` of ``weight`` viewed as ``shape`` (``shared(weight)`` gives a cached |W|)."""
+    if shared is None or weight.numel() < _FUSED_BELOW:
+        return torch.linalg.vector_norm(weight.reshape(shape), ord=1, dim=dims)
+    return shared(weight).reshape(shape).sum(dims)
+
+
+def _outgoing_sums(layer: HiddenLayer, shared=None) -> tuple[torch.Tensor, int]:
+    weight = layer.consumer.weight
+    shape = (weight.shape[0], layer.n_units, -1)  # (out, units, block * kernel)
+    return _abs_sums(weight, shape, (0, 2), shared), weight.numel() // layer.n_units
+
+
+def _incoming_sums(layer: HiddenLayer, shared=None) -> tuple[torch.Tensor, int]:
+    weight = layer.producer.weight
+    return _abs_sums(weight, (layer.n_units, -1), (1,), shared), weight.numel() // layer.n_units
+
+
+@torch.no_grad()
+def outgoing_magnitude(layer: HiddenLayer) -> torch.Tensor:
+    """mean |w_out| per unit over consumer rows (and the unit's block columns / kernel taps)."""
+    sums, count = _outgoing_sums(layer)
+    return sums / count
+
+
+@torch.no_grad()
+def incoming_magnitude(layer: HiddenLayer) -> torch.Tensor:
     """mean |w_in| per unit over its incoming row (a conv filter: in_channels * kernel)."""
-    weight = layer.producer.weight.abs() if abs_weight is None else abs_weight
-    weight = weight.reshape(layer.n_units, -1)
-    return weight.sum(1).div_(weight.shape[1])
+    sums, count = _incoming_sums(layer)
+    return sums / count
 
 
+def numpy_view(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy array sharing ``tensor``'s memory (CPU only): no copy, no torch dispatch."""
+    return tensor.detach().numpy()
+
+
+def host_weight_factors(layers: list[HiddenLayer], kind: str) -> list[np.ndarray | None]:
+    """:func:`weight_factors` computed with numpy on CPU tensors' memory, for small layers where
+    torch's per-op dispatch costs more than the arithmetic."""
+    if kind == "random":
+        return [None] * len(layers)
+    factors = []
+    for layer in layers:
+        units = layer.n_units
+        incoming = np.abs(numpy_view(layer.producer.weight).reshape(units, -1))
+        in_mean = np.maximum(incoming.mean(axis=1), MIN_INCOMING)
+        if kind == "adaptation":
+            factors.append(1 / in_mean)
+            continue
+        consumer = numpy_view(layer.consumer.weight)
+        out_mean = np.abs(consumer.reshape(consumer.shape[0], units, -1)).mean(axis=(0, 2))
+        factors.append(out_mean / in_mean if kind == "adaptable_contribution" else out_mean)
+    return factors
+
+
+@torch.no_grad()
 def weight_factors(layers: list[HiddenLayer], kind: str) -> list[torch.Tensor | None]:
     """The weight part of each layer's utility: mean|w_out|, 1/mean|w_in|, or their ratio.
 
-    Each weight tensor's absolute value is taken once and shared by the layer that produces with it
-    and the layer that consumes with it.
+    Large weights have their absolute value taken once and shared by the layer that produces with them
+    and the layer that consumes with them; small ones use one fused |w|-sum per use.
     """
     if kind == "random":
         return [None] * len(layers)
     cache: dict[int, torch.Tensor] = {}
 
-    def absolute(weight: torch.Tensor) -> torch.Tensor:
+    def shared(weight: torch.Tensor) -> torch.Tensor:
         if id(weight) not in cache:
-            cache[id(weight)] = weight.detach().abs()
+            cache[id(weight)] = weight.abs()
         return cache[id(weight)]
 
     factors = []
     for layer in layers:
         if kind == "adaptation":
-            factors.append(1 / incoming_magnitude(layer, absolute(layer.producer.weight)))
+            in_sums, in_count = _incoming_sums(layer, shared)
+            factors.append(in_count / in_sums.clamp_min_(MIN_INCOMING * in_count))
             continue
-        factor = outgoing_magnitude(layer, absolute(layer.consumer.weight))
+        out_sums, out_count = _outgoing_sums(layer, shared)
         if kind == "adaptable_contribution":
-            factor.div_(incoming_magnitude(layer, absolute(layer.producer.weight)))
-        factors.append(factor)
+            in_sums, in_count = _incoming_sums(layer, shared)
+            factors.append(out_sums.div_(in_sums.clamp_min_(MIN_INCOMING * in_count)).mul_(in_count / out_count))
+        else:
+            factors.append(out_sums.div_(out_count))
     return factors
 
 
@@ -96,6 +154,10 @@ class UnitUtility:
         # eta^age, kept by one multiply per step instead of a pow; 1 - decay_power is the correction
         self.decay_power = torch.ones(units, device=device)
         self._random: torch.Tensor | None = None
+        # On the CPU, numpy views of the same memory for the per-step update (see host_weight_factors)
+        self._host = None
+        if torch.device(device).type == "cpu":
+            self._host = tuple(numpy_view(t) for t in (self.utility, self.mean, self.decay_power))
 
     @property
     def age(self) -> torch.Tensor:
@@ -105,12 +167,15 @@ class UnitUtility:
     def _bias_correction(self) -> torch.Tensor:
         return 1 - self.decay_power
 
-    @torch.no_grad()
     def update(
         self, h: torch.Tensor, weight_factor: torch.Tensor | None, generator: torch.Generator | None = None
     ) -> None:
         """One step of the running statistics from this step's activation ``h`` (batch, units, ...)
-        and the layer's ``weight_factor`` (from :func:`weight_factors`)."""
+        and the layer's ``weight_factor`` (from :func:`weight_factors`). Neither may require grad: ``h``
+        is a captured (detached) activation, so no autograd graph is built."""
+        if isinstance(weight_factor, np.ndarray):
+            self._update_host(numpy_view(h), weight_factor, generator)
+            return
         eta = self.decay_rate
         single = h.dim() == 2 and h.shape[0] == 1  # batch 1, MLP: no reductions needed
         reduce = (0, *range(2, h.dim()))
@@ -133,6 +198,28 @@ class UnitUtility:
                 deviation = (h - mean.view((1, -1) + (1,) * (h.dim() - 2))).abs_().mean(reduce)
             instant = weight_factor * deviation
         self.utility.lerp_(instant, 1 - eta)  # u <- eta u + (1 - eta) y
+
+    def _update_host(self, h: np.ndarray, weight_factor: np.ndarray, generator) -> None:
+        """The same update as :meth:`update`, in numpy on the state tensors' memory."""
+        if self._host is None:
+            raise ValueError("host (numpy) weight factors given for state that is not on the CPU")
+        utility, mean, decay_power = self._host
+        eta = self.decay_rate
+        reduce = (0, *range(2, h.ndim))
+        self.steps += 1
+        decay_power *= eta
+        mean *= eta
+        mean += (1 - eta) * h.mean(axis=reduce)
+        kind = self.kind
+        if kind in ("adaptation", "weight"):
+            instant = weight_factor
+        elif kind == "contribution":
+            instant = weight_factor * np.abs(h).mean(axis=reduce)
+        else:
+            corrected = (mean / (1 - decay_power)).reshape((1, -1) + (1,) * (h.ndim - 2))
+            instant = weight_factor * np.abs(h - corrected).mean(axis=reduce)
+        utility *= eta
+        utility += (1 - eta) * instant
 
     def corrected_utility(self) -> torch.Tensor:
         """u_hat = u / (1 - eta^age): what units are ranked by (a fresh draw for ``random``)."""

@@ -352,3 +352,36 @@ def test_weight_factors_are_recomputed_right_after_a_replacement():
     stale = strategy.factors[0]
     _step(net, opt, strategy, torch.randn(2, 3), torch.randn(2, 1))
     assert strategy.factors[0] is not stale
+
+
+@pytest.mark.parametrize("kind", ["contribution", "adaptation", "adaptable_contribution", "zero_contribution", "weight"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_numpy_host_update_equals_the_torch_update(kind, batch):
+    from cbp.utility import UnitUtility, host_weight_factors, weight_factors
+
+    torch.manual_seed(0)
+    net = dst.nets.mlp(4, [6], 2)
+    layer = dst.Topology.from_model(net).hidden_layers[0]
+    host = UnitUtility(layer, kind, 0.9, torch.device("cpu"))
+    device = UnitUtility(layer, kind, 0.9, torch.device("cpu"))
+    for _ in range(20):
+        h = torch.relu(torch.randn(batch, 6))
+        host.update(h, host_weight_factors([layer], kind)[0])
+        device.update(h, weight_factors([layer], kind)[0])
+        with torch.no_grad():
+            net[0].weight.add_(0.01 * torch.randn_like(net[0].weight))
+    torch.testing.assert_close(host.corrected_utility(), device.corrected_utility())
+    torch.testing.assert_close(host.corrected_mean(), device.corrected_mean())
+
+
+def test_a_unit_without_incoming_weights_has_zero_utility_not_nan():
+    net = dst.sparsify(dst.nets.mlp(4, [3], 1), density=0.5, distribution="uniform", seed=0)
+    with torch.no_grad():
+        net[0].mask[1] = False
+        net[0].apply_mask()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    strategy = dst.strategies.build("cbp", net, opt, replacement_rate=0.0, seed=0)
+    for _ in range(5):
+        _step(net, opt, strategy, torch.rand(2, 4), torch.rand(2, 1))
+    utility = strategy.utilities[0].corrected_utility()
+    assert torch.isfinite(utility).all() and utility[1] == 0
