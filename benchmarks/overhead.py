@@ -79,7 +79,8 @@ def _train(model, opt, strategy, x, y, steps: int) -> float:
 def _wide(steps: int, repeats: int) -> None:
     import dst
 
-    times: dict[str, list[float]] = {"bp": [], "cbp": []}
+    variants = {"bp": ("bp", {}), "cbp": ("cbp", {}), "cbp magnitude_every=100": ("cbp", {"magnitude_every": 100})}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     x = torch.rand(steps, 1, 784)
     y = torch.randint(0, 10, (steps, 1))
     for _ in range(repeats):
@@ -87,14 +88,14 @@ def _wide(steps: int, repeats: int) -> None:
             torch.manual_seed(0)
             model = dst.nets.mlp(784, [2000, 2000, 2000], 10)
             opt = torch.optim.SGD(model.parameters(), lr=0.003)
-            strategy = dst.strategies.build(name, model, opt, seed=0)
+            strategy_name, settings = variants[name]
+            strategy = dst.strategies.build(strategy_name, model, opt, seed=0, **settings)
             _train(model, opt, strategy, x, y, 5)  # warm-up
             times[name].append(_train(model, opt, strategy, x, y, steps))
     median = {name: statistics.median(values) for name, values in times.items()}
     print(f"784-2000-2000-2000-10, batch 1, {steps} steps x {repeats} interleaved repeats (median ms/step)")
     for name, value in median.items():
-        print(f"  {name:4s} {value * 1e3:8.2f}")
-    print(f"  cbp / bp: {median['cbp'] / median['bp']:.3f}")
+        print(f"  {name:24s} {value * 1e3:8.2f}   x{value / median['bp']:.3f} of bp")
 
 
 def _refresh(steps: int, repeats: int) -> None:
