@@ -18,10 +18,16 @@ from dst import strategies
 from dst.config import setting
 from dst.errors import TopologyError
 from dst.init import INIT_SCHEMES, module_gain
-from dst.refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig, replace_units
+from dst.refresh import (
+    NO_REFRESH,
+    RefreshStats,
+    RefreshStrategy,
+    StrategyConfig,
+    replace_units,
+)
 from dst.topology import HiddenLayer, Topology
 
-from .utility import UTILITIES, UnitUtility, host_weight_factors, weight_factors
+from .utility import UTILITIES, HostWeightFactors, UnitUtility, weight_factors
 
 __all__ = ["CBPConfig", "ContinualBackprop", "ReDoConfig", "ReDo", "redraw_fan_in"]
 
@@ -108,6 +114,7 @@ class ContinualBackprop(RefreshStrategy):
             layer.producer.weight.numel() + layer.consumer.weight.numel() <= HOST_MAX_WEIGHTS
             for layer in self.layers
         )
+        self._host_factors = HostWeightFactors(self.layers, c.utility) if self.host else None
         self.topology.start_capture()
 
     def _count_to_replace(self, index: int) -> int:
@@ -131,8 +138,10 @@ class ContinualBackprop(RefreshStrategy):
     def after_step(self) -> RefreshStats:
         super().after_step()
         if self._factors_stale or self.step % self.config.magnitude_every == 0:
-            factors = host_weight_factors if self.host else weight_factors
-            self.factors = factors(self.layers, self.config.utility)
+            if self.host:
+                self.factors = self._host_factors()
+            else:
+                self.factors = weight_factors(self.layers, self.config.utility)
             self._factors_stale = False
         for layer, utility, factor in zip(self.layers, self.utilities, self.factors):
             if layer.output is None:

@@ -26,6 +26,7 @@ from dst.topology import HiddenLayer
 __all__ = [
     "UTILITIES",
     "UnitUtility",
+    "HostWeightFactors",
     "host_weight_factors",
     "incoming_magnitude",
     "numpy_view",
@@ -88,23 +89,64 @@ def numpy_view(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().numpy()
 
 
-def host_weight_factors(layers: list[HiddenLayer], kind: str) -> list[np.ndarray | None]:
-    """:func:`weight_factors` computed with numpy on CPU tensors' memory, for small layers where
-    torch's per-op dispatch costs more than the arithmetic."""
-    if kind == "random":
-        return [None] * len(layers)
-    factors = []
-    for layer in layers:
+class _WeightViews:
+    """numpy views of one hidden layer's producer and consumer weights, re-made only when a weight's
+    memory moves (a ``.data`` assignment, ``load_state_dict`` into new tensors, ``.to()``)."""
+
+    def __init__(self, layer: HiddenLayer) -> None:
+        self.layer = layer
+        self.key: tuple[int, int] | None = None
+        self.incoming = self.outgoing = None
         units = layer.n_units
-        incoming = np.abs(numpy_view(layer.producer.weight).reshape(units, -1))
-        in_mean = np.maximum(incoming.mean(axis=1), MIN_INCOMING)
-        if kind == "adaptation":
-            factors.append(1 / in_mean)
-            continue
-        consumer = numpy_view(layer.consumer.weight)
-        out_mean = np.abs(consumer.reshape(consumer.shape[0], units, -1)).mean(axis=(0, 2))
-        factors.append(out_mean / in_mean if kind == "adaptable_contribution" else out_mean)
-    return factors
+        self.in_count = layer.producer.weight.numel() // units
+        self.ratio = self.in_count / (layer.consumer.weight.numel() // units)  # fan_in / out count
+
+    def get(self) -> tuple[np.ndarray, np.ndarray]:
+        producer, consumer = self.layer.producer.weight, self.layer.consumer.weight
+        key = (producer.data_ptr(), consumer.data_ptr())
+        if key != self.key:
+            units = self.layer.n_units
+            self.incoming = numpy_view(producer).reshape(units, -1)
+            self.outgoing = numpy_view(consumer).reshape(consumer.shape[0], units, -1)
+            self.key = key
+        return self.incoming, self.outgoing
+
+
+class HostWeightFactors:
+    """:func:`weight_factors` computed with numpy on CPU tensors' memory, for small layers where
+    torch's per-op dispatch costs more than the arithmetic. Same formulas; call it for the factors."""
+
+    def __init__(self, layers: list[HiddenLayer], kind: str) -> None:
+        self.kind = kind
+        self.views = [_WeightViews(layer) for layer in layers]
+
+    def __call__(self) -> list[np.ndarray | None]:
+        kind = self.kind
+        if kind == "random":
+            return [None] * len(self.views)
+        factors = []
+        add = np.add.reduce
+        for views in self.views:
+            incoming, outgoing = views.get()
+            in_sums = None
+            if kind in ("adaptation", "adaptable_contribution"):
+                in_sums = np.maximum(add(np.abs(incoming), 1), MIN_INCOMING * views.in_count)
+            if kind == "adaptation":
+                factors.append(views.in_count / in_sums)
+                continue
+            out_sums = add(np.abs(outgoing), (0, 2))
+            if kind == "adaptable_contribution":
+                factor = out_sums / in_sums
+                factor *= views.ratio
+            else:
+                factor = out_sums * (views.ratio / views.in_count)
+            factors.append(factor)
+        return factors
+
+
+def host_weight_factors(layers: list[HiddenLayer], kind: str) -> list[np.ndarray | None]:
+    """One-off :class:`HostWeightFactors` call (strategies keep the object to reuse its views)."""
+    return HostWeightFactors(layers, kind)()
 
 
 @torch.no_grad()
@@ -149,15 +191,17 @@ class UnitUtility:
         # age = steps - born: one host counter instead of a per-step increment of a device tensor
         self.steps = 0
         self.born = torch.zeros(units, device=device)
-        self.utility = torch.zeros(units, device=device)
-        self.mean = torch.zeros(units, device=device)
-        # eta^age, kept by one multiply per step instead of a pow; 1 - decay_power is the correction
-        self.decay_power = torch.ones(units, device=device)
+        # eta^age, the running mean f and the running utility u, as rows of one block: all three decay
+        # by eta each step, so the host path scales them with one call. 1 - decay_power is the correction.
+        self._block = torch.zeros(3, units, device=device)
+        self.decay_power, self.mean, self.utility = self._block.unbind(0)
+        self.decay_power.fill_(1)
         self._random: torch.Tensor | None = None
-        # On the CPU, numpy views of the same memory for the per-step update (see host_weight_factors)
+        # On the CPU, numpy views of the same memory for the per-step update (see HostWeightFactors)
         self._host = None
         if torch.device(device).type == "cpu":
-            self._host = tuple(numpy_view(t) for t in (self.utility, self.mean, self.decay_power))
+            block = numpy_view(self._block)
+            self._host = (block, block[1], block[2], block[0])
 
     @property
     def age(self) -> torch.Tensor:
@@ -203,23 +247,35 @@ class UnitUtility:
         """The same update as :meth:`update`, in numpy on the state tensors' memory."""
         if self._host is None:
             raise ValueError("host (numpy) weight factors given for state that is not on the CPU")
-        utility, mean, decay_power = self._host
+        block, mean, utility, decay_power = self._host
         eta = self.decay_rate
-        reduce = (0, *range(2, h.ndim))
+        rate = 1 - eta
+        if h.ndim == 2 and h.shape[0] == 1:  # batch 1, MLP: no reductions needed
+            batch_mean = h[0]
+            reduce, scale = None, 1.0
+        else:
+            reduce = (0, *range(2, h.ndim))
+            scale = h.shape[0] * (h[0, 0].size if h.ndim > 2 else 1)
+            batch_mean = np.add.reduce(h, reduce) / scale
         self.steps += 1
-        decay_power *= eta
-        mean *= eta
-        mean += (1 - eta) * h.mean(axis=reduce)
+        block *= eta  # eta^age, f and u each decay by eta
+        mean += rate * batch_mean
         kind = self.kind
         if kind in ("adaptation", "weight"):
             instant = weight_factor
-        elif kind == "contribution":
-            instant = weight_factor * np.abs(h).mean(axis=reduce)
         else:
-            corrected = (mean / (1 - decay_power)).reshape((1, -1) + (1,) * (h.ndim - 2))
-            instant = weight_factor * np.abs(h - corrected).mean(axis=reduce)
-        utility *= eta
-        utility += (1 - eta) * instant
+            if kind == "contribution":
+                deviation = np.abs(h)
+            else:
+                corrected = mean / (1 - decay_power)
+                deviation = np.abs(h - (corrected if reduce is None or h.ndim == 2
+                                        else corrected.reshape((1, -1) + (1,) * (h.ndim - 2))))
+            if reduce is None:
+                deviation = deviation[0]
+            else:
+                deviation = np.add.reduce(deviation, reduce) / scale
+            instant = weight_factor * deviation
+        utility += rate * instant
 
     def corrected_utility(self) -> torch.Tensor:
         """u_hat = u / (1 - eta^age): what units are ranked by (a fresh draw for ``random``)."""

@@ -2,6 +2,7 @@
 
 from importlib.metadata import entry_points
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -356,22 +357,45 @@ def test_weight_factors_are_recomputed_right_after_a_replacement():
 
 @pytest.mark.parametrize("kind", ["contribution", "adaptation", "adaptable_contribution", "zero_contribution", "weight"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_numpy_host_update_equals_the_torch_update(kind, batch):
-    from cbp.utility import UnitUtility, host_weight_factors, weight_factors
+@pytest.mark.parametrize("conv", [False, True])
+def test_numpy_host_update_equals_the_torch_update(kind, batch, conv):
+    from cbp.utility import HostWeightFactors, UnitUtility, weight_factors
 
     torch.manual_seed(0)
-    net = dst.nets.mlp(4, [6], 2)
-    layer = dst.Topology.from_model(net).hidden_layers[0]
-    host = UnitUtility(layer, kind, 0.9, torch.device("cpu"))
-    device = UnitUtility(layer, kind, 0.9, torch.device("cpu"))
+    if conv:  # conv -> conv, then the flatten block of the last channel layer
+        net = nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(4 * 2 * 2, 2))
+        shapes = [(batch, 6, 4, 4), (batch, 4, 2, 2)]
+    else:
+        net = dst.nets.mlp(4, [6], 2)
+        shapes = [(batch, 6)]
+    layers = dst.Topology.from_model(net).hidden_layers
+    factors = HostWeightFactors(layers, kind)
+    host = [UnitUtility(layer, kind, 0.9, torch.device("cpu")) for layer in layers]
+    device = [UnitUtility(layer, kind, 0.9, torch.device("cpu")) for layer in layers]
     for _ in range(20):
-        h = torch.relu(torch.randn(batch, 6))
-        host.update(h, host_weight_factors([layer], kind)[0])
-        device.update(h, weight_factors([layer], kind)[0])
+        for utility_h, utility_d, f_h, f_d, shape in zip(host, device, factors(), weight_factors(layers, kind),
+                                                           shapes):
+            h = torch.relu(torch.randn(shape))
+            utility_h.update(h, f_h)
+            utility_d.update(h, f_d)
         with torch.no_grad():
             net[0].weight.add_(0.01 * torch.randn_like(net[0].weight))
-    torch.testing.assert_close(host.corrected_utility(), device.corrected_utility())
-    torch.testing.assert_close(host.corrected_mean(), device.corrected_mean())
+            net[-1].weight.add_(0.01 * torch.randn_like(net[-1].weight))
+    for utility_h, utility_d in zip(host, device):
+        torch.testing.assert_close(utility_h.corrected_utility(), utility_d.corrected_utility())
+        torch.testing.assert_close(utility_h.corrected_mean(), utility_d.corrected_mean())
+
+
+def test_host_weight_views_follow_a_weight_whose_memory_moved():
+    from cbp.utility import HostWeightFactors, weight_factors
+
+    net = dst.nets.mlp(4, [6], 2)
+    layers = dst.Topology.from_model(net).hidden_layers
+    factors = HostWeightFactors(layers, "adaptable_contribution")
+    factors()
+    net[0].weight.data = torch.randn(6, 4)  # new memory: cached numpy views would be stale
+    np.testing.assert_allclose(factors()[0], weight_factors(layers, "adaptable_contribution")[0].numpy(), rtol=1e-6)
 
 
 def test_a_unit_without_incoming_weights_has_zero_utility_not_nan():
