@@ -24,6 +24,7 @@ __all__ = [
     "effective_rank",
     "srank",
     "stable_rank",
+    "spectral_ranks",
     "dead_fraction",
     "dormant_fraction",
     "inactive_fraction",
@@ -70,7 +71,10 @@ def effective_rank(features: torch.Tensor) -> float:
 
     Equals n for n equal nonzero singular values and 1 for a rank-1 matrix; 0.0 for the zero matrix.
     """
-    sigma = singular_values(features)
+    return _effective_rank(singular_values(features))
+
+
+def _effective_rank(sigma: torch.Tensor) -> float:
     total = sigma.sum()
     if total <= 0:
         return 0.0
@@ -85,9 +89,16 @@ def srank(features: torch.Tensor, threshold: float = 0.99) -> int:
 
     Ratios within 1e-12 below the threshold count as reaching it (float round-off). 0 for the zero matrix.
     """
+    _check_threshold(threshold)
+    return _srank(singular_values(features), threshold)
+
+
+def _check_threshold(threshold: float) -> None:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
         raise ConfigError(f"srank: threshold is a fraction of the singular-value sum in (0, 1], got {threshold!r}")
-    sigma = singular_values(features)
+
+
+def _srank(sigma: torch.Tensor, threshold: float) -> int:
     total = sigma.sum()
     if total <= 0:
         return 0
@@ -98,10 +109,24 @@ def srank(features: torch.Tensor, threshold: float = 0.99) -> int:
 
 def stable_rank(features: torch.Tensor) -> float:
     """Stable rank proper: ||A||_F^2 / ||A||_2^2 = sum_k sigma_k^2 / sigma_1^2. 0.0 for the zero matrix."""
-    sigma = singular_values(features)
+    return _stable_rank(singular_values(features))
+
+
+def _stable_rank(sigma: torch.Tensor) -> float:
     if sigma[0] <= 0:
         return 0.0
     return float((sigma**2).sum() / sigma[0] ** 2)
+
+
+def spectral_ranks(features: torch.Tensor, threshold: float = 0.99) -> dict[str, float]:
+    """``effective_rank``, ``srank`` and ``stable_rank`` from one SVD (what the probe reports)."""
+    _check_threshold(threshold)
+    sigma = singular_values(features)
+    return {
+        "effective_rank": _effective_rank(sigma),
+        "srank": float(_srank(sigma, threshold)),
+        "stable_rank": _stable_rank(sigma),
+    }
 
 
 def dead_fraction(features: torch.Tensor) -> float:

@@ -35,9 +35,7 @@ class Probe:
 
     def _layer_metrics(self, features: torch.Tensor, activation: nn.Module | None) -> dict[str, float]:
         values: dict[str, float] = {
-            "effective_rank": metrics.effective_rank(features),
-            "srank": float(metrics.srank(features, self.srank_threshold)),
-            "stable_rank": metrics.stable_rank(features),
+            **metrics.spectral_ranks(features, self.srank_threshold),
             "dead_fraction": metrics.dead_fraction(features),
             "dormant_fraction": metrics.dormant_fraction(features, self.dormant_tau),
         }

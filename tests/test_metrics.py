@@ -19,6 +19,7 @@ from dst.metrics import (
     inactive_fraction,
     saturated_fraction,
     singular_values,
+    spectral_ranks,
     srank,
     stable_rank,
     weight_magnitude,
@@ -279,3 +280,18 @@ def test_gradient_norm_skips_parameters_without_gradient():
     model[0].weight.grad = torch.full((2, 2), 3.0)  # sum of squares 36
     model[2].bias.grad = torch.tensor([8.0])  # 64
     assert gradient_norm(model) == pytest.approx(10.0)
+
+
+def test_spectral_ranks_from_one_svd_equal_the_separate_metrics():
+    features = torch.randn(40, 7, generator=torch.Generator().manual_seed(3)) @ torch.diag(
+        torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5, 0.1, 0.0])
+    )
+    ranks = spectral_ranks(features, 0.9)
+    assert ranks == {
+        "effective_rank": effective_rank(features),
+        "srank": float(srank(features, 0.9)),
+        "stable_rank": stable_rank(features),
+    }
+    assert ranks["srank"] < 6
+    with pytest.raises(ConfigError, match="threshold"):
+        spectral_ranks(features, 1.5)

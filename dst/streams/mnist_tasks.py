@@ -72,9 +72,10 @@ class PermutedMNISTStream(Stream):
         return self.images[order][:, permutation], self.labels[order]
 
     def probe_batch(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``probe_size`` examples of ``task``."""
-        x, y = self.task_examples(task)
-        return x[: self.probe_size], y[: self.probe_size]
+        """The first ``probe_size`` examples of ``task`` (only those are gathered and permuted)."""
+        order = self.order(task)[: self.probe_size].to(self.device)
+        permutation = self.permutation(task).to(self.device)
+        return self.images[order][:, permutation], self.labels[order]
 
     def batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         task, offset = divmod(start_step, self.steps_per_task)
