@@ -6,6 +6,10 @@ bin, units replaced and connections regrown in the bin, and the bin's wall time.
 device synchronisation: per-step losses are kept as device tensors and reduced once per bin; the NaN
 check runs every ``check_every`` steps on the same tensors and names the exact step.
 
+A stream with held-out data (a ``test_batch(task)`` method) is tested at the end of every task, in eval
+mode without gradients: ``test_loss`` [and ``test_accuracy``] of the task that ended go into that bin's
+row (NaN in rows whose bin saw no task end; with several task ends in one bin, the last one's).
+
 Checkpoints are taken at bin ends (``checkpoint_every`` is rounded up to whole bins) and hold the
 model, optimizer, strategy and RNG states. Because streams are pure functions of (seed, step), a
 resumed run produces exactly the rows an uninterrupted run produces (all but the timing columns).
@@ -90,6 +94,9 @@ class Experiment:
         Steps between checkpoints (rounded up to whole bins); ``None`` or 0 disables them.
     metadata:
         Resolved settings written to ``config.json``; a resume must find the same ones.
+    on_row:
+        Called with each metrics row right after it is written (studies report intermediate values
+        from it); an exception it raises (e.g. ``optuna.TrialPruned``) stops the run, rows kept.
     """
 
     def __init__(
@@ -109,6 +116,7 @@ class Experiment:
         metadata: dict[str, Any] | None = None,
         progress: bool = True,
         probe: "Probe | None" = None,
+        on_row: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         if not isinstance(steps, int) or steps <= 0:
             raise ConfigError(f"steps must be a positive integer, got {steps!r}")
@@ -129,10 +137,16 @@ class Experiment:
         self.metadata = metadata
         self.progress = progress
         self.probe = probe
+        self.on_row = on_row
         if probe is not None and not hasattr(stream, "probe_batch"):
             raise ConfigError(f"{type(stream).__name__} has no probe_batch(task): it cannot be probed")
         self.rows: list[dict[str, Any]] = []
         self._probed: dict[str, Any] = {}
+        # streams with held-out data per task (test_batch) are tested at the end of every task
+        self.evaluate = hasattr(stream, "test_batch")
+        if self.evaluate and not stream.steps_per_task:
+            raise ConfigError(f"{type(stream).__name__} has test_batch(task) but no fixed task length")
+        self._tested: dict[str, Any] = {}
 
     # -- checkpoints ------------------------------------------------------------------------
     def _checkpoint_state(self, step: int, task: int) -> dict[str, Any]:
@@ -235,6 +249,8 @@ class Experiment:
         events = [step + self.check_every, step + self.bin_size - in_bin, self.steps]
         if self.probe is not None and self.probe.every:
             events.append(step + self.probe.every - step % self.probe.every)
+        if self.evaluate:
+            events.append(step + self.stream.steps_per_task - step % self.stream.steps_per_task)  # type: ignore[operator]
         return min(events)
 
     def _run_probe(self, task: int) -> None:
@@ -242,6 +258,20 @@ class Experiment:
         self._probed = self.probe(  # type: ignore[misc]
             self.model, self.strategy.topology, inputs, targets, self.loss_fn
         )
+
+    @torch.no_grad()
+    def _run_test(self, task: int) -> None:
+        """Test the model (eval mode, no gradient, no RNG) on the held-out data of a finished task."""
+        inputs, targets = self.stream.test_batch(task)  # type: ignore[attr-defined]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            output = self.model(inputs)
+        finally:
+            self.model.train(was_training)
+        self._tested = {"test_loss": float(self.loss_fn(output, targets))}
+        if self.task_type == "classification":
+            self._tested["test_accuracy"] = float((output.argmax(1) == targets).float().mean())
 
     def _loop(self, step: int, task: int, handle: Any) -> None:
         model, optimizer, strategy, loss_fn = self.model, self.optimizer, self.strategy, self.loss_fn
@@ -293,6 +323,8 @@ class Experiment:
                 bar.update(step - bar.n)
                 if self.probe is not None and self.probe.every and step % self.probe.every == 0:
                     self._run_probe(task)
+                if self.evaluate and step % self.stream.steps_per_task == 0:  # type: ignore[operator]
+                    self._run_test(task)  # the task just ended
                 if len(losses) == self.bin_size or step == self.steps:
                     elapsed = time.perf_counter() - bin_start_time
                     row: dict[str, Any] = {"step": step, "task": task, "loss": float(torch.stack(losses).mean())}
@@ -306,6 +338,10 @@ class Experiment:
                     )
                     row.update(self._probed)
                     self._probed = {}
+                    if self.evaluate:  # test columns in every row, NaN where no task ended in the bin
+                        columns = ("test_loss", "test_accuracy") if classify else ("test_loss",)
+                        row.update({column: self._tested.get(column, math.nan) for column in columns})
+                        self._tested = {}
                     self._emit(handle, row)
                     bar.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
                     losses, corrects, examples, units, connections, checked = [], [], 0, 0, 0, 0
@@ -313,6 +349,8 @@ class Experiment:
                         step % self.checkpoint_every == 0 or step == self.steps
                     ):
                         self._save_checkpoint(step, task)
+                    if self.on_row is not None:
+                        self.on_row(row)
                     bin_start_time = time.perf_counter()
                 if step >= self.steps:
                     break

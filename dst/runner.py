@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,16 @@ class RunSpec:
     checkpoint_every: int | None = None
 
 
-def prepare(spec: RunSpec, out_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Experiment:
-    """Build the benchmark's stream, learner and optimizer, the strategy, and the experiment."""
+def prepare(
+    spec: RunSpec,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    progress: bool = True,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> Experiment:
+    """Build the benchmark's stream, learner and optimizer, the strategy, and the experiment.
+
+    ``on_row`` is passed to :class:`~dst.experiment.Experiment`: called with each metrics row."""
     if spec.steps is not None and (not isinstance(spec.steps, int) or spec.steps <= 0):
         raise ConfigError(f"steps must be a positive integer, got {spec.steps!r}")
     benchmark = benchmarks.build(spec.benchmark, **spec.bench)
@@ -91,15 +100,22 @@ def prepare(spec: RunSpec, out_dir: str | os.PathLike | None = None, *, progress
         metadata=metadata,
         progress=progress,
         probe=benchmark.make_probe(),
+        on_row=on_row,
     )
 
 
 def run(
-    spec: RunSpec, out_dir: str | os.PathLike | None = None, *, resume: bool = False, progress: bool = True
+    spec: RunSpec,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> pd.DataFrame:
     """Prepare and run ``spec``; returns the metrics rows (also in ``out_dir/metrics.csv``, with the
-    run's :func:`dst.summary.summarize` in ``out_dir/summary.json``)."""
-    rows = prepare(spec, out_dir, progress=progress).run(resume=resume)
+    run's :func:`dst.summary.summarize` in ``out_dir/summary.json``). ``on_row(row)`` is called after
+    each row is written; an exception it raises stops the run (the rows written so far are kept)."""
+    rows = prepare(spec, out_dir, progress=progress, on_row=on_row).run(resume=resume)
     if out_dir is not None and len(rows):
         summary = summarize(rows)
         Path(out_dir, "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

@@ -37,6 +37,8 @@ def plasticity_loss(values: pd.Series, window: float = 0.1) -> float:
 def summarize(rows: pd.DataFrame, window: float = 0.1) -> dict[str, Any]:
     """Performance and plasticity numbers of one run (NaN where a column is absent)."""
     performance = "accuracy" if "accuracy" in rows else "loss"
+    if "test_accuracy" in rows and rows["test_accuracy"].notna().any():
+        performance = "test_accuracy"  # held-out accuracy per task (continual ImageNet) is the measure
     summary: dict[str, Any] = {
         "performance_metric": performance,
         "late_window": late_window_mean(rows[performance], window),

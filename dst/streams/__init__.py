@@ -3,6 +3,7 @@
 from .base import Stream, derive_seed
 from .bit_flipping import BitFlippingStream, LTUTarget
 from .imagenet32 import available_classes, load_imagenet32_class
+from .imagenet_tasks import ContinualImageNetStream
 from .mnist import load_mnist
 from .mnist_tasks import PermutedMNISTStream, RandomLabelMNISTStream
 
@@ -16,4 +17,5 @@ __all__ = [
     "load_mnist",
     "load_imagenet32_class",
     "available_classes",
+    "ContinualImageNetStream",
 ]
