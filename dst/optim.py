@@ -85,8 +85,11 @@ class ElementwiseAdam(torch.optim.Optimizer):
 
 
 @torch.no_grad()
-def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, index) -> None:
-    """Zero every state tensor shaped like ``param`` at ``index`` (a boolean mask or an index tuple).
+def reset_optimizer_state(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, index, *, flat: bool = False
+) -> None:
+    """Zero every state tensor shaped like ``param`` at ``index`` (a boolean mask or an index tuple; with
+    ``flat=True`` a 1-D tensor of flat positions, which avoids a full-size mask for a few positions).
 
     Covers SGD momentum buffers, Adam/AdamW moments (and AMSGrad's max), and ElementwiseAdam's
     per-element step counts. ``torch.optim.Adam``'s scalar step count cannot be reset per element:
@@ -97,7 +100,10 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
         return
     for value in state.values():
         if isinstance(value, torch.Tensor) and value.shape == param.shape:
-            value[index] = 0
+            if flat:
+                value.view(-1)[index] = 0
+            else:
+                value[index] = 0
 
 
 def build_optimizer(

@@ -11,7 +11,8 @@ is zeroed as well.
 A strategy only says what differs (in the spirit of RigL's TF2 mask updaters):
 
 - ``drop_scores``: lower is dropped first (magnitude |w| by default);
-- ``grow_scores``: higher is grown first (SET: uniform noise; RigL: |dense gradient|);
+- ``grow_scores``: higher is grown first (SET: uniform noise; RigL: |dense gradient|); ``grow_indices``
+  may pick the positions without a score (SET samples uniform random inactive positions directly);
 - ``drop_indices``: the count rule (SET's sign split overrides it);
 - ``grown_values``: 0, or small random values (``grow_init``);
 - the optimizer-state fix is shared (``dst.optim.reset_optimizer_state``).
@@ -64,15 +65,22 @@ def top_k(scores: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
     up to the order of ties, but fast for large k on the CPU.
 
     ``torch.topk`` with k in the hundred thousands over millions of entries is close to a full sort.
-    A strided sample gives a threshold that about 1.5 k entries pass; top-k over those is exact whenever
-    at least k pass (checked; otherwise it falls back to ``torch.topk`` over everything).
+    For a small share, a strided sample gives a threshold that about 1.5 k entries pass; top-k over those
+    is exact whenever at least k pass (checked; otherwise it falls back to ``torch.topk`` over everything).
+    For a large share (k > n / 4), the k-th value comes from a selection (``kthvalue``) and the result is
+    every entry beyond it plus the first ties.
     """
     n = scores.numel()
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=scores.device)
-    if n <= _PREFILTER_ABOVE or k * 4 > n:
+    if n <= _PREFILTER_ABOVE:
         return torch.topk(scores, k, largest=largest).indices
     values = scores if largest else -scores
+    if k * 4 > n:  # a large share: the k-th value by selection, then everything above it plus ties
+        threshold = torch.kthvalue(values, n - k + 1).values
+        above = torch.nonzero(values > threshold).flatten()
+        ties = torch.nonzero(values == threshold).flatten()
+        return torch.cat((above, ties[: k - above.numel()]))
     stride = max(1, n // 65536)
     sample = values[::stride]
     position = max(1, min(sample.numel(), sample.numel() - int(1.5 * k * sample.numel() / n)))
@@ -177,8 +185,18 @@ class PruneRegrow(RefreshStrategy, metaclass=ABCMeta):
         count = round(fraction * self.active[index])
         if count == 0:
             return torch.empty(0, dtype=torch.long, device=layer.weight.device)
-        scores = torch.where(layer.mask, self.drop_scores(index, layer), torch.inf).flatten()
-        return top_k(scores, count, largest=False)
+        active = layer.mask.view(-1).nonzero().squeeze(1)
+        if type(self).drop_scores is PruneRegrow.drop_scores:  # |w| read at the active positions only
+            scores = layer.weight.detach().view(-1)[active].abs()
+        else:
+            scores = self.drop_scores(index, layer).reshape(-1)[active]
+        return active[top_k(scores, count, largest=False)]
+
+    def grow_indices(self, index: int, layer: nn.Module, count: int, mask: torch.Tensor) -> torch.Tensor:
+        """Flat indices of ``count`` inactive positions (``mask`` is the flat mask after the drop): the
+        highest grow scores. ``grow_scores`` returns a fresh tensor, overwritten here."""
+        scores = self.grow_scores(index, layer).view(-1)
+        return top_k(scores.masked_fill_(mask, -torch.inf), count)
 
     def grown_values(self, layer: nn.Module, count: int) -> torch.Tensor:
         weight = layer.weight
@@ -196,19 +214,13 @@ class PruneRegrow(RefreshStrategy, metaclass=ABCMeta):
         if count == 0:
             return 0
         mask = layer.mask.view(-1)
-        after_drop = mask.clone()
-        after_drop[drop] = False
-        scores = torch.where(after_drop, -torch.inf, self.grow_scores(index, layer).flatten())
-        grow = top_k(scores, count)
+        mask[drop] = False  # dropped first: a just-dropped position may be regrown at once
+        grow = self.grow_indices(index, layer, count, mask)
         weight = layer.weight.view(-1)
         weight[drop] = 0
         weight[grow] = self.grown_values(layer, count)
-        changed = torch.zeros_like(mask)
-        changed[drop] = True
-        changed[grow] = True
-        after_drop[grow] = True
-        mask.copy_(after_drop)
-        reset_optimizer_state(self.optimizer, layer.weight, changed.view_as(layer.weight))
+        mask[grow] = True
+        reset_optimizer_state(self.optimizer, layer.weight, torch.cat((drop, grow)), flat=True)
         return count
 
     def after_step(self) -> RefreshStats:
@@ -242,6 +254,31 @@ class SparseEvolutionaryTraining(PruneRegrow):
 
     def grow_scores(self, index: int, layer: nn.Module) -> torch.Tensor:
         return torch.rand(layer.weight.shape, device=layer.weight.device, generator=self.generator)
+
+    def grow_indices(self, index: int, layer: nn.Module, count: int, mask: torch.Tensor) -> torch.Tensor:
+        """``count`` inactive positions uniformly at random, without replacement.
+
+        Where inactive positions are plentiful, draw random positions, skip active ones and repeats, and
+        keep the first ``count``: each kept position is uniform over the inactive ones not yet taken, so
+        the set is a uniform random subset, at the cost of O(count) draws instead of a score per weight.
+        """
+        n = mask.numel()
+        inactive = n - (self.active[index] - count)
+        if n <= _PREFILTER_ABOVE or inactive < 4 * count:
+            return super().grow_indices(index, layer, count, mask)
+        taken = torch.empty(0, dtype=torch.long, device=mask.device)
+        missing = count
+        while True:
+            draws = int(1.2 * missing * n / inactive) + 64
+            candidates = torch.randint(n, (draws,), device=mask.device, generator=self.generator)
+            taken = torch.cat((taken, candidates[~mask[candidates]]))
+            unique, inverse = torch.unique(taken, return_inverse=True)
+            missing = count - unique.numel()
+            if missing > 0:
+                continue
+            order = torch.arange(taken.numel(), device=mask.device)
+            first = torch.full_like(unique, taken.numel()).scatter_reduce_(0, inverse, order, "amin")
+            return taken[first.sort().values[:count]]
 
     def drop_indices(self, index: int, layer: nn.Module, fraction: float) -> torch.Tensor:
         if not self.config.split_sign:

@@ -231,7 +231,7 @@ def test_connection_strategies_on_a_dense_model_are_a_clear_error():
 
 
 @pytest.mark.parametrize("largest", [True, False])
-@pytest.mark.parametrize("k", [1, 37, 5_000, 60_000])
+@pytest.mark.parametrize("k", [1, 37, 5_000, 60_000, 150_000])
 def test_fast_top_k_selects_exactly_the_k_extreme_scores(k, largest):
     from dst.prune_regrow import top_k
 
@@ -243,3 +243,42 @@ def test_fast_top_k_selects_exactly_the_k_extreme_scores(k, largest):
     assert chosen.numel() == k == chosen.unique().numel()
     reference = torch.topk(scores, k, largest=largest).values
     assert torch.equal(scores[chosen].sort().values, reference.sort().values)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_fast_top_k_of_a_large_share_cuts_through_ties_exactly(largest):
+    from dst.prune_regrow import top_k
+
+    scores = torch.rand(300_000, generator=torch.Generator().manual_seed(0))
+    scores[:20_000] = 0.5  # a block of ties straddling the cut
+    beyond = int((scores > 0.5).sum()) if largest else int((scores < 0.5).sum())
+    k = beyond + 7_000
+    chosen = top_k(scores, k, largest)
+    assert chosen.numel() == k == chosen.unique().numel()
+    assert int((scores[chosen] == 0.5).sum()) == 7_000
+    reference = torch.topk(scores, k, largest=largest).values
+    assert torch.equal(scores[chosen].sort().values, reference.sort().values)
+
+
+def test_set_random_growth_by_rejection_is_a_uniform_subset_of_inactive_positions(monkeypatch):
+    from scipy.stats import chisquare
+
+    import dst.prune_regrow as prune_regrow
+
+    monkeypatch.setattr(prune_regrow, "_PREFILTER_ABOVE", 0)  # take the sampling path on a small layer
+    net = dst.sparsify(dst.nets.mlp(10, [8], 2), density=0.2, distribution="uniform", seed=0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    strategy = dst.strategies.build("set", net, opt, seed=0)
+    layer = strategy.masked[0]
+    mask = layer.mask.view(-1).clone()
+    active = int(mask.sum())
+    counts = torch.zeros(mask.numel())
+    draws, count = 1000, 4
+    for _ in range(draws):
+        grown = strategy.grow_indices(0, layer, count, mask)
+        assert grown.numel() == count and grown.unique().numel() == count  # exact count, no repeats
+        assert not mask[grown].any()  # only inactive positions
+        counts[grown] += 1
+    assert int(layer.mask.sum()) == active
+    inactive = counts[~mask]
+    assert chisquare(inactive.numpy()).pvalue > 1e-3  # each inactive position equally likely
