@@ -1,0 +1,182 @@
+"""Create, continue and run a study until a shared target of finished trials is reached.
+
+A study records its fixed settings (strategy, benchmark, steps, seeds, objectives, search space,
+pruner) as user attrs when it is created; ``tune`` refuses to continue it with different ones, and a
+worker reads them, so it needs only the study name and the storage.
+
+Stop rule, shared by any number of workers: a study is done when COMPLETE + PRUNED trials reach the
+target. A worker stops asking for trials once finished + RUNNING trials reach it (``MaxTrialsCallback``
+over those three states), so the last trials are not started twice over; while others' trials are still
+running it waits, and on a storage with heartbeats it takes over when one of them dies (Optuna marks it
+FAIL and queues its parameters again). A worker that asks in the same instant as another for the last
+trial finds its trial surplus and leaves it FAIL: the finished count never passes the target.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from dst.errors import ConfigError
+
+from .storage import MAX_RETRY, StorageSpec, _retry_callback, has_heartbeat
+from .trial import SETTINGS_KEYS, StudySettings, SurplusTrial, TrialObjective
+
+__all__ = ["PRUNERS", "SAMPLERS", "open_study", "counts", "run_study", "requeue_running", "make_pruner"]
+
+log = logging.getLogger(__name__)
+
+PRUNERS = ("median", "hyperband", "none")
+SAMPLERS = ("tpe", "random", "nsga2")
+STARTUP_TRIALS = 5  # trials the median pruner lets finish before it prunes anything
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+MULTI_OBJECTIVE_PRUNING = "none: Optuna cannot prune multi-objective studies, so every trial runs to its end"
+
+
+def make_pruner(settings: StudySettings) -> optuna.pruners.BasePruner:
+    """The study's pruner; it judges only reports from ``warmup`` of a run on (see docs/studies.md)."""
+    if settings.multi_objective or settings.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if settings.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=max(1, settings.warmup_steps), max_resource=settings.steps * settings.seeds
+        )
+    return optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS, n_warmup_steps=settings.warmup_steps)
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def _differences(recorded: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    return [
+        f"{key}: recorded {recorded.get(key)!r}, given {given.get(key)!r}"
+        for key in SETTINGS_KEYS
+        if recorded.get(key) != given.get(key)
+    ]
+
+
+def open_study(
+    spec: StorageSpec,
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    settings: StudySettings | None = None,
+    *,
+    sampler: str = "tpe",
+    sampler_seed: int | None = None,
+) -> tuple[optuna.Study, StudySettings]:
+    """Load study ``name`` (checking ``settings`` against the recorded ones) or create it from ``settings``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        existing = optuna.get_all_study_names(storage)
+        if name in existing:
+            attrs = optuna.load_study(study_name=name, storage=storage).user_attrs
+            if any(key not in attrs for key in SETTINGS_KEYS):
+                raise ConfigError(
+                    f"study {name!r} in {spec.display} has no recorded settings (it was not created by "
+                    "`python -m studies tune`); choose another --study name"
+                )
+            recorded = StudySettings.from_attrs(attrs)
+            if settings is not None:
+                diff = _differences(recorded.attrs(), settings.attrs())
+                if diff:
+                    raise ConfigError(
+                        f"study {name!r} in {spec.display} was created with other settings; "
+                        + "; ".join(diff)
+                        + f". Continue it with its recorded settings (python -m studies worker --study {name} "
+                        f"--storage {spec.display} --trials N), or give a new --study name."
+                    )
+            settings = recorded
+        elif settings is None:
+            raise ConfigError(
+                f"no study {name!r} in {spec.display} (studies there: {', '.join(existing) or 'none'}); "
+                "create it with `python -m studies tune`"
+            )
+        else:
+            study = optuna.create_study(
+                study_name=name, storage=storage, directions=list(settings.directions), load_if_exists=True
+            )
+            for key, value in settings.attrs().items():
+                study.set_user_attr(key, value)
+            if settings.multi_objective:
+                study.set_user_attr("pruning", MULTI_OBJECTIVE_PRUNING)
+        study = optuna.load_study(
+            study_name=name, storage=storage, sampler=make_sampler(sampler, sampler_seed),
+            pruner=make_pruner(settings),
+        )
+    if settings.multi_objective:
+        log.info("pruning: %s", MULTI_OBJECTIVE_PRUNING)
+    return study, settings
+
+
+def counts(study: optuna.Study) -> tuple[int, int]:
+    """(finished = COMPLETE + PRUNED, RUNNING) trials of the study."""
+    trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+    finished = sum(t.state in FINISHED for t in trials)
+    return finished, len(trials) - finished
+
+
+def requeue_running(study: optuna.Study, max_retry: int = MAX_RETRY) -> list[int]:
+    """Mark every RUNNING trial FAIL and queue its parameters again (for storages without heartbeats,
+    after a killed process; only safe while no other worker runs). Returns the trial numbers."""
+    callback = _retry_callback(max_retry)
+    numbers = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    for number in numbers:
+        study.tell(number, state=TrialState.FAIL)
+        callback(study, study.trials[number])
+        log.warning("trial %d was RUNNING: marked FAIL, its parameters queued again", number)
+    return numbers
+
+
+def run_study(
+    study: optuna.Study,
+    settings: StudySettings,
+    storage: optuna.storages.BaseStorage,
+    *,
+    target: int,
+    out: str | Path,
+    device: str = "auto",
+    poll: float = 1.0,
+) -> int:
+    """Run trials until COMPLETE + PRUNED trials reach ``target``; returns the trials this process ran."""
+    objective = TrialObjective(settings, out, target, device)
+    heartbeat = has_heartbeat(storage)
+    stop_at_target = optuna.study.MaxTrialsCallback(target, states=(*FINISHED, TrialState.RUNNING))
+    ran = 0
+
+    def count_mine(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        nonlocal ran
+        ran += trial.state in FINISHED
+
+    while True:
+        finished, running = counts(study)
+        if finished >= target:
+            log.info("study %r has %d finished trials (target %d)", study.study_name, finished, target)
+            return ran
+        if finished + running >= target:
+            if not heartbeat:
+                log.info(
+                    "%d trial(s) still running in other workers, which reach the target; this worker stops. "
+                    "(This storage has no heartbeat: a trial left RUNNING by a killed process needs "
+                    "--requeue-running.)", running,
+                )
+                return ran
+            time.sleep(poll)  # others run the last trials; take over if one of them dies
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            continue
+        log.info("study %r: %d of %d trials finished, %d running", study.study_name, finished, target, running)
+        study.optimize(
+            objective, catch=(SurplusTrial,), callbacks=[stop_at_target, count_mine], gc_after_trial=False
+        )

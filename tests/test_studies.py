@@ -1,0 +1,371 @@
+"""studies: search spaces from config metadata, objectives, storages, workers, resume, reports.
+
+Trials are tiny (bit-flipping, 200-1000 steps, 5 hidden units, 100-step bins) so the whole file runs in
+well under a minute; the PostgreSQL test starts its own server (tests/postgres_server.py).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from postgres_server import (  # tests/ is on sys.path under pytest
+    MISSING_MESSAGE,
+    PostgresServer,
+)
+
+import dst
+from dst.errors import ConfigError
+from studies import (
+    build_space,
+    directions,
+    objective_values,
+    open_storage,
+    parse_objectives,
+    resolve,
+)
+from studies.cli import main
+from studies.trial import StudySettings, TrialObjective
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ["--bench", "bin_size=100", "--bench", "change_every=200", "--bench", "probe_size=50", "--bench", "hidden=5"]
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def tune(out: Path, *extra: str, trials: int = 3, steps: int = 400, study: str = "s") -> list[str]:
+    return ["tune", "--strategy", "cbp", "--study", study, "--out", str(out), "--trials", str(trials),
+            "--steps", str(steps), "--sampler-seed", "0", *BENCH, *extra]
+
+
+def load(storage: str, name: str = "s") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(resolve(storage, ".", name), create=False))
+
+
+def python_m_studies(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "studies", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def error_of(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+# -- search spaces ------------------------------------------------------------------------------------------
+
+
+def test_default_space_is_every_declared_search_range_of_the_strategy():
+    space = build_space("cbp", "bit-flipping")
+    params = {p.name: p for p in space.params}
+    assert set(params) == {"replacement_rate", "maturity_threshold", "decay_rate"}
+    assert params["replacement_rate"].kind == "float" and params["replacement_rate"].log
+    assert params["maturity_threshold"].kind == "int" and (params["maturity_threshold"].low, params["maturity_threshold"].high) == (10, 10_000)
+    assert not params["decay_rate"].log
+
+
+def test_param_overrides_set_ranges_choices_fixed_values_and_bench_fields():
+    space = build_space(
+        "cbp", "bit-flipping",
+        ["replacement_rate=1e-6:1e-3:log", "maturity_threshold=10:1000", "utility=contribution,adaptable_contribution",
+         "decay_rate=0.95", "bench.density=0.05:0.5", "bench.lr"],
+        bench={"hidden": "5"},
+    )
+    params = {p.name: p for p in space.params}
+    assert (params["replacement_rate"].low, params["replacement_rate"].high, params["replacement_rate"].log) == (1e-6, 1e-3, True)
+    assert params["maturity_threshold"].kind == "int" and not params["maturity_threshold"].log
+    assert params["utility"].choices == ("contribution", "adaptable_contribution")
+    assert (params["bench.density"].low, params["bench.density"].high) == (0.05, 0.5)
+    assert params["bench.lr"].log and (params["bench.lr"].low, params["bench.lr"].high) == (1e-4, 1e-1)
+    assert "decay_rate" not in params and space.settings == {"decay_rate": 0.95}
+    assert space.bench == {"hidden": (5,)}
+    only = build_space("cbp", "bit-flipping", only=["replacement_rate", "maturity_threshold"])
+    assert [p.name for p in only.params] == ["replacement_rate", "maturity_threshold"]
+
+
+@pytest.mark.parametrize(
+    "params, only, message",
+    [
+        (["nope=1:2"], None, "unknown parameter 'nope'"),
+        (["replacement_rate=0.5:2"], None, "valid range of replacement_rate, which is [0.0, 1.0]"),
+        (["decay_rate=0.5:1.0"], None, "valid range of decay_rate, which is [0.0, 1.0)"),
+        (["bench.density=0:0.5"], None, "valid range of bench.density, which is (0.0, 1.0]"),
+        (["maturity_threshold=1.5:20"], None, "integer field"),
+        (["utility=contribution,bogus"], None, "utility='bogus' is out of range"),
+        (["decay_rate=0.9:0.95"], ["replacement_rate"], "--only leaves out"),
+    ],
+)
+def test_bad_search_spaces_are_errors_that_name_the_field(params, only, message):
+    with pytest.raises(ConfigError) as err:
+        build_space("cbp", "bit-flipping", params, only)
+    assert message in str(err.value)
+    if "unknown" in message:
+        assert "accepted: replacement_rate, maturity_threshold" in str(err.value) and "bench.density" in str(err.value)
+
+
+@dataclass(frozen=True)
+class ToyConfig(dst.StrategyConfig):
+    period: int = dst.setting(50, low=1, search=(10, 100), log=True, help="steps between nothing")
+    scale: float = dst.setting(0.5, low=0.0, high=1.0, search=(0.1, 0.9), help="unused")
+    mode: str = dst.setting("a", choices=("a", "b"), search=("a", "b"), help="categorical")
+
+
+class ToyRefresh(dst.RefreshStrategy):
+    """A third-party strategy that refreshes nothing."""
+
+    Config = ToyConfig
+
+    def after_step(self):
+        super().after_step()
+        return dst.NO_REFRESH
+
+
+@pytest.fixture
+def toy_strategy():
+    dst.strategies.register("toy-refresh")(ToyRefresh)
+    yield "toy-refresh"
+    dst.strategies.registry.unregister("toy-refresh")
+
+
+def test_a_third_party_strategy_is_tunable_from_its_config_metadata(toy_strategy, tmp_path):
+    space = build_space(toy_strategy, "bit-flipping")
+    kinds = {p.name: p.kind for p in space.params}
+    assert kinds == {"period": "int", "scale": "float", "mode": "categorical"}
+    assert main(["tune", "--strategy", toy_strategy, "--study", "toy", "--out", str(tmp_path), "--trials", "2",
+                 "--steps", "200", *BENCH]) == 0
+    trials = load(str(tmp_path / "toy.journal"), "toy").trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert all(t.params["mode"] in ("a", "b") and 10 <= t.params["period"] <= 100 for t in trials)
+    config = json.loads((tmp_path / "toy" / "trial-1" / "config.json").read_text())
+    assert config["strategy"] == toy_strategy and config["settings"]["period"] == trials[1].params["period"]
+
+
+# -- objectives and the trial -------------------------------------------------------------------------------
+
+
+def test_objective_directions_follow_the_task_type_and_unknown_names_are_listed():
+    assert directions(["late_window"], "bit-flipping") == ["minimize"]
+    assert directions(["late_window", "effective_rank"], "permuted-mnist") == ["maximize", "maximize"]
+    with pytest.raises(ConfigError, match="valid objectives: late_window, plasticity_loss, effective_rank"):
+        parse_objectives("late_window,accuracy")
+    with pytest.raises(ConfigError, match="needs the probe"):
+        directions(["dead_fraction"], "bit-flipping", {"probe": "false"})
+    # a regression loss that rose from 1.0 to 1.5 lost plasticity: positive, whatever summarize's sign
+    summary = {"performance_metric": "loss", "plasticity_loss": 1.0 - 1.5, "late_window": 1.5}
+    assert objective_values(summary, ["plasticity_loss", "late_window"]) == [0.5, 1.5]
+    assert objective_values({**summary, "performance_metric": "accuracy", "plasticity_loss": 0.2},
+                            ["plasticity_loss"]) == [0.2]
+
+
+def test_on_row_sees_every_row_and_an_exception_it_raises_stops_the_run(tmp_path):
+    spec = dst.runner.RunSpec("bit-flipping", "cbp", steps=500, bench={"bin_size": 100, "probe_size": 50, "hidden": (5,)})
+    seen: list[dict] = []
+    rows = dst.runner.run(spec, progress=False, on_row=seen.append)
+    assert [r["step"] for r in seen] == list(rows["step"]) == [100, 200, 300, 400, 500]
+
+    def stop(row):
+        if row["step"] == 200:
+            raise optuna.TrialPruned("enough")
+
+    with pytest.raises(optuna.TrialPruned):
+        dst.runner.run(spec, tmp_path / "run", progress=False, on_row=stop)
+    assert list(pd.read_csv(tmp_path / "run" / "metrics.csv")["step"]) == [100, 200]
+
+
+class AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+def test_trial_reports_every_bin_but_is_pruned_only_after_the_warmup(tmp_path):
+    space = build_space("cbp", "bit-flipping", bench={"bin_size": "100", "probe_size": "50", "hidden": "5"})
+    settings = StudySettings("cbp", "bit-flipping", steps=600, seed=0, seeds=2, objectives=("late_window",),
+                             directions=("minimize",), space=space.to_dict(), pruner="median", warmup=0.5)
+    study = optuna.create_study(pruner=AlwaysPrune(), study_name="p")
+    study.optimize(TrialObjective(settings, tmp_path, target=10), n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert sorted(trial.intermediate_values) == [100, 200, 300]  # pruned at the first bin at or after 50%
+    assert len(pd.read_csv(tmp_path / "p" / "trial-0" / "seed-0" / "metrics.csv")) == 3
+
+
+# -- tune, continue, report ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def journal_study(tmp_path_factory) -> Path:
+    """A finished 3-trial study on the default journal storage (shared; tests copy it before changing it)."""
+    out = tmp_path_factory.mktemp("journal")
+    assert main(tune(out)) == 0
+    return out
+
+
+def test_tune_runs_a_study_on_the_journal_and_records_its_settings(journal_study):
+    study = load(str(journal_study / "s.journal"))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    attrs = study.user_attrs
+    assert (attrs["strategy"], attrs["benchmark"], attrs["steps"], attrs["objectives"]) == ("cbp", "bit-flipping", 400, ["late_window"])
+    assert {p["name"] for p in attrs["space"]["params"]} == {"replacement_rate", "maturity_threshold", "decay_rate"}
+    for trial in study.trials:
+        rows = pd.read_csv(journal_study / "s" / f"trial-{trial.number}" / "metrics.csv")
+        assert sorted(trial.intermediate_values) == list(rows["step"]) == [100, 200, 300, 400]
+        assert trial.value == pytest.approx(rows["loss"].iloc[-1])  # late window of 4 rows: the last one
+
+
+def test_report_writes_best_trials_importances_plots_and_markdown(journal_study, tmp_path, capsys):
+    assert main(["report", "--study", "s", "--out", str(journal_study)]) == 0
+    assert "optuna-dashboard" in capsys.readouterr().out
+    best = json.loads((journal_study / "best.json").read_text())
+    study = load(str(journal_study / "s.journal"))
+    assert best["best"]["number"] == study.best_trial.number and best["best"]["params"] == study.best_trial.params
+    assert best["best"]["bench"]["bin_size"] == 100
+    assert len(pd.read_csv(journal_study / "trials.csv")) == 3
+    importances = pd.read_csv(journal_study / "importances.csv")
+    assert set(importances["param"]) == {"replacement_rate", "maturity_threshold", "decay_rate"}
+    for name in ("history.png", "params.png"):
+        data = (journal_study / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1024
+    assert "![history](history.png)" in (journal_study / "report.md").read_text()
+    # and a study with a single trial says why it has no importances
+    assert main(tune(tmp_path, trials=1, study="one")) == 0
+    assert main(["report", "--study", "one", "--out", str(tmp_path)]) == 0
+    assert "at least 2 completed trials" in (tmp_path / "report.md").read_text()
+
+
+def test_rerunning_tune_continues_the_study_to_the_new_target(journal_study, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(journal_study, out)
+    before = load(str(out / "s.journal")).trials
+    capsys.readouterr()
+    assert main(tune(out, trials=5)) == 0
+    assert "3 of 5 trials finished, 0 running; 2 to run" in capsys.readouterr().out
+    after = load(str(out / "s.journal")).trials
+    assert len(after) == 5 and all(t.state in FINISHED for t in after)
+    assert [(t.params, t.value) for t in after[:3]] == [(t.params, t.value) for t in before]
+    assert main(tune(out, trials=5)) == 0 and len(load(str(out / "s.journal")).trials) == 5  # target reached
+    message = error_of(tune(out, trials=6, steps=800), capsys)
+    assert "created with other settings; steps: recorded 400, given 800" in message
+    assert len(load(str(out / "s.journal")).trials) == 5  # nothing ran, nothing was lost
+
+
+def test_multi_objective_study_is_not_pruned_and_reports_a_pareto_front(tmp_path, capsys):
+    assert main(tune(tmp_path, "--objective", "late_window,seconds_per_step", trials=2, steps=200)) == 0
+    assert "not pruned" in capsys.readouterr().out
+    study = load(str(tmp_path / "s.journal"))
+    assert len(study.directions) == 2 and "cannot prune" in study.user_attrs["pruning"]
+    assert all(not t.intermediate_values for t in study.trials)
+    assert main(["report", "--study", "s", "--out", str(tmp_path)]) == 0
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert {r["number"] for r in best["pareto_front"]} == {t.number for t in study.best_trials}
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# -- dead workers, parallel workers -------------------------------------------------------------------------
+
+
+def test_killed_trial_is_failed_requeued_and_the_study_reaches_its_target(tmp_path):
+    url = f"sqlite:///{tmp_path / 'k.db'}"  # an RDB storage, so trials send heartbeats
+    options = ("--storage", url, "--heartbeat-interval", "1", "--grace-period", "2")
+    assert main(tune(tmp_path, *options, trials=1, steps=1000)) == 0  # one finished trial first
+    first = load(url).trials[0]
+    # `studies tune` in a forked process (it starts in milliseconds: the imports are done), killed mid-trial
+    process = multiprocessing.get_context("fork").Process(target=main, args=(tune(tmp_path, *options, trials=2, steps=1000),))
+    process.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the new trial runs and has reported a bin
+            running = [t for t in load(url).trials if t.state == optuna.trial.TrialState.RUNNING]
+            if running and running[0].intermediate_values:
+                break
+            assert process.is_alive(), "the tune process ended before it could be killed"
+            time.sleep(0.02)
+        else:
+            pytest.fail("no trial started running within 60 s")
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.join(timeout=30)
+    killed = running[0]
+    assert load(url).trials[killed.number].state == optuna.trial.TrialState.RUNNING  # left behind by the kill
+    assert main(tune(tmp_path, *options, trials=2, steps=1000)) == 0  # fails the dead trial, runs it again
+    trials = load(url).trials
+    assert (trials[0].params, trials[0].value) == (first.params, first.value)
+    assert trials[killed.number].state == optuna.trial.TrialState.FAIL
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retried) == 1 and retried[0].params == killed.params and retried[0].state in FINISHED
+    assert sum(t.state in FINISHED for t in trials) == 2
+
+
+def test_requeue_running_frees_a_trial_left_running_on_journal_storage(journal_study, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(journal_study, out)
+    study = load(str(out / "s.journal"))
+    left = study.ask({"replacement_rate": optuna.distributions.FloatDistribution(1e-6, 1e-2, log=True)})  # a "killed" one
+    assert main(tune(out, trials=4)) == 0  # 3 finished + 1 running: nothing to start, and it says why
+    assert len(load(str(out / "s.journal")).trials) == 4
+    assert main(tune(out, "--requeue-running", trials=4)) == 0
+    trials = load(str(out / "s.journal")).trials
+    assert trials[left.number].state == optuna.trial.TrialState.FAIL
+    assert trials[-1].system_attrs["failed_trial"] == left.number and trials[-1].state in FINISHED
+    assert trials[-1].params["replacement_rate"] == left.params["replacement_rate"]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    server = PostgresServer()
+    if not server.available:
+        if os.environ.get("DST_SKIP_POSTGRES") == "1":
+            pytest.skip("DST_SKIP_POSTGRES=1: PostgreSQL tests skipped")
+        pytest.fail(MISSING_MESSAGE)
+    with server as url:
+        yield url
+
+
+def test_two_workers_on_postgresql_complete_the_target_together(postgres_url, tmp_path):
+    assert main(tune(tmp_path, "--storage", postgres_url, trials=1, steps=800, study="pg")) == 0
+    workers = [python_m_studies("worker", "--study", "pg", "--storage", postgres_url, "--trials", "6",
+                                "--threads", "1") for _ in range(2)]
+    try:
+        outputs = [w.communicate(timeout=120)[0] for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    trials = load(postgres_url, "pg").trials
+    finished = [t for t in trials if t.state in FINISHED]
+    assert len(finished) == 6 and len({t.number for t in trials}) == len(trials)
+    by_worker = {t.user_attrs["worker"].rsplit(":", 1)[1] for t in finished[1:]}
+    assert by_worker == {str(w.pid) for w in workers}, outputs
+
+
+# -- clear errors -------------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_a_one_line_error(tmp_path, capsys):
+    assert "unknown strategy 'nope'; available: bp, cbp" in error_of(tune(tmp_path, "--strategy", "nope"), capsys)
+    assert "unknown parameter 'nope'" in error_of(tune(tmp_path, "--param", "nope=1:2"), capsys)
+    assert "valid objectives: late_window" in error_of(tune(tmp_path, "--objective", "late"), capsys)
+    assert "valid range of maturity_threshold, which is [0, inf]" in error_of(
+        tune(tmp_path, "--param", "maturity_threshold=-5:10"), capsys)
+    assert "SQLite takes one process at a time" in error_of(
+        ["worker", "--study", "s", "--storage", f"sqlite:///{tmp_path / 'x.db'}"], capsys)
+    assert "journal file" in error_of(tune(tmp_path, "--storage", f"sqlite:///{tmp_path / 'x.db'}", "--workers", "2"), capsys)
+    started = time.monotonic()
+    message = error_of(tune(tmp_path, "--storage", "postgresql://nobody@127.0.0.1:1/x"), capsys)
+    assert time.monotonic() - started < 10
+    assert "cannot open study storage postgresql://nobody@127.0.0.1:1/x" in message and "server is running" in message
+    assert "no study storage at" in error_of(["worker", "--study", "s", "--out", str(tmp_path / "none")], capsys)
+    assert not list(tmp_path.glob("*.journal"))  # no failed command left a storage behind
