@@ -1,0 +1,185 @@
+"""``python -m comparisons``: strategies x seeds x one benchmark -> tables, plots and a report.
+
+    python -m comparisons --preset quick --out results/quick
+    python -m comparisons --benchmark bit-flipping --strategies bp,cbp,rigl --seeds 5 --steps 50000 --out DIR
+    python -m comparisons --strategies bp,cbp --grid cbp.replacement_rate=1e-6,1e-5,1e-4 --out DIR
+    python -m comparisons presets                 (or --list-presets)
+    python -m comparisons report --out DIR        (tables, plots and report.md from the finished runs)
+
+``--bench key=value`` applies to every arm, ``--bench NAME.key=value`` to the arms of strategy (or preset
+arm) NAME; ``--set NAME.key=value`` sets a strategy setting; ``--grid NAME.key=v1,v2,...`` makes one arm
+per value (several --grid of one strategy: their cartesian product). Everything is validated before any
+run starts; bad input exits with status 2 and a one-line message. Rerunning a command skips finished runs
+and resumes unfinished ones from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from dst.errors import ConfigError, DSTError
+
+from .api import prepare_comparison, run_comparison
+from .execute import CHECKPOINT, is_finished, plan
+from .presets import PRESETS, describe_presets, free_form, preset
+from .report import format_summary, write_report
+from .spec import Comparison
+from .tables import check_format
+
+__all__ = ["main"]
+
+
+class _UsageError(Exception):
+    """argparse's complaint, turned into our one-line error instead of usage + exit."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message)
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m comparisons", description=__doc__.split("\n\n")[0],
+                     epilog="subcommands: `presets` lists the presets; `report --out DIR` rewrites the report.")
+    parser.add_argument("--preset", choices=list(PRESETS), help="a named comparison (see `presets`)")
+    parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    parser.add_argument("--benchmark", help="benchmark of a free-form comparison (default: bit-flipping)")
+    parser.add_argument("--strategies", help="comma-separated strategies of a free-form comparison (default: bp,cbp)")
+    parser.add_argument("--seeds", help="number of seeds (0..N-1) or a comma-separated list "
+                                        "(default: 3, or the preset's)")
+    parser.add_argument("--steps", type=int, help="training steps per run (default: the preset's / the benchmark's)")
+    parser.add_argument("--bench", action="append", default=[], metavar="[NAME.]KEY=VALUE",
+                        help="benchmark setting for every arm, or for NAME's arms; repeatable")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME.KEY=VALUE",
+                        help="strategy setting of NAME's arms; repeatable")
+    parser.add_argument("--grid", action="append", default=[], metavar="NAME.KEY=V1,V2,...",
+                        help="one arm per value (';' separates values of list settings); repeatable")
+    parser.add_argument("--out", help="output folder (default: results/<preset or benchmark>)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"parallel runs (default: one per core, here {os.cpu_count()})")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA if present)")
+    parser.add_argument("--format", dest="fmt", choices=("csv", "parquet"), default="csv",
+                        help="format of the combined table runs.<format> (parquet needs pyarrow)")
+    parser.add_argument("--checkpoints", type=int, default=10,
+                        help="checkpoints per run, for resuming (default: %(default)s; 0: none)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each run does")
+    return parser
+
+
+def _report_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m comparisons report",
+                     description="Write runs.csv, summary.csv, the plots and report.md from the finished runs.")
+    parser.add_argument("--out", required=True, help="the comparison's output folder")
+    parser.add_argument("--format", dest="fmt", choices=("csv", "parquet"), default="csv")
+    return parser
+
+
+def _seeds(text: str | None, default: Sequence[int]) -> tuple[int, ...]:
+    if text is None:
+        return tuple(default)
+    try:
+        if "," in text:
+            return tuple(int(s) for s in text.split(",") if s.strip())
+        count = int(text)
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: give a count (5) or a list (0,3,7)") from None
+    if count <= 0:
+        raise ConfigError(f"--seeds {text!r}: give at least one seed")
+    return tuple(range(count))
+
+
+def _comparisons(args: argparse.Namespace) -> list[Comparison]:
+    if args.preset and (args.benchmark or args.strategies):
+        raise ConfigError("--preset fixes the benchmark and the strategies; drop --benchmark/--strategies "
+                          "(use --bench/--set/--grid/--steps/--seeds to adjust a preset)")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    if args.preset:
+        found = preset(args.preset, bench=args.bench, sets=args.sets, grids=args.grid)
+    else:
+        strategy_names = (args.strategies or "bp,cbp").split(",")
+        found = [free_form(args.benchmark or "bit-flipping", strategy_names, bench=args.bench, sets=args.sets,
+                           grids=args.grid)]
+    result = []
+    for comparison in found:
+        changes = {"seeds": _seeds(args.seeds, comparison.seeds), "device": args.device,
+                   "checkpoints": args.checkpoints}
+        if args.steps is not None:
+            changes["steps"] = args.steps
+        result.append(replace(comparison, **changes))
+    return result
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    check_format(args.fmt)
+    comparisons = _comparisons(args)
+    base = Path(args.out or f"results/{args.preset or args.benchmark or 'bit-flipping'}")
+    outs = [base] if len(comparisons) == 1 else [base / c.name for c in comparisons]
+    resolved = [prepare_comparison(c, out) for c, out in zip(comparisons, outs)]  # all checks, no run yet
+    command = "python -m comparisons " + shlex.join(argv)
+    failed = 0
+    for comparison, out, arms in zip(comparisons, outs, resolved):
+        jobs = plan(comparison, out, arms)
+        finished = sum(is_finished(job) for job in jobs)
+        resumable = sum(not is_finished(job) and (job.out_dir / CHECKPOINT).exists() for job in jobs)
+        workers = args.workers or os.cpu_count() or 1
+        print(f"comparison {comparison.name} on {comparison.benchmark}: {len(comparison.arms)} arms x "
+              f"{len(comparison.seeds)} seeds = {len(jobs)} runs ({finished} already finished, {resumable} "
+              f"to resume), {min(workers, max(1, len(jobs) - finished))} worker process(es) -> {out}", flush=True)
+        result = run_comparison(comparison, out, workers=args.workers, progress=not args.no_progress,
+                                fmt=args.fmt, command=command, resolved=arms)
+        bad = [o for o in result["outcomes"] if o.status == "failed"]
+        failed += len(bad)
+        for error in dict.fromkeys(o.error for o in bad):  # one line per distinct error
+            runs = ", ".join(f"{o.label} seed {o.seed}" for o in bad if o.error == error)
+            print(f"failed: {runs}: {error}", file=sys.stderr)
+        print()
+        print(format_summary(result["summary"]))
+        print("\nwrote " + ", ".join(str(p) for p in result["paths"]))
+    if failed:
+        print(f"{failed} run(s) failed; the others are reported. Rerun the same command to retry them "
+              "(finished runs are skipped).", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report(argv: Sequence[str]) -> int:
+    args = _report_parser().parse_args(argv)
+    result = write_report(args.out, args.fmt)
+    print(format_summary(result["summary"]))
+    print("\nwrote " + ", ".join(str(p) for p in result["paths"]))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 1 some runs failed, 2 bad input, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if argv[:1] == ["presets"]:
+            print(describe_presets())
+            return 0
+        if argv[:1] == ["report"]:
+            return _report(argv[1:])
+        args = _run_parser().parse_args(argv)
+        if args.list_presets:
+            print(describe_presets())
+            return 0
+        return _run(args, argv)
+    except (DSTError, _UsageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are kept; rerun the same command to resume the others "
+              "from their checkpoints", file=sys.stderr)
+        return 130

@@ -1,0 +1,260 @@
+"""Run every (arm, seed) of a comparison through ``dst.runner.run``, in worker processes, resumably.
+
+Each run owns ``OUT/runs/<arm>/seed-<k>/``. A run is *finished* when its ``summary.json`` exists and its
+``config.json`` matches the spec; finished runs are never redone. An unfinished run with a checkpoint
+resumes from it; one without a checkpoint is cleared and started again. So Ctrl-C or a killed worker
+loses only the work since the last checkpoint of the runs in flight, and rerunning the same command
+carries on. ``OUT/comparison.json`` records the arms; rerunning into the same OUT may add arms, but an
+arm whose label is already recorded with other settings is an error, never a silent mix.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import json
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dst.errors import ConfigError
+from dst.runner import RunSpec
+
+from .spec import Arm, Comparison, ResolvedArm, dir_name, jsonable, validate
+
+__all__ = ["Job", "RunOutcome", "plan", "record_comparison", "run_jobs", "run_dir", "COMPARISON_FILE"]
+
+log = logging.getLogger(__name__)
+
+COMPARISON_FILE = "comparison.json"
+SUMMARY, CONFIG, CHECKPOINT, METRICS = "summary.json", "config.json", "checkpoint.pt", "metrics.csv"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run to do: the arm, the seed, where it goes and the dst spec."""
+
+    arm: Arm
+    seed: int
+    out_dir: Path
+    spec: RunSpec
+    expected: dict[str, Any]  # the config.json entries a finished run must have
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What became of one job: ``finished`` (just now), ``skipped`` (already done) or ``failed``."""
+
+    label: str
+    seed: int
+    status: str
+    seconds: float = 0.0
+    error: str = ""
+
+
+def run_dir(out: str | os.PathLike, label: str, seed: int) -> Path:
+    return Path(out) / "runs" / dir_name(label) / f"seed-{seed}"
+
+
+def _expected(comparison: Comparison, resolved: ResolvedArm, seed: int) -> dict[str, Any]:
+    expected: dict[str, Any] = {
+        "benchmark": comparison.benchmark, "strategy": resolved.arm.strategy, "seed": seed,
+        "bench": resolved.bench, "settings": resolved.settings,
+    }
+    if resolved.steps is not None:
+        expected["steps"] = resolved.steps
+    return expected
+
+
+def is_finished(job: Job) -> bool:
+    """``summary.json`` is there and ``config.json`` says it ran this spec (else an error naming the dir)."""
+    if not (job.out_dir / SUMMARY).exists():
+        return False
+    try:
+        saved = json.loads((job.out_dir / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False  # a summary without a readable config: redo it
+    differ = sorted(k for k, v in job.expected.items() if jsonable(saved.get(k)) != v)
+    if differ:
+        raise ConfigError(
+            f"{str(job.out_dir)!r} holds a finished run with other {', '.join(differ)} than arm {job.arm.label!r} "
+            "asks for; move it away or choose a new --out (nothing was overwritten)"
+        )
+    return True
+
+
+def plan(comparison: Comparison, out: str | os.PathLike, resolved: Sequence[ResolvedArm] | None = None) -> list[Job]:
+    """Every (arm, seed) job of ``comparison`` under ``out``, validated."""
+    resolved = list(resolved) if resolved is not None else validate(comparison)
+    jobs = []
+    for item in resolved:
+        for seed in comparison.seeds:
+            every = None  # checkpoints spread evenly over the run (dst rounds them up to whole bins)
+            if comparison.checkpoints and item.steps is not None:
+                every = max(1, math.ceil(item.steps / comparison.checkpoints))
+            spec = RunSpec(
+                benchmark=comparison.benchmark, strategy=item.arm.strategy, steps=item.steps, seed=seed,
+                bench=dict(item.arm.bench), settings=dict(item.arm.settings), device=comparison.device,
+                checkpoint_every=every,
+            )
+            jobs.append(Job(item.arm, seed, run_dir(out, item.arm.label, seed), spec,
+                            _expected(comparison, item, seed)))
+    return jobs
+
+
+def _identity(arm: dict[str, Any]) -> dict[str, Any]:
+    return {"strategy": arm["strategy"], "settings": arm["resolved_settings"], "bench": arm["resolved_bench"]}
+
+
+def _differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    changed = []
+    if before["strategy"] != after["strategy"]:
+        changed.append(f"strategy {before['strategy']} -> {after['strategy']}")
+    for part in ("settings", "bench"):
+        old, new = before[f"resolved_{part}"], after[f"resolved_{part}"]
+        changed += [f"{part}.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k)]
+    return changed
+
+
+def record_comparison(comparison: Comparison, resolved: Sequence[ResolvedArm], out: str | os.PathLike,
+                      command: str = "", *, dry_run: bool = False) -> dict[str, Any]:
+    """Merge ``comparison`` into ``OUT/comparison.json`` (new arms and seeds are added); a recorded arm
+    label with other settings, another benchmark or another run length is a :class:`ConfigError`.
+    ``dry_run`` only checks."""
+    path = Path(out) / COMPARISON_FILE
+    record = comparison.to_dict()
+    for arm, item in zip(record["arms"], resolved):
+        arm.update(resolved_settings=item.settings, resolved_bench=item.bench)
+    if path.exists():
+        old = json.loads(path.read_text())
+        for key in ("benchmark", "steps"):
+            if old.get(key) != record[key]:
+                raise ConfigError(
+                    f"{str(out)!r} holds a comparison with {key}={old.get(key)!r}, this one has "
+                    f"{key}={record[key]!r}; choose a new --out (runs of different {key} are not mixed)"
+                )
+        old_arms = {arm["label"]: arm for arm in old["arms"]}
+        for arm in record["arms"]:
+            before = old_arms.get(arm["label"])
+            if before is not None and _identity(before) != _identity(arm):
+                changed = _differences(before, arm)
+                raise ConfigError(
+                    f"arm {arm['label']!r} is recorded in {str(path)!r} with other settings "
+                    f"({'; '.join(changed)}); runs of both would mix under one label: "
+                    "rename the arm, or choose a new --out"
+                )
+        merged = {**old_arms, **{arm["label"]: arm for arm in record["arms"]}}
+        record["arms"] = list(merged.values())
+        record["seeds"] = sorted(set(old.get("seeds", [])) | set(record["seeds"]))
+        commands = old.get("commands", [])
+        record["commands"] = commands + [command] if command and command not in commands else commands
+    else:
+        record["commands"] = [command] if command else []
+    if dry_run:
+        return record
+    Path(out).mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return record
+
+
+def execute_job(job: Job) -> RunOutcome:
+    """Do one job in this process: skip it if finished, resume it from its checkpoint, or start it afresh."""
+    from dst import runner
+
+    if is_finished(job):
+        return RunOutcome(job.arm.label, job.seed, "skipped")
+    start = time.perf_counter()
+    resume = (job.out_dir / CHECKPOINT).exists()
+    if not resume and job.out_dir.exists():
+        log.info("clearing %s: unfinished and without a checkpoint", job.out_dir)
+        shutil.rmtree(job.out_dir)
+    runner.run(job.spec, job.out_dir, resume=resume, progress=False)
+    return RunOutcome(job.arm.label, job.seed, "finished", time.perf_counter() - start)
+
+
+def _worker_init(level: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core: intra-op threads would only fight each other
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _worker(job: Job) -> RunOutcome:
+    try:
+        return execute_job(job)
+    except Exception as err:  # report and go on: one diverging run must not stop the others
+        return RunOutcome(job.arm.label, job.seed, "failed", error=f"{type(err).__name__}: {err}")
+
+
+def run_jobs(jobs: Sequence[Job], workers: int | None = None, progress: bool = True) -> list[RunOutcome]:
+    """Run the jobs, ``workers`` at a time (default: one per core); finished ones are skipped.
+
+    ``workers=1`` runs in this process (no pool), which keeps tests and debugging simple.
+    """
+    from tqdm.auto import tqdm
+
+    done = [RunOutcome(j.arm.label, j.seed, "skipped") for j in jobs if is_finished(j)]
+    todo = [j for j in jobs if not is_finished(j)]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    bar = tqdm(total=len(jobs), initial=len(done), unit="run", desc="runs", disable=not progress,
+               dynamic_ncols=True)
+    outcomes = list(done)
+    try:
+        if workers == 1:
+            import torch
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                for job in todo:
+                    outcomes.append(_worker(job))
+                    bar.update(1)
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            outcomes += _run_pool(todo, workers, bar)
+    finally:
+        bar.close()
+    return outcomes
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """Fork after torch has started threads can deadlock, so workers never fork from this process: a
+    forkserver (a fresh process that imports dst once, then forks each worker: seconds faster per
+    worker than spawn) where the platform has one, else spawn."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def _run_pool(todo: Sequence[Job], workers: int, bar: Any) -> list[RunOutcome]:
+    context = _context()
+    level = logging.getLogger().getEffectiveLevel()
+    outcomes: list[RunOutcome] = []
+    pool = futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(level,))
+    try:
+        pending = {pool.submit(_worker, job): job for job in todo}
+        for future in futures.as_completed(pending):
+            job = pending[future]
+            try:
+                outcomes.append(future.result())
+            except futures.process.BrokenProcessPool:
+                outcomes.append(RunOutcome(job.arm.label, job.seed, "failed",
+                                           error="its worker process died (killed, or out of memory)"))
+            bar.update(1)
+    except BaseException:  # Ctrl-C or an error here: stop the runs in flight now, keep what is finished
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return outcomes

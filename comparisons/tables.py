@@ -1,0 +1,181 @@
+"""Tables from a comparison's output folder: every row of every run, and per-arm means with 95% CIs.
+
+The per-run numbers are each run's ``summary.json`` (written by :func:`dst.summary.summarize`), so the
+comparison reports exactly what ``python -m dst run`` would for the same run. Confidence intervals are
+Student-t: mean +- t_{0.975, n-1} * s / sqrt(n), with s the sample standard deviation across seeds
+(NaN for a single run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from dst.errors import ConfigError
+
+from .execute import COMPARISON_FILE, CONFIG, METRICS, SUMMARY
+from .spec import dir_name
+
+__all__ = [
+    "SUMMARY_METRICS",
+    "load_record",
+    "combined_table",
+    "run_summaries",
+    "summarize_runs",
+    "mean_ci",
+    "better_direction",
+    "write_table",
+]
+
+#: summary.json keys reported per arm, with the words the printed table uses.
+SUMMARY_METRICS: dict[str, str] = {
+    "late_window": "late-window performance",
+    "plasticity_loss": "plasticity loss",
+    "final_effective_rank": "effective rank",
+    "final_dead_fraction": "dead fraction",
+    "final_weight_magnitude": "weight magnitude",
+    "seconds_per_step": "seconds/step",
+}
+
+
+def load_record(out: str | os.PathLike) -> dict[str, Any]:
+    """``OUT/comparison.json``; an error saying what to do when ``out`` holds no comparison."""
+    path = Path(out) / COMPARISON_FILE
+    if not path.exists():
+        raise ConfigError(f"{str(out)!r} holds no comparison ({COMPARISON_FILE} is missing); "
+                          "run `python -m comparisons ... --out DIR` first")
+    return json.loads(path.read_text())
+
+
+def _run_dirs(out: str | os.PathLike, record: dict[str, Any]) -> list[tuple[dict[str, Any], int, Path]]:
+    """(arm record, seed, run dir) of every run folder that has metrics, in arm then seed order."""
+    found = []
+    for arm in record["arms"]:
+        folder = Path(out) / "runs" / dir_name(arm["label"])
+        seeds = sorted(int(p.name.split("-", 1)[1]) for p in folder.glob("seed-*") if p.name[5:].isdigit())
+        found += [(arm, seed, folder / f"seed-{seed}") for seed in seeds
+                  if (folder / f"seed-{seed}" / METRICS).exists()]
+    return found
+
+
+def _cell(value: Any) -> Any:
+    """A setting as a table cell: sequences become ``"100,100"`` so CSV and parquet columns stay scalar."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return value
+
+
+def combined_table(out: str | os.PathLike) -> pd.DataFrame:
+    """Every metrics row of every run with its arm, strategy, seed, whether it finished, and every
+    strategy setting (``settings.<name>``) and benchmark setting (``bench.<name>``) from its config.json."""
+    record = load_record(out)
+    frames = []
+    for arm, seed, path in _run_dirs(out, record):
+        rows = pd.read_csv(path / METRICS)
+        config = json.loads((path / CONFIG).read_text()) if (path / CONFIG).exists() else {}
+        front = {"arm": arm["label"], "strategy": arm["strategy"], "seed": seed,
+                 "finished": (path / SUMMARY).exists(), "benchmark": config.get("benchmark", record["benchmark"])}
+        settings = {f"settings.{k}": _cell(v) for k, v in config.get("settings", {}).items()}
+        bench = {f"bench.{k}": _cell(v) for k, v in config.get("bench", {}).items()}
+        frames.append(pd.concat([pd.DataFrame([front] * len(rows)), rows,
+                                 pd.DataFrame([{**settings, **bench}] * len(rows))], axis=1))
+    if not frames:
+        return pd.DataFrame(columns=["arm", "strategy", "seed", "finished", "benchmark"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def run_summaries(out: str | os.PathLike) -> pd.DataFrame:
+    """One row per finished run: arm, strategy, seed and its summary.json values."""
+    record = load_record(out)
+    rows = []
+    for arm, seed, path in _run_dirs(out, record):
+        if (path / SUMMARY).exists():
+            summary = json.loads((path / SUMMARY).read_text())
+            rows.append({"arm": arm["label"], "strategy": arm["strategy"], "seed": seed, **summary})
+    return pd.DataFrame(rows)
+
+
+def mean_ci(values: Sequence[float] | pd.Series) -> tuple[float, float, int]:
+    """(mean, 95% CI half-width, n) of the finite values; the half-width is NaN for n < 2."""
+    array = np.asarray(values, dtype=float)
+    array = array[np.isfinite(array)]
+    n = len(array)
+    if n == 0:
+        return math.nan, math.nan, 0
+    if n == 1:
+        return float(array[0]), math.nan, 1
+    half = stats.t.ppf(0.975, n - 1) * array.std(ddof=1) / math.sqrt(n)
+    return float(array.mean()), float(half), n
+
+
+def better_direction(metric: str, performance_metric: str) -> str:
+    """``higher`` or ``lower``: which way ``metric`` is better (for accuracy-like or loss-like performance)."""
+    accuracy_like = "accuracy" in performance_metric
+    if metric == "late_window":
+        return "higher" if accuracy_like else "lower"
+    if metric == "plasticity_loss":  # early minus late: for accuracy a drop, for a loss an improvement
+        return "lower" if accuracy_like else "higher"
+    if metric in ("final_dead_fraction", "seconds_per_step"):
+        return "lower"
+    if metric == "final_effective_rank":
+        return "higher"
+    return "neither"  # weight magnitude: large is a warning sign, but not a score
+
+
+def summarize_runs(out: str | os.PathLike) -> pd.DataFrame:
+    """Per arm, in recorded order: n finished runs, mean and 95% CI half-width of each
+    :data:`SUMMARY_METRICS` entry, which metric is the performance measure, and the arm's settings."""
+    record = load_record(out)
+    runs = run_summaries(out)
+    rows = []
+    for arm in record["arms"]:
+        mine = runs[runs["arm"] == arm["label"]] if len(runs) else runs
+        if not len(mine):
+            continue
+        metrics = mine["performance_metric"].unique()
+        row: dict[str, Any] = {"arm": arm["label"], "strategy": arm["strategy"],
+                               "density": arm["resolved_bench"].get("density", 1.0), "n": len(mine),
+                               "performance_metric": ", ".join(metrics)}
+        for metric in SUMMARY_METRICS:
+            mean, half, _ = mean_ci(mine[metric]) if metric in mine else (math.nan, math.nan, 0)
+            row[f"{metric}_mean"], row[f"{metric}_ci95"] = mean, half
+        row["late_window_better"] = better_direction("late_window", str(metrics[0]))
+        row.update({f"settings.{k}": _cell(v) for k, v in arm["resolved_settings"].items()})
+        row.update({f"bench.{k}": _cell(v) for k, v in arm["resolved_bench"].items()})
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    order = sorted(frame.columns, key=lambda c: 1 if c.startswith("settings.") else 2 if c.startswith("bench.") else 0)
+    return frame[order]  # measures first, then strategy settings, then benchmark settings (stable sort)
+
+
+def write_table(frame: pd.DataFrame, path_stem: str | os.PathLike, fmt: str = "csv") -> Path:
+    """Write ``frame`` as ``<stem>.csv`` or ``<stem>.parquet`` (which needs pyarrow)."""
+    if fmt == "csv":
+        path = Path(f"{path_stem}.csv")
+        frame.to_csv(path, index=False)
+        return path
+    if fmt == "parquet":
+        check_format(fmt)
+        path = Path(f"{path_stem}.parquet")
+        frame.to_parquet(path, index=False)
+        return path
+    raise ConfigError(f"unknown table format {fmt!r}; use csv or parquet")
+
+
+def check_format(fmt: str) -> None:
+    """Fail early (before any run) when the table format cannot be written here."""
+    if fmt not in ("csv", "parquet"):
+        raise ConfigError(f"unknown table format {fmt!r}; use csv or parquet")
+    if fmt == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ConfigError("--format parquet needs pyarrow, which is not installed: pip install pyarrow") from None
