@@ -97,6 +97,25 @@ def paper_permuted_mnist() -> list[Comparison]:
     return [Comparison("permuted-mnist", tuple(arms), seeds=tuple(range(5)), name="paper-permuted-mnist")]
 
 
+def sparse_bit_flipping() -> list[Comparison]:
+    """Can a refreshed sparse topology keep plasticity as well as CBP, at a fraction of the weights? The
+    paper's bit-flipping stream (1M steps, a change every 10,000 examples, bins of 20,000) with a wider
+    learner, 20-100-1: dense bp and cbp, and at 10% of the weights (ERK) static sparse (bp), SET, RigL and
+    CBP on RigL; 5 seeds. About 30 runs of 5-10 minutes each on a CPU core."""
+    dense = dict(hidden=(100,))
+    sparse = {**dense, "density": 0.1, "distribution": "erk"}
+    arms = [
+        Arm("bp", "bp", bench=dense),
+        Arm("cbp", "cbp", bench=dense),
+        Arm("static-sparse", "bp", bench=sparse),
+        Arm("set", "set", bench=sparse),
+        Arm("rigl", "rigl", bench=sparse),
+        Arm("cbp-rigl", "cbp-rigl", bench=sparse),
+    ]
+    return [Comparison("bit-flipping", tuple(arms), seeds=tuple(range(5)), steps=1_000_000,
+                       name="sparse-bit-flipping")]
+
+
 def paper() -> list[Comparison]:
     """Both published scales: ``paper-bit-flipping`` and ``paper-permuted-mnist`` (in OUT/<name>/)."""
     return paper_bit_flipping() + paper_permuted_mnist()
@@ -105,6 +124,7 @@ def paper() -> list[Comparison]:
 PRESETS: dict[str, Callable[[], list[Comparison]]] = {
     "quick": quick,
     "permuted-mnist-cpu": permuted_mnist_cpu,
+    "sparse-bit-flipping": sparse_bit_flipping,
     "paper": paper,
     "paper-bit-flipping": paper_bit_flipping,
     "paper-permuted-mnist": paper_permuted_mnist,
