@@ -55,7 +55,12 @@ class RigLUtility(RigL):
             utility.update(layer.output, factor, self.generator)
         return super().after_step()
 
-    def drop_scores(self, index: int, layer: nn.Module) -> torch.Tensor:
+    def drop_scores(self, index: int, layer: nn.Module, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """A connection's share of its unit's corrected utility (see the class docstring)."""
+        scores = self._utility_shares(index, layer)
+        return scores if positions is None else scores.reshape(-1)[positions]
+
+    def _utility_shares(self, index: int, layer: nn.Module) -> torch.Tensor:
         magnitude = layer.weight.detach().abs()
         tiny = torch.finfo(magnitude.dtype).tiny
         if id(layer) in self.by_consumer:  # source units are hidden: columns (blocks) belong to units

@@ -18,13 +18,7 @@ from dst import strategies
 from dst.config import setting
 from dst.errors import TopologyError
 from dst.init import INIT_SCHEMES, module_gain
-from dst.refresh import (
-    NO_REFRESH,
-    RefreshStats,
-    RefreshStrategy,
-    StrategyConfig,
-    replace_units,
-)
+from dst.refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig, replace_units
 from dst.topology import HiddenLayer, Topology
 
 from .utility import UTILITIES, HostWeightFactors, UnitUtility, weight_factors

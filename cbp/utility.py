@@ -27,7 +27,6 @@ __all__ = [
     "UTILITIES",
     "UnitUtility",
     "HostWeightFactors",
-    "host_weight_factors",
     "incoming_magnitude",
     "numpy_view",
     "outgoing_magnitude",
@@ -142,11 +141,6 @@ class HostWeightFactors:
                 factor = out_sums * (views.ratio / views.in_count)
             factors.append(factor)
         return factors
-
-
-def host_weight_factors(layers: list[HiddenLayer], kind: str) -> list[np.ndarray | None]:
-    """One-off :class:`HostWeightFactors` call (strategies keep the object to reuse its views)."""
-    return HostWeightFactors(layers, kind)()
 
 
 @torch.no_grad()

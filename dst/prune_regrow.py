@@ -10,7 +10,7 @@ is zeroed as well.
 
 A strategy only says what differs (in the spirit of RigL's TF2 mask updaters):
 
-- ``drop_scores``: lower is dropped first (magnitude |w| by default);
+- ``drop_scores``: lower is dropped first (magnitude |w| by default; asked for at the active positions);
 - ``grow_scores``: higher is grown first (SET: uniform noise; RigL: |dense gradient|); ``grow_indices``
   may pick the positions without a score (SET samples uniform random inactive positions directly);
 - ``drop_indices``: the count rule (SET's sign split overrides it);
@@ -172,9 +172,11 @@ class PruneRegrow(RefreshStrategy, metaclass=ABCMeta):
         return self.schedule(step, step - self.task_start, self.total_steps, self.steps_per_task)
 
     # -- what strategies differ in ------------------------------------------------------------
-    def drop_scores(self, index: int, layer: nn.Module) -> torch.Tensor:
-        """Lower is dropped first: |w|."""
-        return layer.weight.detach().abs()
+    def drop_scores(self, index: int, layer: nn.Module, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Lower is dropped first: |w|. With ``positions`` (flat indices of the active weights) only the
+        scores there, so an update need not score every weight of a large sparse layer."""
+        weight = layer.weight.detach()
+        return weight.abs() if positions is None else weight.view(-1)[positions].abs()
 
     @abstractmethod
     def grow_scores(self, index: int, layer: nn.Module) -> torch.Tensor:
@@ -186,10 +188,7 @@ class PruneRegrow(RefreshStrategy, metaclass=ABCMeta):
         if count == 0:
             return torch.empty(0, dtype=torch.long, device=layer.weight.device)
         active = layer.mask.view(-1).nonzero().squeeze(1)
-        if type(self).drop_scores is PruneRegrow.drop_scores:  # |w| read at the active positions only
-            scores = layer.weight.detach().view(-1)[active].abs()
-        else:
-            scores = self.drop_scores(index, layer).reshape(-1)[active]
+        scores = self.drop_scores(index, layer, active)
         return active[top_k(scores, count, largest=False)]
 
     def grow_indices(self, index: int, layer: nn.Module, count: int, mask: torch.Tensor) -> torch.Tensor:
