@@ -138,12 +138,16 @@ class ContinualBackprop(RefreshStrategy):
                 self.factors = weight_factors(self.layers, self.config.utility)
             self._factors_stale = False
         for layer, utility, factor in zip(self.layers, self.utilities, self.factors):
-            if layer.output is None:
+            h = layer.output
+            if h is None:
                 raise RuntimeError(
                     f"cbp saw no activation of {layer.name!r}: call after_step() after a forward and "
                     "optimizer step of the model it was built on"
                 )
-            utility.update(layer.output, factor, self.generator)
+            if self.host:
+                utility._update_host(h.numpy(), factor)
+            else:
+                utility.update(h, factor, self.generator)
         replaced = 0
         threshold = self.config.maturity_threshold
         # Deepest layer first: a unit replaced in layer l + 1 gets fresh incoming weights, and the zeroed

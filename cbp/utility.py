@@ -42,7 +42,7 @@ UTILITIES = (
     "random",
 )
 
-_STATE = ("born", "utility", "mean", "decay_power")
+_STATE = ("born", "norm", "mean_sum", "utility_sum")
 
 
 #: mean |w_in| is clamped here: a unit with no incoming weight (an empty sparse row) gets a large finite
@@ -89,26 +89,38 @@ def numpy_view(tensor: torch.Tensor) -> np.ndarray:
 
 
 class _WeightViews:
-    """numpy views of one hidden layer's producer and consumer weights, re-made only when a weight's
-    memory moves (a ``.data`` assignment, ``load_state_dict`` into new tensors, ``.to()``)."""
+    """numpy views of one hidden layer's producer and consumer weights (and scratch for their |w|),
+    re-made only when a weight's memory moves (a ``.data`` assignment, a new Parameter, ``.to()``)."""
 
     def __init__(self, layer: HiddenLayer) -> None:
         self.layer = layer
         self.key: tuple[int, int] | None = None
-        self.incoming = self.outgoing = None
         units = layer.n_units
         self.in_count = layer.producer.weight.numel() // units
         self.ratio = self.in_count / (layer.consumer.weight.numel() // units)  # fan_in / out count
+        self.floor = MIN_INCOMING * self.in_count
+        # the outgoing view is (out, units) for an MLP, (out, units, block * kernel) otherwise
+        self.out_axes: int | tuple[int, int] = 0 if layer.consumer.weight.numel() == (
+            layer.consumer.weight.shape[0] * units) else (0, 2)
 
-    def get(self) -> tuple[np.ndarray, np.ndarray]:
-        producer, consumer = self.layer.producer.weight, self.layer.consumer.weight
+    @staticmethod
+    def _weight(module: torch.nn.Module) -> torch.Tensor:
+        # the module's own parameter dict: cheaper than nn.Module.__getattr__ on every step
+        weight = module._parameters.get("weight")
+        return module.weight if weight is None else weight
+
+    def get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """incoming (units, fan_in), outgoing (out, units[, block]) and scratch arrays of their shapes."""
+        producer, consumer = self._weight(self.layer.producer), self._weight(self.layer.consumer)
         key = (producer.data_ptr(), consumer.data_ptr())
         if key != self.key:
             units = self.layer.n_units
             self.incoming = numpy_view(producer).reshape(units, -1)
-            self.outgoing = numpy_view(consumer).reshape(consumer.shape[0], units, -1)
+            shape = (consumer.shape[0], units) + (() if self.out_axes == 0 else (-1,))
+            self.outgoing = numpy_view(consumer).reshape(shape)
+            self.scratch = (np.empty_like(self.incoming), np.empty_like(self.outgoing))
             self.key = key
-        return self.incoming, self.outgoing
+        return self.incoming, self.outgoing, *self.scratch
 
 
 class HostWeightFactors:
@@ -124,21 +136,22 @@ class HostWeightFactors:
         if kind == "random":
             return [None] * len(self.views)
         factors = []
-        add = np.add.reduce
+        add, absolute = np.add.reduce, np.abs
         for views in self.views:
-            incoming, outgoing = views.get()
+            incoming, outgoing, abs_in, abs_out = views.get()
             in_sums = None
             if kind in ("adaptation", "adaptable_contribution"):
-                in_sums = np.maximum(add(np.abs(incoming), 1), MIN_INCOMING * views.in_count)
+                in_sums = add(absolute(incoming, out=abs_in), 1)
+                np.maximum(in_sums, views.floor, out=in_sums)
             if kind == "adaptation":
-                factors.append(views.in_count / in_sums)
+                factors.append(np.divide(views.in_count, in_sums, out=in_sums))
                 continue
-            out_sums = add(np.abs(outgoing), (0, 2))
+            factor = add(absolute(outgoing, out=abs_out), views.out_axes)
             if kind == "adaptable_contribution":
-                factor = out_sums / in_sums
+                factor /= in_sums
                 factor *= views.ratio
             else:
-                factor = out_sums * (views.ratio / views.in_count)
+                factor *= views.ratio / views.in_count
             factors.append(factor)
         return factors
 
@@ -175,7 +188,17 @@ def weight_factors(layers: list[HiddenLayer], kind: str) -> list[torch.Tensor | 
 
 
 class UnitUtility:
-    """Age, running utility and running mean activation of one hidden layer's units."""
+    """Age, running utility and running mean activation of one hidden layer's units.
+
+    The bias-corrected running averages are kept as decayed sums over the unit's life (age a):
+
+        norm         n = sum_{s=1..a} eta^(a-s)      = (1 - eta^a) / (1 - eta)
+        mean_sum     m = sum_{s=1..a} eta^(a-s) h_s  so  f = (1 - eta) m,  f_hat = m / n
+        utility_sum  v = sum_{s=1..a} eta^(a-s) y_s  so  u = (1 - eta) v,  u_hat = v / n
+
+    which is the paper's f <- eta f + (1 - eta) h with f_hat = f / (1 - eta^a), rearranged so that one
+    step is: scale the three sums by eta (one (3, units) block), add 1, mean(h) and y.
+    """
 
     def __init__(self, layer: HiddenLayer, kind: str, decay_rate: float, device: torch.device) -> None:
         if kind not in UTILITIES:
@@ -185,25 +208,34 @@ class UnitUtility:
         # age = steps - born: one host counter instead of a per-step increment of a device tensor
         self.steps = 0
         self.born = torch.zeros(units, device=device)
-        # eta^age, the running mean f and the running utility u, as rows of one block: all three decay
-        # by eta each step, so the host path scales them with one call. 1 - decay_power is the correction.
         self._block = torch.zeros(3, units, device=device)
-        self.decay_power, self.mean, self.utility = self._block.unbind(0)
-        self.decay_power.fill_(1)
+        self.norm, self.mean_sum, self.utility_sum = self._block.unbind(0)
         self._random: torch.Tensor | None = None
         # On the CPU, numpy views of the same memory for the per-step update (see HostWeightFactors)
         self._host = None
         if torch.device(device).type == "cpu":
             block = numpy_view(self._block)
-            self._host = (block, block[1], block[2], block[0])
+            self._host = (block, block[0], block[1], block[2], np.empty(units, dtype=block.dtype))
 
     @property
     def age(self) -> torch.Tensor:
         """Steps since each unit was (re)initialised."""
         return self.steps - self.born
 
-    def _bias_correction(self) -> torch.Tensor:
-        return 1 - self.decay_power
+    @property
+    def mean(self) -> torch.Tensor:
+        """The running mean activation f (not bias-corrected)."""
+        return self.mean_sum * (1 - self.decay_rate)
+
+    @property
+    def utility(self) -> torch.Tensor:
+        """The running utility u (not bias-corrected)."""
+        return self.utility_sum * (1 - self.decay_rate)
+
+    @property
+    def decay_power(self) -> torch.Tensor:
+        """eta^age; 1 - eta^age is the bias correction."""
+        return 1 - self.norm * (1 - self.decay_rate)
 
     def update(
         self, h: torch.Tensor, weight_factor: torch.Tensor | None, generator: torch.Generator | None = None
@@ -212,86 +244,92 @@ class UnitUtility:
         and the layer's ``weight_factor`` (from :func:`weight_factors`). Neither may require grad: ``h``
         is a captured (detached) activation, so no autograd graph is built."""
         if isinstance(weight_factor, np.ndarray):
-            self._update_host(numpy_view(h), weight_factor, generator)
+            self._update_host(h.numpy(), weight_factor)
             return
-        eta = self.decay_rate
         single = h.dim() == 2 and h.shape[0] == 1  # batch 1, MLP: no reductions needed
         reduce = (0, *range(2, h.dim()))
         self.steps += 1
-        self.decay_power.mul_(eta)
-        self.mean.lerp_(h[0] if single else h.mean(reduce), 1 - eta)  # f <- eta f + (1 - eta) mean(h)
+        self._block.mul_(self.decay_rate)
+        self.norm.add_(1)
+        self.mean_sum.add_(h[0] if single else h.mean(reduce))
         kind = self.kind
         if kind == "random":
-            self._random = torch.rand(self.mean.shape, device=self.mean.device, generator=generator)
+            self._random = torch.rand(self.norm.shape, device=self.norm.device, generator=generator)
             return
         if kind in ("adaptation", "weight"):
             instant = weight_factor
         elif kind == "contribution":
             instant = weight_factor * (h[0].abs() if single else h.abs().mean(reduce))
         else:  # zero_contribution, adaptable_contribution: |h - f_hat|
-            mean = self.mean / self._bias_correction()
+            mean = self.mean_sum / self.norm
             if single:
                 deviation = (h[0] - mean).abs_()
             else:
                 deviation = (h - mean.view((1, -1) + (1,) * (h.dim() - 2))).abs_().mean(reduce)
             instant = weight_factor * deviation
-        self.utility.lerp_(instant, 1 - eta)  # u <- eta u + (1 - eta) y
+        self.utility_sum.add_(instant)
 
-    def _update_host(self, h: np.ndarray, weight_factor: np.ndarray, generator) -> None:
+    def _update_host(self, h: np.ndarray, weight_factor: np.ndarray) -> None:
         """The same update as :meth:`update`, in numpy on the state tensors' memory."""
         if self._host is None:
             raise ValueError("host (numpy) weight factors given for state that is not on the CPU")
-        block, mean, utility, decay_power = self._host
-        eta = self.decay_rate
-        rate = 1 - eta
-        if h.ndim == 2 and h.shape[0] == 1:  # batch 1, MLP: no reductions needed
-            batch_mean = h[0]
-            reduce, scale = None, 1.0
-        else:
-            reduce = (0, *range(2, h.ndim))
-            scale = h.shape[0] * (h[0, 0].size if h.ndim > 2 else 1)
-            batch_mean = np.add.reduce(h, reduce) / scale
+        block, norm, mean_sum, utility_sum, scratch = self._host
         self.steps += 1
-        block *= eta  # eta^age, f and u each decay by eta
-        mean += rate * batch_mean
+        block *= self.decay_rate
+        norm += 1
         kind = self.kind
-        if kind in ("adaptation", "weight"):
-            instant = weight_factor
-        else:
+        if h.ndim == 2 and h.shape[0] == 1:  # batch 1, MLP: no reductions needed
+            h = h[0]
+            mean_sum += h
+            if kind in ("adaptation", "weight"):
+                utility_sum += weight_factor
+                return
             if kind == "contribution":
-                deviation = np.abs(h)
-            else:
-                corrected = mean / (1 - decay_power)
-                deviation = np.abs(h - (corrected if reduce is None or h.ndim == 2
-                                        else corrected.reshape((1, -1) + (1,) * (h.ndim - 2))))
-            if reduce is None:
-                deviation = deviation[0]
-            else:
-                deviation = np.add.reduce(deviation, reduce) / scale
-            instant = weight_factor * deviation
-        utility += rate * instant
+                np.abs(h, out=scratch)
+            else:  # |h - f_hat|
+                np.divide(mean_sum, norm, out=scratch)
+                np.subtract(h, scratch, out=scratch)
+                np.abs(scratch, out=scratch)
+            scratch *= weight_factor
+            utility_sum += scratch
+            return
+        reduce = (0, *range(2, h.ndim))
+        scale = h.shape[0] * (h[0, 0].size if h.ndim > 2 else 1)
+        mean_sum += np.add.reduce(h, reduce) / scale
+        if kind in ("adaptation", "weight"):
+            utility_sum += weight_factor
+            return
+        if kind == "contribution":
+            deviation = np.abs(h)
+        else:
+            corrected = (mean_sum / norm).reshape((1, -1) + (1,) * (h.ndim - 2))
+            deviation = np.abs(h - corrected)
+        utility_sum += weight_factor * (np.add.reduce(deviation, reduce) / scale)
 
     def corrected_utility(self) -> torch.Tensor:
         """u_hat = u / (1 - eta^age): what units are ranked by (a fresh draw for ``random``)."""
         if self.kind == "random":
             return self._random if self._random is not None else torch.zeros_like(self.utility)
-        return self.utility / self._bias_correction()
+        return self.utility_sum / self.norm
 
     def corrected_mean(self, units: torch.Tensor | None = None) -> torch.Tensor:
         """f_hat = f / (1 - eta^age), the bias-corrected mean activation."""
-        mean = self.mean / self._bias_correction()
-        return mean if units is None else mean[units]
+        if units is None:
+            return self.mean_sum / self.norm
+        return self.mean_sum[units] / self.norm[units]
 
     def reset(self, units: torch.Tensor) -> None:
         self.born[units] = float(self.steps)
-        self.utility[units] = 0
-        self.mean[units] = 0
-        self.decay_power[units] = 1
+        self._block[:, units] = 0
 
     def state_dict(self) -> dict[str, torch.Tensor | int]:
         return {"steps": self.steps, **{key: getattr(self, key) for key in _STATE}}
 
     def load_state_dict(self, state: dict[str, torch.Tensor | int]) -> None:
         self.steps = int(state["steps"])
+        if "decay_power" in state:  # saved by an earlier version: f, u and eta^age instead of the sums
+            rate = 1 - self.decay_rate
+            state = {"born": state["born"], "norm": (1 - state["decay_power"]) / rate,
+                     "mean_sum": state["mean"] / rate, "utility_sum": state["utility"] / rate}
         for key in _STATE:
             getattr(self, key).copy_(state[key])

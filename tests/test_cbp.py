@@ -409,3 +409,32 @@ def test_a_unit_without_incoming_weights_has_zero_utility_not_nan():
         _step(net, opt, strategy, torch.rand(2, 4), torch.rand(2, 1))
     utility = strategy.utilities[0].corrected_utility()
     assert torch.isfinite(utility).all() and utility[1] == 0
+
+
+def test_running_statistics_are_the_papers_bias_corrected_averages_and_old_checkpoints_load():
+    from cbp.utility import UnitUtility
+
+    torch.manual_seed(0)
+    net = dst.nets.mlp(4, [6], 2)
+    layer = dst.Topology.from_model(net).hidden_layers[0]
+    eta = 0.9
+    utility = UnitUtility(layer, "zero_contribution", eta, torch.device("cpu"))
+    f = torch.zeros(6)
+    u = torch.zeros(6)
+    factor = torch.rand(6)
+    for t in range(1, 8):
+        h = torch.relu(torch.randn(1, 6))
+        utility.update(h, factor)
+        f = eta * f + (1 - eta) * h[0]  # the paper's recursion, corrected by 1 - eta^t
+        u = eta * u + (1 - eta) * factor * (h[0] - f / (1 - eta**t)).abs()
+    torch.testing.assert_close(utility.corrected_mean(), f / (1 - eta**7))
+    torch.testing.assert_close(utility.corrected_utility(), u / (1 - eta**7))
+    torch.testing.assert_close(utility.mean, f)
+    torch.testing.assert_close(utility.utility, u)
+    torch.testing.assert_close(utility.decay_power, torch.full((6,), eta**7))
+    # a state saved by the earlier (f, u, eta^age) layout loads into the same statistics
+    old = {"steps": 7, "born": utility.born.clone(), "mean": f, "utility": u, "decay_power": torch.full((6,), eta**7)}
+    fresh = UnitUtility(layer, "zero_contribution", eta, torch.device("cpu"))
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh.corrected_utility(), utility.corrected_utility())
+    torch.testing.assert_close(fresh.corrected_mean(), utility.corrected_mean())
