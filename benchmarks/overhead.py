@@ -3,6 +3,7 @@
     python benchmarks/overhead.py                 # both measurements
     python benchmarks/overhead.py --only small    # 5-unit bit-flipping net
     python benchmarks/overhead.py --only wide     # 784-2000-2000-2000-10 net, batch 1
+    python benchmarks/overhead.py --only fidelity # magnitude_every=100 against exact utilities, same net
     python benchmarks/overhead.py --only refresh  # SET/RigL update cost at density 0.1, delta T = 100
 
 small: a minimal hand-written PyTorch loop, dst's Experiment with ``bp``, and with ``cbp``, on the same
@@ -10,7 +11,11 @@ pre-generated bit-flipping examples (SGD 0.01, batch 1). Repetitions are interle
 per-step time of each is reported, with the ratios framework/minimal and cbp/bp.
 
 wide: a training step of a 784-2000-2000-2000-10 ReLU net at batch 1 (SGD 0.003, random inputs),
-with ``bp`` and with ``cbp`` (adaptable contribution, rate 1e-4, maturity 100), interleaved.
+with ``bp`` and with ``cbp`` (adaptable contribution, rate 1e-4, maturity 100), interleaved; and the
+cost of one bare read of every weight, the floor under any exact per-step utility.
+
+fidelity: exact and ``magnitude_every=100`` utilities tracked side by side on one run of that net
+(no replacements): relative difference, rank correlation and agreement of the lowest-utility units.
 
 refresh: the same net at density 0.1 (ERK), batch 1. The mean time of a training step with ``bp``
 (static sparse), and the time of one SET / RigL mask update; the update's cost amortised over
@@ -96,6 +101,53 @@ def _wide(steps: int, repeats: int) -> None:
     print(f"784-2000-2000-2000-10, batch 1, {steps} steps x {repeats} interleaved repeats (median ms/step)")
     for name, value in median.items():
         print(f"  {name:24s} {value * 1e3:8.2f}   x{value / median['bp']:.3f} of bp")
+    # The floor of any exact utility: every weight changes at every step and the utility depends on all
+    # of them, so each step must at least read every weight matrix once. A bare sum (no |w|, one pass,
+    # the fastest reduction there is) over all weights, as a fraction of the bp step:
+    weights = [p.detach() for name, p in model.named_parameters() if name.endswith("weight")]
+    reads = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            for weight in weights:
+                weight.sum()
+        reads.append((time.perf_counter() - start) / steps)
+    read = statistics.median(reads)
+    print(f"  one bare read of all {sum(w.numel() for w in weights) / 1e6:.1f}M weights: {read * 1e3:.2f} ms "
+          f"= {read / median['bp'] * 100:.1f}% of a bp step (the least an exact per-step utility adds)")
+
+
+def _fidelity(steps: int) -> None:
+    """How far ``magnitude_every=100`` moves the utilities from the exact ones on one training run."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    import dst
+
+    torch.manual_seed(0)
+    model = dst.nets.mlp(784, [2000, 2000, 2000], 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.003)
+    exact = dst.strategies.build("cbp", model, opt, replacement_rate=0.0, seed=0)
+    amortised = dst.strategies.build("cbp", model, opt, replacement_rate=0.0, magnitude_every=100, seed=0)
+    x = torch.rand(steps, 1, 784)
+    y = torch.randint(0, 10, (steps, 1))
+    print(f"784-2000-2000-2000-10, batch 1, SGD 0.003: corrected utilities after {steps} steps, "
+          "magnitude_every=100 against exact")
+    for i in range(steps):
+        loss = F.cross_entropy(model(x[i]), y[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        exact.after_step()
+        amortised.after_step()
+    for index, (a, b) in enumerate(zip(exact.utilities, amortised.utilities)):
+        u, v = a.corrected_utility().numpy(), b.corrected_utility().numpy()
+        relative = np.abs(v - u) / np.abs(u).clip(1e-12)
+        low_u, low_v = np.argsort(u), np.argsort(v)
+        overlap = len(set(low_u[:20]) & set(low_v[:20]))
+        print(f"  layer {index}: relative difference median {np.median(relative):.2e}, max {relative.max():.2e}; "
+              f"Spearman {spearmanr(u, v).statistic:.6f}; lowest unit same: {low_u[0] == low_v[0]}; "
+              f"20 lowest shared: {overlap}/20")
 
 
 def _refresh(steps: int, repeats: int) -> None:
@@ -134,11 +186,12 @@ def _refresh(steps: int, repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("small", "wide", "refresh"))
+    parser.add_argument("--only", choices=("small", "wide", "fidelity", "refresh"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--small-steps", type=int, default=20_000)
     parser.add_argument("--wide-steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--fidelity-steps", type=int, default=1000)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
@@ -146,6 +199,8 @@ def main() -> None:
         _small(args.small_steps, args.repeats)
     if args.only in (None, "wide"):
         _wide(args.wide_steps, args.repeats)
+    if args.only in (None, "fidelity"):
+        _fidelity(args.fidelity_steps)
     if args.only in (None, "refresh"):
         _refresh(args.wide_steps, args.repeats)
 

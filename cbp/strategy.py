@@ -21,7 +21,7 @@ from dst.init import INIT_SCHEMES, module_gain
 from dst.refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig, replace_units
 from dst.topology import HiddenLayer, Topology
 
-from .utility import UTILITIES, HostWeightFactors, UnitUtility, weight_factors
+from .utility import UTILITIES, HostWeightFactors, UnitUtility, WeightFactors
 
 __all__ = ["CBPConfig", "ContinualBackprop", "ReDoConfig", "ReDo", "redraw_fan_in"]
 
@@ -54,8 +54,9 @@ class CBPConfig(StrategyConfig):
     )
     magnitude_every: int = setting(
         1, low=1,
-        help="steps between recomputing the weight-magnitude factors (1: every step, exact; "
-        "larger amortises the reads of every weight matrix on wide nets)",
+        help="steps between recomputing the |w| sums of large weight matrices (1: every step, exact; "
+        "larger amortises the reads of every weight on wide nets; matrices under 65,536 entries and the "
+        "replaced units' own sums stay exact)",
     )
 
 
@@ -101,10 +102,10 @@ class ContinualBackprop(RefreshStrategy):
         self.accumulated = [0.0] * len(self.layers)
         self.host_random = random.Random(self.generator.initial_seed())  # probabilistic rounding
         self.factors: list[Any] = []
-        self._factors_stale = True
         # Small layers on the CPU: the per-step arithmetic in numpy on the tensors' memory, because
         # torch's per-op dispatch there costs more than the arithmetic (same formulas, same state).
-        self.host = self.device.type == "cpu" and c.utility != "random" and all(
+        self._factors = WeightFactors(self.layers, c.utility, c.magnitude_every)
+        self.host = self.device.type == "cpu" and c.utility != "random" and not self._factors.amortises and all(
             layer.producer.weight.numel() + layer.consumer.weight.numel() <= HOST_MAX_WEIGHTS
             for layer in self.layers
         )
@@ -131,12 +132,10 @@ class ContinualBackprop(RefreshStrategy):
 
     def after_step(self) -> RefreshStats:
         super().after_step()
-        if self._factors_stale or self.step % self.config.magnitude_every == 0:
-            if self.host:
-                self.factors = self._host_factors()
-            else:
-                self.factors = weight_factors(self.layers, self.config.utility)
-            self._factors_stale = False
+        if self.host:
+            self.factors = self._host_factors()
+        else:
+            self.factors = self._factors(self.step % self.config.magnitude_every == 0)
         for layer, utility, factor in zip(self.layers, self.utilities, self.factors):
             h = layer.output
             if h is None:
@@ -161,6 +160,7 @@ class ContinualBackprop(RefreshStrategy):
             units = torch.topk(scores, count, largest=False).indices
             self.eligible[index] -= count
             self.maturing[index].append([self.step + threshold + 1, count])
+            amortised = self._factors.before_replace(index, units) if self._factors.amortises else None
             if self.config.refresh_fan_in == "redraw":
                 redraw_fan_in(layer, units, self.generator)
             replace_units(
@@ -173,8 +173,9 @@ class ContinualBackprop(RefreshStrategy):
                 mean_activation=utility.corrected_mean(units) if self.config.bias_correction else None,
             )
             utility.reset(units)
+            if amortised is not None:
+                self._factors.patch(index, units, amortised)
             replaced += count
-            self._factors_stale = True  # replaced rows and columns change the magnitudes
         return RefreshStats(units_replaced=replaced) if replaced else NO_REFRESH
 
     def state_dict(self) -> dict[str, Any]:
@@ -185,8 +186,7 @@ class ContinualBackprop(RefreshStrategy):
             maturing=[[list(item) for item in queue] for queue in self.maturing],
             accumulated=list(self.accumulated),
             host_random=self.host_random.getstate(),
-            factors=list(self.factors),
-            factors_stale=self._factors_stale,
+            weight_sums=self._factors.state_dict(),
         )
         return state
 
@@ -198,8 +198,8 @@ class ContinualBackprop(RefreshStrategy):
         self.maturing = [deque([list(item) for item in queue]) for queue in state["maturing"]]
         self.accumulated = list(state["accumulated"])
         self.host_random.setstate(state["host_random"])
-        self.factors = list(state["factors"])
-        self._factors_stale = bool(state["factors_stale"])
+        if "weight_sums" in state:  # absent from earlier versions' state: the sums are taken afresh
+            self._factors.load_state_dict(state["weight_sums"])
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ __all__ = [
     "UTILITIES",
     "UnitUtility",
     "HostWeightFactors",
+    "WeightFactors",
     "incoming_magnitude",
     "numpy_view",
     "outgoing_magnitude",
@@ -156,35 +157,117 @@ class HostWeightFactors:
         return factors
 
 
-@torch.no_grad()
-def weight_factors(layers: list[HiddenLayer], kind: str) -> list[torch.Tensor | None]:
+#: weight matrices with at least this many entries are "large": ``magnitude_every`` spaces out their
+#: |w| sums. Smaller ones (an output layer, a narrow net) cost little and are summed every step.
+AMORTISE_FROM = 1 << 16
+
+
+class WeightFactors:
     """The weight part of each layer's utility: mean|w_out|, 1/mean|w_in|, or their ratio.
 
-    Large weights have their absolute value taken once and shared by the layer that produces with them
-    and the layer that consumes with them; small ones use one fused |w|-sum per use.
+    ``factors = WeightFactors(layers, kind, every=N)``, then ``factors(refresh)`` once per step: the
+    |w| sums of every weight matrix below :data:`AMORTISE_FROM` entries are recomputed at each call, and
+    those of larger matrices only when ``refresh`` is true (the caller's every-N-steps schedule) or
+    ``every`` is 1. Large weights have their absolute value taken once and shared by the layer that
+    produces with them and the layer that consumes with them. Around a replacement,
+    :meth:`before_replace` and :meth:`patch` update the cached sums by exactly what the replacement
+    changed, so a fresh unit never inherits the old unit's factor.
     """
-    if kind == "random":
-        return [None] * len(layers)
-    cache: dict[int, torch.Tensor] = {}
 
-    def shared(weight: torch.Tensor) -> torch.Tensor:
-        if id(weight) not in cache:
-            cache[id(weight)] = weight.abs()
-        return cache[id(weight)]
+    def __init__(self, layers: list[HiddenLayer], kind: str, every: int = 1) -> None:
+        self.layers, self.kind, self.every = list(layers), kind, every
+        self.amortise_from = AMORTISE_FROM if every > 1 else None
+        self.need_in = kind in ("adaptation", "adaptable_contribution")
+        self.need_out = kind not in ("adaptation", "random")
+        self.in_sums: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.out_sums: list[torch.Tensor | None] = [None] * len(self.layers)
+        #: whether some weight matrix's sums are reused across steps (``every`` > 1 and a large one)
+        self.amortises = self.amortise_from is not None and any(
+            module.weight.numel() >= self.amortise_from
+            for layer in self.layers for module in (layer.producer, layer.consumer))
 
-    factors = []
-    for layer in layers:
-        if kind == "adaptation":
-            in_sums, in_count = _incoming_sums(layer, shared)
-            factors.append(in_count / in_sums.clamp_min_(MIN_INCOMING * in_count))
-            continue
-        out_sums, out_count = _outgoing_sums(layer, shared)
-        if kind == "adaptable_contribution":
-            in_sums, in_count = _incoming_sums(layer, shared)
-            factors.append(out_sums.div_(in_sums.clamp_min_(MIN_INCOMING * in_count)).mul_(in_count / out_count))
-        else:
-            factors.append(out_sums.div_(out_count))
-    return factors
+    def _stale_ok(self, weight: torch.Tensor, cached: torch.Tensor | None, refresh: bool) -> bool:
+        return (cached is not None and not refresh and self.amortise_from is not None
+                and weight.numel() >= self.amortise_from)
+
+    @torch.no_grad()
+    def __call__(self, refresh: bool = True) -> list[torch.Tensor | None]:
+        if self.kind == "random":
+            return [None] * len(self.layers)
+        cache: dict[int, torch.Tensor] = {}
+
+        def shared(weight: torch.Tensor) -> torch.Tensor:
+            if id(weight) not in cache:
+                cache[id(weight)] = weight.abs()
+            return cache[id(weight)]
+
+        factors = []
+        for index, layer in enumerate(self.layers):
+            in_count = layer.producer.weight.numel() // layer.n_units
+            out_count = layer.consumer.weight.numel() // layer.n_units
+            if self.need_in and not self._stale_ok(layer.producer.weight, self.in_sums[index], refresh):
+                self.in_sums[index] = _incoming_sums(layer, shared)[0].clamp_min_(MIN_INCOMING * in_count)
+            if self.need_out and not self._stale_ok(layer.consumer.weight, self.out_sums[index], refresh):
+                self.out_sums[index] = _outgoing_sums(layer, shared)[0]
+            if self.kind == "adaptation":
+                factors.append(in_count / self.in_sums[index])
+            elif self.kind == "adaptable_contribution":
+                factors.append(self.out_sums[index] / self.in_sums[index] * (in_count / out_count))
+            else:
+                factors.append(self.out_sums[index] / out_count)
+        return factors
+
+    def _contributions(self, index: int, units: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What ``units``' incoming rows add to the previous layer's outgoing sums, and what their
+        outgoing columns add to the next layer's incoming sums (None where nothing is cached)."""
+        layer = self.layers[index]
+        to_previous = to_next = None
+        if index > 0 and self.out_sums[index - 1] is not None:
+            weight = layer.producer.weight  # the previous layer's consumer: (units, previous units, ...)
+            rows = weight.reshape(layer.n_units, self.layers[index - 1].n_units, -1)[units]
+            to_previous = rows.abs().sum((0, 2))
+        if index + 1 < len(self.layers) and self.in_sums[index + 1] is not None:
+            weight = layer.consumer.weight  # the next layer's producer: (next units, units, ...)
+            columns = weight.reshape(weight.shape[0], layer.n_units, -1)[:, units]
+            to_next = columns.abs().sum((1, 2))
+        return to_previous, to_next
+
+    @torch.no_grad()
+    def before_replace(self, index: int, units: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Call before replacing layer ``index``'s ``units``; hand the result to :meth:`patch`."""
+        return self._contributions(index, units)
+
+    @torch.no_grad()
+    def patch(self, index: int, units: torch.Tensor, before) -> None:
+        """Bring the cached sums up to date with a replacement of layer ``index``'s ``units``: their
+        own sums from their new rows and columns, and the neighbouring layers' sums by what the
+        replaced rows and columns changed. Only the optimizer's changes wait for the next refresh."""
+        layer = self.layers[index]
+        if self.in_sums[index] is not None:
+            rows = layer.producer.weight.reshape(layer.n_units, -1)[units]
+            self.in_sums[index][units] = rows.abs().sum(1).clamp_min_(MIN_INCOMING * rows.shape[1])
+        if self.out_sums[index] is not None:
+            weight = layer.consumer.weight
+            columns = weight.reshape(weight.shape[0], layer.n_units, -1)[:, units]
+            self.out_sums[index][units] = columns.abs().sum((0, 2))
+        after = self._contributions(index, units)
+        if after[0] is not None:
+            self.out_sums[index - 1].add_(after[0] - before[0]).clamp_min_(0)
+        if after[1] is not None:
+            count = self.layers[index + 1].producer.weight.numel() // self.layers[index + 1].n_units
+            self.in_sums[index + 1].add_(after[1] - before[1]).clamp_min_(MIN_INCOMING * count)
+
+    def state_dict(self) -> dict[str, list[torch.Tensor | None]]:
+        return {"in_sums": list(self.in_sums), "out_sums": list(self.out_sums)}
+
+    def load_state_dict(self, state: dict[str, list[torch.Tensor | None]]) -> None:
+        self.in_sums = [None if t is None else t.clone() for t in state["in_sums"]]
+        self.out_sums = [None if t is None else t.clone() for t in state["out_sums"]]
+
+
+def weight_factors(layers: list[HiddenLayer], kind: str) -> list[torch.Tensor | None]:
+    """Each layer's weight factor from the current weights (see :class:`WeightFactors`)."""
+    return WeightFactors(layers, kind)()
 
 
 class UnitUtility:

@@ -1,5 +1,6 @@
 """Continual backpropagation, pinned on small hand-checkable nets."""
 
+import itertools
 from importlib.metadata import entry_points
 
 import numpy as np
@@ -330,29 +331,67 @@ def test_out_of_range_cbp_settings_name_the_range():
     assert isinstance(dst.strategies.build("cbp", net, opt), ContinualBackprop)
 
 
-def test_magnitude_every_reuses_weight_factors_between_refreshes():
+def test_magnitude_every_reuses_the_sums_of_large_weights_between_refreshes(monkeypatch):
+    import cbp.utility
+
     torch.manual_seed(0)
-    net = dst.nets.mlp(3, [6], 1)
+    net = dst.nets.mlp(3, [50, 6], 1)  # 150, 300 and 6 weights
+    monkeypatch.setattr(cbp.utility, "AMORTISE_FROM", 100)  # the first two are "large"
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
     strategy = dst.strategies.build("cbp", net, opt, maturity_threshold=1000, magnitude_every=4, seed=0)
+    sums = strategy._factors
     seen = []
     for _ in range(9):
         _step(net, opt, strategy, torch.randn(2, 3), torch.randn(2, 1))
-        seen.append(strategy.factors[0])
-    # computed at step 1 (first use), then at steps 4 and 8 only
-    assert [seen[i] is seen[i - 1] for i in range(1, 9)] == [True, True, False, True, True, True, False, True]
+        seen.append((sums.in_sums[0], sums.out_sums[0], sums.in_sums[1], sums.out_sums[1]))
+    reused = [[now[k] is before[k] for k in range(4)] for before, now in itertools.pairwise(seen)]
+    # layer 0's in (150) and out (300) sums and layer 1's in sums (300): taken at step 1, then at steps
+    # 4 and 8 only; layer 1's outgoing sums come from the 6-weight output layer, taken every step
+    refreshed = [False, False, True, False, False, False, True, False]  # steps 2..9
+    assert reused == [[not r, not r, not r, False] for r in refreshed]
+    exact = dst.strategies.build("cbp", net, opt, seed=0)._factors()
+    torch.testing.assert_close(strategy._factors(True), exact)
 
 
-def test_weight_factors_are_recomputed_right_after_a_replacement():
+@pytest.mark.parametrize("kind", ["adaptable_contribution", "adaptation", "contribution"])
+def test_amortised_sums_follow_replacements_exactly(monkeypatch, kind):
+    import cbp.utility
+
     torch.manual_seed(0)
-    net = dst.nets.mlp(3, [6], 1)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05)
-    strategy = dst.strategies.build("cbp", net, opt, maturity_threshold=0, replacement_rate=1 / 6,
+    net = dst.nets.mlp(3, [6, 5, 4], 1)
+    monkeypatch.setattr(cbp.utility, "AMORTISE_FROM", 1)  # every matrix amortised
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)  # weights change only by replacement
+    strategy = dst.strategies.build("cbp", net, opt, utility=kind, maturity_threshold=0, replacement_rate=0.2,
                                     magnitude_every=1000, seed=0)
-    assert _step(net, opt, strategy, torch.randn(2, 3), torch.randn(2, 1)).units_replaced == 1
-    stale = strategy.factors[0]
-    _step(net, opt, strategy, torch.randn(2, 3), torch.randn(2, 1))
-    assert strategy.factors[0] is not stale
+    replaced = 0
+    for _ in range(12):
+        replaced += _step(net, opt, strategy, torch.randn(2, 3), torch.randn(2, 1)).units_replaced
+    assert replaced >= 12
+    cached = strategy._factors(False)  # no refresh: what the patched sums give
+    exact = cbp.utility.weight_factors(strategy.layers, kind)
+    for a, b in zip(cached, exact):
+        torch.testing.assert_close(a, b)
+    fresh = [i for i in range(6) if strategy.utilities[0].age[i] == 0]
+    if kind != "adaptation":
+        assert all(cached[0][i] == 0 for i in fresh)  # a replaced unit's zeroed outgoing column
+
+
+def test_an_amortised_run_resumes_from_a_state_dict_mid_schedule(monkeypatch, check_resume):
+    import cbp.utility
+
+    monkeypatch.setattr(cbp.utility, "AMORTISE_FROM", 1)
+
+    def make():
+        torch.manual_seed(0)
+        net = dst.nets.mlp(4, [6, 6], 2)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        strategy = dst.strategies.build("cbp", net, opt, maturity_threshold=3, replacement_rate=0.05,
+                                        magnitude_every=7, seed=7)
+        return net, opt, strategy
+
+    data = [(torch.randn(3, 4, generator=torch.Generator().manual_seed(i)), torch.randn(3, 2)) for i in range(60)]
+    stats, resumed = check_resume(make, data, 31)  # 31: four steps after a refresh of the sums
+    assert stats == resumed and sum(s.units_replaced for s in stats) > 0
 
 
 @pytest.mark.parametrize("kind", ["contribution", "adaptation", "adaptable_contribution", "zero_contribution", "weight"])
