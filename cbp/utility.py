@@ -222,11 +222,13 @@ class WeightFactors:
         outgoing columns add to the next layer's incoming sums (None where nothing is cached)."""
         layer = self.layers[index]
         to_previous = to_next = None
-        if index > 0 and self.out_sums[index - 1] is not None:
+        previous = self.layers[index - 1] if index > 0 else None
+        following = self.layers[index + 1] if index + 1 < len(self.layers) else None
+        if previous is not None and previous.consumer is layer.producer and self.out_sums[index - 1] is not None:
             weight = layer.producer.weight  # the previous layer's consumer: (units, previous units, ...)
             rows = weight.reshape(layer.n_units, self.layers[index - 1].n_units, -1)[units]
             to_previous = rows.abs().sum((0, 2))
-        if index + 1 < len(self.layers) and self.in_sums[index + 1] is not None:
+        if following is not None and following.producer is layer.consumer and self.in_sums[index + 1] is not None:
             weight = layer.consumer.weight  # the next layer's producer: (next units, units, ...)
             columns = weight.reshape(weight.shape[0], layer.n_units, -1)[:, units]
             to_next = columns.abs().sum((1, 2))

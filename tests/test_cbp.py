@@ -354,18 +354,25 @@ def test_magnitude_every_reuses_the_sums_of_large_weights_between_refreshes(monk
 
 
 @pytest.mark.parametrize("kind", ["adaptable_contribution", "adaptation", "contribution"])
-def test_amortised_sums_follow_replacements_exactly(monkeypatch, kind):
+@pytest.mark.parametrize("conv", [False, True])
+def test_amortised_sums_follow_replacements_exactly(monkeypatch, kind, conv):
     import cbp.utility
 
     torch.manual_seed(0)
-    net = dst.nets.mlp(3, [6, 5, 4], 1)
+    if conv:  # conv -> conv -> the flatten block of the last channel layer
+        net = nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU(), nn.Conv2d(6, 5, 3), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(5 * 2 * 2, 4), nn.ReLU(), nn.Linear(4, 1))
+        x_shape = (2, 2, 6, 6)
+    else:
+        net = dst.nets.mlp(3, [6, 5, 4], 1)
+        x_shape = (2, 3)
     monkeypatch.setattr(cbp.utility, "AMORTISE_FROM", 1)  # every matrix amortised
     opt = torch.optim.SGD(net.parameters(), lr=0.0)  # weights change only by replacement
     strategy = dst.strategies.build("cbp", net, opt, utility=kind, maturity_threshold=0, replacement_rate=0.2,
                                     magnitude_every=1000, seed=0)
     replaced = 0
     for _ in range(12):
-        replaced += _step(net, opt, strategy, torch.randn(2, 3), torch.randn(2, 1)).units_replaced
+        replaced += _step(net, opt, strategy, torch.randn(x_shape), torch.randn(2, 1)).units_replaced
     assert replaced >= 12
     cached = strategy._factors(False)  # no refresh: what the patched sums give
     exact = cbp.utility.weight_factors(strategy.layers, kind)
