@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -133,13 +134,8 @@ def _fidelity(steps: int) -> None:
     y = torch.randint(0, 10, (steps, 1))
     print(f"784-2000-2000-2000-10, batch 1, SGD 0.003: corrected utilities after {steps} steps, "
           "magnitude_every=100 against exact")
-    for i in range(steps):
-        loss = F.cross_entropy(model(x[i]), y[i])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        exact.after_step()
-        amortised.after_step()
+    both = SimpleNamespace(before_step=lambda: None, after_step=lambda: (exact.after_step(), amortised.after_step()))
+    _train(model, opt, both, x, y, steps)
     for index, (a, b) in enumerate(zip(exact.utilities, amortised.utilities)):
         u, v = a.corrected_utility().numpy(), b.corrected_utility().numpy()
         relative = np.abs(v - u) / np.abs(u).clip(1e-12)
