@@ -49,25 +49,25 @@ _STATE = ("born", "norm", "mean_sum", "utility_sum")
 #: mean |w_in| is clamped here: a unit with no incoming weight (an empty sparse row) gets a large finite
 #: factor, so its utility is 0 x large = 0 (replaced first) instead of 0 x inf = NaN (never replaced).
 MIN_INCOMING = 1e-12
-_FUSED_BELOW = 1 << 16  # a weight this small: one fused |w|-sum per use beats sharing |W| between layers
+_FUSED_BELOW = 1 << 16  # a weight this small: |w|-sums per use; a larger one: one blocked pass
+_CHUNK = 1 << 18  # entries of |W| per block of rows on the CPU (1 MiB of float32: stays in cache)
 
 
-def _abs_sums(weight: torch.Tensor, shape: tuple[int, ...], dims: tuple[int, ...], shared=None) -> torch.Tensor:
-    """sum |w| over ``dims`` of ``weight`` viewed as ``shape`` (``shared(weight)`` gives a cached |W|)."""
-    if shared is None or weight.numel() < _FUSED_BELOW:
-        return torch.linalg.vector_norm(weight.reshape(shape), ord=1, dim=dims)
-    return shared(weight).reshape(shape).sum(dims)
+def _abs_sums(weight: torch.Tensor, shape: tuple[int, ...], dims: tuple[int, ...]) -> torch.Tensor:
+    """sum |w| over ``dims`` of ``weight`` viewed as ``shape`` (``abs().sum()``: torch's CPU
+    ``vector_norm(ord=1)`` is several times slower)."""
+    return weight.reshape(shape).abs().sum(dims)
 
 
-def _outgoing_sums(layer: HiddenLayer, shared=None) -> tuple[torch.Tensor, int]:
+def _outgoing_sums(layer: HiddenLayer) -> tuple[torch.Tensor, int]:
     weight = layer.consumer.weight
     shape = (weight.shape[0], layer.n_units, -1)  # (out, units, block * kernel)
-    return _abs_sums(weight, shape, (0, 2), shared), weight.numel() // layer.n_units
+    return _abs_sums(weight, shape, (0, 2)), weight.numel() // layer.n_units
 
 
-def _incoming_sums(layer: HiddenLayer, shared=None) -> tuple[torch.Tensor, int]:
+def _incoming_sums(layer: HiddenLayer) -> tuple[torch.Tensor, int]:
     weight = layer.producer.weight
-    return _abs_sums(weight, (layer.n_units, -1), (1,), shared), weight.numel() // layer.n_units
+    return _abs_sums(weight, (layer.n_units, -1), (1,)), weight.numel() // layer.n_units
 
 
 @torch.no_grad()
@@ -168,8 +168,8 @@ class WeightFactors:
     ``factors = WeightFactors(layers, kind, every=N)``, then ``factors(refresh)`` once per step: the
     |w| sums of every weight matrix below :data:`AMORTISE_FROM` entries are recomputed at each call, and
     those of larger matrices only when ``refresh`` is true (the caller's every-N-steps schedule) or
-    ``every`` is 1. Large weights have their absolute value taken once and shared by the layer that
-    produces with them and the layer that consumes with them. Around a replacement,
+    ``every`` is 1. A large weight's row sums (it produces a layer) and column sums (it feeds one) come
+    from one pass over it. Around a replacement,
     :meth:`before_replace` and :meth:`patch` update the cached sums by exactly what the replacement
     changed, so a fresh unit never inherits the old unit's factor.
     """
@@ -181,10 +181,36 @@ class WeightFactors:
         self.need_out = kind not in ("adaptation", "random")
         self.in_sums: list[torch.Tensor | None] = [None] * len(self.layers)
         self.out_sums: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._scratch: torch.Tensor | None = None  # |W| of one block of rows (see _abs_sums)
         #: whether some weight matrix's sums are reused across steps (``every`` > 1 and a large one)
         self.amortises = self.amortise_from is not None and any(
             module.weight.numel() >= self.amortise_from
             for layer in self.layers for module in (layer.producer, layer.consumer))
+
+    def _abs_sums(self, weight: torch.Tensor, rows: bool, consumer_of: HiddenLayer | None):
+        """(sum |w| over each row, sum |w| over each of ``consumer_of``'s unit columns) of a large weight.
+
+        On the CPU the rows go through |.| a cache-sized block at a time, into a scratch block that the
+        sums then read from cache: one pass over W in memory instead of three (|W|, rows, columns)."""
+        flat = weight.reshape(weight.shape[0], -1)
+        count, width = flat.shape
+        block = count if weight.device.type != "cpu" else max(1, _CHUNK // width)
+        scratch = self._scratch
+        if scratch is None or scratch.numel() < block * width or scratch.device != weight.device or (
+                scratch.dtype != weight.dtype):
+            scratch = self._scratch = weight.new_empty(min(count, block) * width)
+        row_sums = weight.new_empty(count) if rows else None
+        units = consumer_of.n_units if consumer_of is not None else 0
+        column_sums = weight.new_zeros(units) if consumer_of is not None else None
+        for start in range(0, count, block):
+            part = flat[start:start + block]
+            magnitude = scratch[: part.numel()].view(part.shape)
+            torch.abs(part, out=magnitude)
+            if row_sums is not None:
+                torch.sum(magnitude, 1, out=row_sums[start:start + block])
+            if column_sums is not None:
+                column_sums.add_(magnitude.view(part.shape[0], units, -1).sum((0, 2)))
+        return row_sums, column_sums
 
     def _stale_ok(self, weight: torch.Tensor, cached: torch.Tensor | None, refresh: bool) -> bool:
         return (cached is not None and not refresh and self.amortise_from is not None
@@ -194,21 +220,34 @@ class WeightFactors:
     def __call__(self, refresh: bool = True) -> list[torch.Tensor | None]:
         if self.kind == "random":
             return [None] * len(self.layers)
-        cache: dict[int, torch.Tensor] = {}
+        layers = self.layers
+        memo: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
-        def shared(weight: torch.Tensor) -> torch.Tensor:
-            if id(weight) not in cache:
-                cache[id(weight)] = weight.abs()
-            return cache[id(weight)]
+        def sums(weight: torch.Tensor, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            """Row sums of |W| (W as layer ``index``'s producer or the next layer's) and column sums
+            per unit (W as a consumer), both from one pass over a large W."""
+            if id(weight) not in memo:
+                producer = self.need_in and any(layer.producer.weight is weight for layer in layers[index:index + 2])
+                consumer_of = next((layer for layer in layers[max(index - 1, 0):index + 1]
+                                    if layer.consumer.weight is weight), None) if self.need_out else None
+                memo[id(weight)] = self._abs_sums(weight, producer, consumer_of)
+            return memo[id(weight)]
 
         factors = []
-        for index, layer in enumerate(self.layers):
+        for index, layer in enumerate(layers):
             in_count = layer.producer.weight.numel() // layer.n_units
             out_count = layer.consumer.weight.numel() // layer.n_units
             if self.need_in and not self._stale_ok(layer.producer.weight, self.in_sums[index], refresh):
-                self.in_sums[index] = _incoming_sums(layer, shared)[0].clamp_min_(MIN_INCOMING * in_count)
+                if layer.producer.weight.numel() < _FUSED_BELOW:
+                    in_sums = _incoming_sums(layer)[0]
+                else:
+                    in_sums = sums(layer.producer.weight, index)[0]
+                self.in_sums[index] = in_sums.clamp_min_(MIN_INCOMING * in_count)
             if self.need_out and not self._stale_ok(layer.consumer.weight, self.out_sums[index], refresh):
-                self.out_sums[index] = _outgoing_sums(layer, shared)[0]
+                if layer.consumer.weight.numel() < _FUSED_BELOW:
+                    self.out_sums[index] = _outgoing_sums(layer)[0]
+                else:
+                    self.out_sums[index] = sums(layer.consumer.weight, index)[1]
             if self.kind == "adaptation":
                 factors.append(in_count / self.in_sums[index])
             elif self.kind == "adaptable_contribution":

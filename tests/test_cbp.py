@@ -484,3 +484,27 @@ def test_running_statistics_are_the_papers_bias_corrected_averages_and_old_check
     fresh.load_state_dict(old)
     torch.testing.assert_close(fresh.corrected_utility(), utility.corrected_utility())
     torch.testing.assert_close(fresh.corrected_mean(), utility.corrected_mean())
+
+
+@pytest.mark.parametrize("kind", ["adaptable_contribution", "adaptation", "contribution"])
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("chunk", [1000, 1 << 18])
+def test_large_weights_sums_from_one_blocked_pass_match_the_formulas(monkeypatch, kind, conv, chunk):
+    import cbp.utility
+    from cbp.utility import WeightFactors, incoming_magnitude, outgoing_magnitude
+
+    monkeypatch.setattr(cbp.utility, "_CHUNK", chunk)  # 1000: many blocks of rows per weight
+    torch.manual_seed(0)
+    if conv:  # 64 -> 128 -> 72 channels: 73,728 and 82,944 weights, then the flatten block
+        net = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 128, 3), nn.ReLU(),
+                            nn.Conv2d(128, 72, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72 * 4, 5))
+    else:  # 90,000-weight hidden matrices
+        net = dst.nets.mlp(300, [300, 300, 300], 10)
+    layers = dst.Topology.from_model(net).hidden_layers
+    assert max(layer.producer.weight.numel() for layer in layers) >= cbp.utility._FUSED_BELOW
+    factors = WeightFactors(layers, kind)()
+    for layer, factor in zip(layers, factors):
+        incoming, outgoing = incoming_magnitude(layer), outgoing_magnitude(layer)
+        expected = {"adaptation": 1 / incoming, "contribution": outgoing,
+                    "adaptable_contribution": outgoing / incoming}[kind]
+        torch.testing.assert_close(factor, expected.detach(), rtol=1e-5, atol=0)
