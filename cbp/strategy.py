@@ -160,7 +160,7 @@ class ContinualBackprop(RefreshStrategy):
             units = torch.topk(scores, count, largest=False).indices
             self.eligible[index] -= count
             self.maturing[index].append([self.step + threshold + 1, count])
-            amortised = self._factors.before_replace(index, units) if self._factors.amortises else None
+            amortised = self._factors.neighbour_shares(index, units) if self._factors.amortises else None
             if self.config.refresh_fan_in == "redraw":
                 redraw_fan_in(layer, units, self.generator)
             replace_units(

@@ -169,25 +169,25 @@ class WeightFactors:
     |w| sums of every weight matrix below :data:`AMORTISE_FROM` entries are recomputed at each call, and
     those of larger matrices only when ``refresh`` is true (the caller's every-N-steps schedule) or
     ``every`` is 1. A large weight's row sums (it produces a layer) and column sums (it feeds one) come
-    from one pass over it. Around a replacement,
-    :meth:`before_replace` and :meth:`patch` update the cached sums by exactly what the replacement
-    changed, so a fresh unit never inherits the old unit's factor.
+    from one pass over it. Around a replacement, :meth:`neighbour_shares` (before) and :meth:`patch`
+    (after) update the cached sums by exactly what the replacement changed, so a fresh unit never
+    inherits the old unit's factor.
     """
 
     def __init__(self, layers: list[HiddenLayer], kind: str, every: int = 1) -> None:
-        self.layers, self.kind, self.every = list(layers), kind, every
+        self.layers, self.kind = list(layers), kind
         self.amortise_from = AMORTISE_FROM if every > 1 else None
         self.need_in = kind in ("adaptation", "adaptable_contribution")
         self.need_out = kind not in ("adaptation", "random")
         self.in_sums: list[torch.Tensor | None] = [None] * len(self.layers)
         self.out_sums: list[torch.Tensor | None] = [None] * len(self.layers)
-        self._scratch: torch.Tensor | None = None  # |W| of one block of rows (see _abs_sums)
+        self._scratch: torch.Tensor | None = None  # |W| of one block of rows (see _row_column_sums)
         #: whether some weight matrix's sums are reused across steps (``every`` > 1 and a large one)
         self.amortises = self.amortise_from is not None and any(
             module.weight.numel() >= self.amortise_from
             for layer in self.layers for module in (layer.producer, layer.consumer))
 
-    def _abs_sums(self, weight: torch.Tensor, rows: bool, consumer_of: HiddenLayer | None):
+    def _row_column_sums(self, weight: torch.Tensor, rows: bool, consumer_of: HiddenLayer | None):
         """(sum |w| over each row, sum |w| over each of ``consumer_of``'s unit columns) of a large weight.
 
         On the CPU the rows go through |.| a cache-sized block at a time, into a scratch block that the
@@ -230,7 +230,7 @@ class WeightFactors:
                 producer = self.need_in and any(layer.producer.weight is weight for layer in layers[index:index + 2])
                 consumer_of = next((layer for layer in layers[max(index - 1, 0):index + 1]
                                     if layer.consumer.weight is weight), None) if self.need_out else None
-                memo[id(weight)] = self._abs_sums(weight, producer, consumer_of)
+                memo[id(weight)] = self._row_column_sums(weight, producer, consumer_of)
             return memo[id(weight)]
 
         factors = []
@@ -256,9 +256,11 @@ class WeightFactors:
                 factors.append(self.out_sums[index] / out_count)
         return factors
 
-    def _contributions(self, index: int, units: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    @torch.no_grad()
+    def neighbour_shares(self, index: int, units: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """What ``units``' incoming rows add to the previous layer's outgoing sums, and what their
-        outgoing columns add to the next layer's incoming sums (None where nothing is cached)."""
+        outgoing columns add to the next layer's incoming sums (None where nothing is cached). Take it
+        before replacing ``units`` and hand it to :meth:`patch`."""
         layer = self.layers[index]
         to_previous = to_next = None
         previous = self.layers[index - 1] if index > 0 else None
@@ -274,11 +276,6 @@ class WeightFactors:
         return to_previous, to_next
 
     @torch.no_grad()
-    def before_replace(self, index: int, units: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Call before replacing layer ``index``'s ``units``; hand the result to :meth:`patch`."""
-        return self._contributions(index, units)
-
-    @torch.no_grad()
     def patch(self, index: int, units: torch.Tensor, before) -> None:
         """Bring the cached sums up to date with a replacement of layer ``index``'s ``units``: their
         own sums from their new rows and columns, and the neighbouring layers' sums by what the
@@ -291,7 +288,7 @@ class WeightFactors:
             weight = layer.consumer.weight
             columns = weight.reshape(weight.shape[0], layer.n_units, -1)[:, units]
             self.out_sums[index][units] = columns.abs().sum((0, 2))
-        after = self._contributions(index, units)
+        after = self.neighbour_shares(index, units)
         if after[0] is not None:
             self.out_sums[index - 1].add_(after[0] - before[0]).clamp_min_(0)
         if after[1] is not None:
