@@ -61,6 +61,28 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+def assert_same_state(a, b, path: str = "state") -> None:
+    """Two state_dicts (nested dicts, lists, tensors, arrays, RNG states) are exactly equal; names the first
+    difference by its path."""
+    import numpy as np
+
+    assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert a.shape == b.shape and torch.equal(a, b), path
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b, err_msg=path)
+    elif isinstance(a, dict):
+        assert list(a) == list(b), f"{path}: keys {list(a)} != {list(b)}"
+        for key in a:
+            assert_same_state(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)) or type(a).__name__ == "deque":
+        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{index}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
 def train_step(net: nn.Module, opt: torch.optim.Optimizer, strategy, x: torch.Tensor, y: torch.Tensor):
     """One step of the strategy protocol on an MSE loss; returns the strategy's RefreshStats."""
     loss = ((net(x) - y) ** 2).mean()
@@ -74,8 +96,8 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer, strategy, x: torch.Te
 @pytest.fixture
 def check_resume():
     """``check(make, data, split)``: a run snapshotted at ``split`` and resumed in fresh objects ends
-    exactly where an uninterrupted run ends. ``make()`` returns (net, optimizer, strategy). Returns the
-    RefreshStats of the resumed part, uninterrupted and resumed."""
+    exactly where an uninterrupted run ends: model, optimizer and strategy state. ``make()`` returns
+    (net, optimizer, strategy). Returns the RefreshStats of the resumed part, uninterrupted and resumed."""
     import copy
 
     def check(make, data, split):
@@ -89,8 +111,9 @@ def check_resume():
         opt_b.load_state_dict(saved[1])
         strat_b.load_state_dict(saved[2])
         stats_b = [train_step(net_b, opt_b, strat_b, x, y) for x, y in data[split:]]
-        for (name, a), b in zip(net_a.state_dict().items(), net_b.state_dict().values()):
-            assert torch.equal(a, b), name
+        assert_same_state(net_a.state_dict(), net_b.state_dict(), "model")
+        assert_same_state(opt_a.state_dict(), opt_b.state_dict(), "optimizer")
+        assert_same_state(strat_a.state_dict(), strat_b.state_dict(), "strategy")
         return stats_a, stats_b
 
     return check

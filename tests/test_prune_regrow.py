@@ -128,21 +128,24 @@ def test_grow_init_random_gives_small_nonzero_values_and_zero_optimizer_state():
 
 
 def test_a_just_dropped_position_regrown_at_once_restarts_at_the_grow_value():
-    net = _sparse_net(density=0.05)
+    torch.manual_seed(0)
+    # uniform 75%: the output layer has 36 of 48 positions active and only 12 free, so dropping all 36
+    # and regrowing 36 must reuse at least 36 - 12 = 24 of the positions just dropped
+    net = dst.sparsify(dst.nets.mlp(12, [16, 16], 3), density=0.75, distribution="uniform", seed=0)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    # drop everything: regrowth must reuse dropped positions in layers with few free positions
     strategy = dst.strategies.build("rigl", net, opt, update_interval=2, schedule="constant", drop_fraction=1.0,
                                     seed=0)
-    layer = strategy.masked[-1]  # the small output layer, almost dense under ERK
+    layer = strategy.masked[-1]
+    assert (int(layer.mask.sum()), layer.mask.numel()) == (36, 48)
     data = _data(2)
     _step(net, opt, strategy, *data[0])
     before_mask, before_weight = layer.mask.clone(), layer.weight.clone()
     _step(net, opt, strategy, *data[1])
     kept = before_mask & layer.mask  # dropped and regrown in the same update
-    if kept.any():
-        assert (layer.weight[kept] == 0).all()
-        assert (before_weight[kept] != 0).any()
-        assert (opt.state[layer.weight]["momentum_buffer"][kept] == 0).all()
+    assert int(kept.sum()) >= 24 and int(layer.mask.sum()) == 36
+    assert (before_weight[kept] != 0).all()
+    assert (layer.weight[kept] == 0).all()
+    assert (opt.state[layer.weight]["momentum_buffer"][kept] == 0).all()
 
 
 def test_drop_fraction_follows_the_cosine_schedule():
