@@ -291,7 +291,8 @@ class ReDo(RefreshStrategy):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(sums=[s.clone() for s in self.sums], seen=self.seen)
+        state.update(sums=[s.clone() for s in self.sums], seen=self.seen,
+                     probe=None if self.probe is None else self.probe.clone())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -299,5 +300,7 @@ class ReDo(RefreshStrategy):
         for total, saved in zip(self.sums, state["sums"]):
             total.copy_(saved)
         self.seen = int(state["seen"])
+        probe = state.get("probe")  # checkpoints written before the probe was saved have none
+        self.set_probe(None if probe is None else probe.to(self.device))
         if self._captures(self.step + 1):
             self.topology.start_capture()

@@ -70,3 +70,21 @@ def test_a_fixed_probe_batch_decides_dormancy_when_set():
     _step(net, opt, strategy, torch.rand(2, 3))
     assert _step(net, opt, strategy, torch.rand(2, 3)).units_replaced == 3  # units 1, 2, 3 silent on the probe
     assert (net[2].weight[:, 0] == 0.5).all()
+
+
+def test_the_fixed_probe_batch_survives_a_checkpoint():
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    strategy = dst.strategies.build("redo", net, opt, period=2, tau=0.1, seed=0)
+    strategy.set_probe(-torch.ones(4, 3))
+    _step(net, opt, strategy, torch.rand(2, 3))
+    saved = strategy.state_dict()
+    fresh_net = _net()
+    fresh_net.load_state_dict(net.state_dict())
+    resumed = dst.strategies.build("redo", fresh_net, torch.optim.SGD(fresh_net.parameters(), lr=0.0), period=2,
+                                   tau=0.1, seed=0)
+    resumed.load_state_dict(saved)
+    assert torch.equal(resumed.probe, -torch.ones(4, 3))
+    assert not resumed.topology.capturing
+    # the check at step 2 scores on the restored probe: units 1, 2, 3 are silent there
+    assert _step(fresh_net, resumed.optimizer, resumed, torch.rand(2, 3)).units_replaced == 3
