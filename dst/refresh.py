@@ -38,6 +38,7 @@ __all__ = [
     "zero_outgoing",
     "fold_into_consumer_bias",
     "reset_unit_optimizer_state",
+    "reset_unit_norm",
     "replace_units",
     "CompositeStrategy",
     "compose",
@@ -198,6 +199,23 @@ def fold_into_consumer_bias(layer: HiddenLayer, units: torch.Tensor, mean_activa
 
 
 @torch.no_grad()
+def reset_unit_norm(layer: HiddenLayer, units: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+    """The units' entries of the layer's normalisation start afresh: scale 1, shift 0, running mean 0 and
+    running variance 1 (batch norm), and their optimizer state zero."""
+    norm = layer.norm
+    if norm is None:
+        return
+    if getattr(norm, "running_mean", None) is not None:
+        norm.running_mean[units] = 0
+        norm.running_var[units] = 1
+    for param, fresh in ((norm.weight, 1.0), (norm.bias, 0.0)):
+        if param is not None:
+            param[units] = fresh
+            if optimizer is not None:
+                reset_optimizer_state(optimizer, param, (units,))
+
+
+@torch.no_grad()
 def reset_unit_optimizer_state(
     optimizer: torch.optim.Optimizer, layer: HiddenLayer, units: torch.Tensor
 ) -> None:
@@ -221,7 +239,8 @@ def replace_units(
     generator: torch.Generator | None = None,
     mean_activation: torch.Tensor | None = None,
 ) -> None:
-    """Re-initialise ``units`` of ``layer``: fresh incoming weights, zero bias, outgoing weights zero.
+    """Re-initialise ``units`` of ``layer``: fresh incoming weights, zero bias, outgoing weights zero,
+    and their normalisation entries (if the layer has one) reset.
 
     With ``mean_activation`` the units' mean contribution is first folded into the consumer's bias.
     The optimizer state at every touched position is zeroed.
@@ -231,6 +250,7 @@ def replace_units(
     if mean_activation is not None:
         fold_into_consumer_bias(layer, units, mean_activation)
     reinit_incoming(layer, units, init, gain, generator)
+    reset_unit_norm(layer, units, optimizer)
     zero_outgoing(layer, units)
     if optimizer is not None:
         reset_unit_optimizer_state(optimizer, layer, units)

@@ -7,6 +7,12 @@ flattens channel-major, so channel c owns columns [c*block, (c+1)*block)).
 
 ``Topology.from_model`` discovers (producer, activation, consumer) triples in sequential MLPs and
 ConvNets, in the order the modules are registered. Other models declare their triples explicitly.
+
+A normalisation layer between a producer and its activation (Linear -> LayerNorm -> ReLU, Conv2d ->
+BatchNorm2d -> ReLU) belongs to the units: it has one weight, bias (and running mean and variance) per
+unit, and a unit's surgery resets those entries too (as the authors' CBP code for ResNets does). A
+normalisation layer anywhere else between producer and consumer, or one that does not act per unit,
+is refused: a reset would leave its statistics stale.
 Activations are captured with forward hooks only while a strategy has asked for them
 (:meth:`Topology.start_capture` / :meth:`Topology.stop_capture`), so steps that need none pay nothing.
 """
@@ -23,7 +29,7 @@ from torch import nn
 from .errors import TopologyError
 from .masked import MaskedMixin
 
-__all__ = ["HiddenLayer", "Topology", "ACTIVATIONS"]
+__all__ = ["HiddenLayer", "Topology", "ACTIVATIONS", "NORMS"]
 
 #: Modules treated as a unit's activation function (nn.Identity marks a deliberately linear layer).
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -40,6 +46,9 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Identity,
 )
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
+#: Normalisation layers with per-unit parameters (and, for batch norm, per-unit running statistics).
+NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+_ANY_NORM = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
 
 
 @dataclass(eq=False)
@@ -51,6 +60,8 @@ class HiddenLayer:
     consumer: nn.Module
     activation: nn.Module | None = None
     block: int = 1
+    #: Normalisation between producer and activation, whose per-unit entries are reset with the unit.
+    norm: nn.Module | None = None
     #: Latest captured activation (batch, units[, H, W]); set only while capture is on.
     output: torch.Tensor | None = field(default=None, repr=False)
 
@@ -79,6 +90,25 @@ class HiddenLayer:
         weight = self.consumer.weight
         per_unit = weight.reshape(weight.shape[0], self.n_units, -1)
         return per_unit if units is None else per_unit[:, units]
+
+
+def _validate_norm(name: str, producer: nn.Module, norm: nn.Module) -> None:
+    """Check that ``norm`` keeps one set of parameters per unit of ``producer``."""
+    units = producer.weight.shape[0]
+    if isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        per_unit = norm.num_features == units
+    elif isinstance(norm, nn.GroupNorm):
+        per_unit = norm.num_channels == units
+    elif isinstance(norm, nn.LayerNorm):
+        per_unit = isinstance(producer, nn.Linear) and tuple(norm.normalized_shape) == (units,)
+    else:
+        per_unit = False
+    if not per_unit:
+        raise TopologyError(
+            f"{name}: {type(norm).__name__} after the producer does not keep one parameter set per unit "
+            f"({units} units), so a unit reset would leave it stale; use BatchNorm1d/2d, GroupNorm or a "
+            "LayerNorm over the units, or declare the hidden layers explicitly"
+        )
 
 
 def _validate_pair(name: str, producer: nn.Module, consumer: nn.Module) -> int:
@@ -144,6 +174,8 @@ class Topology:
         for item in self._declared or ():
             if isinstance(item, HiddenLayer):
                 item.block = _validate_pair(item.name, item.producer, item.consumer)
+                if item.norm is not None:
+                    _validate_norm(item.name, item.producer, item.norm)
                 layers.append(item)
                 continue
             try:
@@ -167,7 +199,7 @@ class Topology:
 
     def _discover(self) -> list[HiddenLayer]:
         layers: list[HiddenLayer] = []
-        producer_name, producer, activation = None, None, None
+        producer_name, producer, activation, norm = None, None, None, None
         for name, module in self.model.named_modules():
             if any(True for _ in module.children()):
                 continue  # containers: only leaves take part
@@ -181,8 +213,18 @@ class Topology:
                             "mark a deliberately linear layer with nn.Identity()."
                         )
                     block = _validate_pair(producer_name, producer, module)
-                    layers.append(HiddenLayer(producer_name, producer, module, activation, block))
-                producer_name, producer, activation = name, module, None
+                    layers.append(HiddenLayer(producer_name, producer, module, activation, block, norm=norm))
+                producer_name, producer, activation, norm = name, module, None, None
+            elif isinstance(module, _ANY_NORM) and producer is not None:
+                if activation is not None or norm is not None:
+                    raise TopologyError(
+                        f"{name!r} normalises the units of {producer_name!r} after their activation (or after "
+                        "another normalisation); only one normalisation between a producer and its activation "
+                        "is supported (Linear/Conv2d -> norm -> activation), since a unit reset would leave "
+                        "this one's statistics stale"
+                    )
+                _validate_norm(producer_name, producer, module)
+                norm = module
             elif isinstance(module, ACTIVATIONS) and producer is not None and activation is None:
                 activation = module
         return layers
