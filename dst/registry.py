@@ -91,6 +91,12 @@ class Registry(Generic[T]):
                 continue
             if isinstance(loaded, type) and point.name not in self._entries:
                 self.register(point.name)(loaded)
+            if point.name not in self._entries:  # a module whose import registered nothing by that name
+                self._plugin_errors[point.name] = (
+                    f"{point.value!r} loaded but registered no {self.kind} named {point.name!r}; point the "
+                    f"entry point at the class, or register it with @register({point.name!r})"
+                )
+                log.warning("%s plug-in %r: %s", self.kind, point.name, self._plugin_errors[point.name])
 
     def get(self, name: str) -> Entry[T]:
         self.load_plugins()
@@ -99,7 +105,7 @@ class Registry(Generic[T]):
         except KeyError:
             hint = ""
             if name in self._plugin_errors:
-                hint = f" (its plug-in failed to load: {self._plugin_errors[name]})"
+                hint = f" (its plug-in failed: {self._plugin_errors[name]})"
             raise ConfigError(
                 f"unknown {self.kind} {name!r}{hint}; available: {', '.join(self.available())}"
             ) from None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import textwrap
 from dataclasses import dataclass
 
 import pytest
@@ -176,25 +175,37 @@ class MyRefresh(RefreshStrategy):
 '''
 
 
-@pytest.fixture
-def installed_plugin(tmp_path, monkeypatch):
-    """A 'pip-installed' third-party distribution: a module plus its dist-info on sys.path."""
+def _install(tmp_path, monkeypatch, entry_point: str) -> None:
+    """'pip-install' a third-party distribution: thirdparty_strategy.py plus its dist-info on sys.path."""
     (tmp_path / "thirdparty_strategy.py").write_text(PLUGIN_MODULE)
     info = tmp_path / "thirdparty_strategy-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-strategy\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(
-        textwrap.dedent(
-            """\
-            [dst.strategies]
-            my-refresh = thirdparty_strategy:MyRefresh
-            """
-        )
-    )
+    (info / "entry_points.txt").write_text(f"[dst.strategies]\n{entry_point}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+
+
+@pytest.fixture
+def installed_plugin(tmp_path, monkeypatch):
+    """A third-party strategy class under the entry-point group."""
+    _install(tmp_path, monkeypatch, "my-refresh = thirdparty_strategy:MyRefresh")
     yield "my-refresh"
     dst.strategies.registry.unregister("my-refresh")
     sys.modules.pop("thirdparty_strategy", None)
+
+
+def test_a_plugin_module_that_registers_nothing_is_named_in_the_error(tmp_path, monkeypatch):
+    # the module defines MyRefresh but never registers it under "my-refresh"
+    _install(tmp_path, monkeypatch, "my-refresh = thirdparty_strategy")
+    try:
+        dst.strategies.registry.load_plugins(reload=True)
+        with pytest.raises(ConfigError, match=r"unknown strategy 'my-refresh' \(its plug-in failed: "
+                                              r"'thirdparty_strategy' loaded but registered no strategy named"):
+            dst.strategies.get("my-refresh")
+    finally:
+        dst.strategies.registry._plugin_errors.pop("my-refresh", None)
+        sys.modules.pop("thirdparty_strategy", None)
+        dst.strategies.registry.load_plugins(reload=True)
 
 
 def test_third_party_strategy_is_found_through_its_entry_point(installed_plugin, model_and_optimizer):
