@@ -10,19 +10,24 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pandas as pd
 
 from . import benchmarks, strategies
 from .config import Config, parse_assignments
-from .errors import DSTError, NonFiniteLossError
-from .experiment import METRICS
+from .errors import ConfigError, DSTError, NonFiniteLossError
+from .experiment import CONFIG, FAILURE, METRICS
 from .runner import RunSpec, run
 
 __all__ = ["main"]
+
+#: What ``run`` uses for a flag that is not given (a resumed run uses its own config.json instead).
+DEFAULTS = {"benchmark": "bit-flipping", "strategy": "bp", "seed": 0}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,13 +35,22 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run_parser = commands.add_parser("run", help="train one strategy on one benchmark and log metrics")
-    run_parser.add_argument("--benchmark", default="bit-flipping", help="benchmark name (default: %(default)s)")
-    run_parser.add_argument("--strategy", default="bp", help="strategy name (default: %(default)s)")
+    run_parser.add_argument(
+        "--benchmark", default=None,
+        help=f"benchmark name (default: {DEFAULTS['benchmark']}; with --resume the run's own)",
+    )
+    run_parser.add_argument(
+        "--strategy", default=None, help=f"strategy name (default: {DEFAULTS['strategy']}; with --resume the run's own)"
+    )
     run_parser.add_argument(
         "--steps", type=int, default=None,
-        help="training steps (default: the benchmark's: 100000 for bit-flipping, `tasks` whole tasks for MNIST)",
+        help="training steps (default: the benchmark's: 100000 for bit-flipping, `tasks` whole tasks for MNIST; "
+        "with --resume the run's own, and a larger value extends it)",
     )
-    run_parser.add_argument("--seed", type=int, default=0, help="seed of stream, net, masks and strategy")
+    run_parser.add_argument(
+        "--seed", type=int, default=None,
+        help=f"seed of stream, net, masks and strategy (default: {DEFAULTS['seed']}; with --resume the run's own)",
+    )
     run_parser.add_argument("--out", default=None, help="output directory (default: runs/BENCHMARK-STRATEGY-sSEED)")
     run_parser.add_argument(
         "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
@@ -51,7 +65,11 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint-every", type=int, default=100_000, metavar="N",
         help="steps between checkpoints, rounded up to whole bins; 0 disables (default: %(default)s)",
     )
-    run_parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    run_parser.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in --out from its checkpoint (from step 0 if it has none), with the settings "
+        "in its config.json; flags given as well must agree with them",
+    )
     run_parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     commands.add_parser("strategies", help="list registered strategies with their settings")
@@ -88,22 +106,52 @@ def _table(df: pd.DataFrame) -> str:
     return df[columns].to_string(index=False, formatters=formats)
 
 
-def _run(args: argparse.Namespace) -> int:
-    spec = RunSpec(
-        benchmark=args.benchmark,
-        strategy=args.strategy,
-        steps=args.steps,
-        seed=args.seed,
-        bench=parse_assignments(args.bench, "--bench setting"),
-        settings=parse_assignments(args.settings, "--set setting"),
+def _saved_config(out: str) -> dict:
+    """The resolved settings of the run in ``out`` (its config.json), or {} when it has none."""
+    path = Path(out) / CONFIG
+    if not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--resume: cannot read {str(path)!r} ({err}); move the run away or start a new --out") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: {str(path)!r} is not a run's config; move it away or start a new --out")
+    return saved
+
+
+def _spec(args: argparse.Namespace) -> RunSpec:
+    """The run the flags ask for; with --resume, flags not given come from the run's config.json (so that
+    ``--resume --out X`` alone continues any run), and flags given must agree with it (checked on start)."""
+    saved = _saved_config(args.out) if args.resume and args.out else {}
+
+    def pick(name):
+        given = getattr(args, name)
+        return given if given is not None else saved.get(name, DEFAULTS.get(name))
+
+    benchmark, strategy = pick("benchmark"), pick("strategy")
+    # the saved settings belong to the saved benchmark and strategy; for another one the check names the change
+    saved_bench = saved.get("bench", {}) if benchmark == saved.get("benchmark") else {}
+    saved_settings = saved.get("settings", {}) if strategy == saved.get("strategy") else {}
+    return RunSpec(
+        benchmark=benchmark,
+        strategy=strategy,
+        steps=pick("steps"),
+        seed=pick("seed"),
+        bench={**saved_bench, **parse_assignments(args.bench, "--bench setting")},
+        settings={**saved_settings, **parse_assignments(args.settings, "--set setting")},
         device=args.device,
         checkpoint_every=args.checkpoint_every or None,
     )
-    out = args.out or f"runs/{args.benchmark}-{args.strategy}-s{args.seed}"
+
+
+def _run(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    out = args.out or f"runs/{spec.benchmark}-{spec.strategy}-s{spec.seed}"
     try:
         df = run(spec, out, resume=args.resume, progress=not args.no_progress)
     except NonFiniteLossError as err:
-        print(f"error: {err} ({out}/{METRICS})", file=sys.stderr)
+        print(f"error: {err} ({out}/{METRICS}, {out}/{FAILURE})", file=sys.stderr)
         return 3
     print(_table(df))
     print(f"\nwrote {out}/{METRICS} ({len(df)} rows) and {out}/config.json")

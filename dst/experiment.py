@@ -12,7 +12,11 @@ row (NaN in rows whose bin saw no task end; with several task ends in one bin, t
 
 Checkpoints are taken at bin ends (``checkpoint_every`` is rounded up to whole bins) and hold the
 model, optimizer, strategy and RNG states. Because streams are pure functions of (seed, step), a
-resumed run produces exactly the rows an uninterrupted run produces (all but the timing columns).
+resumed run produces exactly the rows an uninterrupted run produces (all but the timing columns); a
+resumed run with no checkpoint yet starts again from step 0 and rewrites the same rows.
+
+A run that stops on a NaN or infinite loss keeps its rows (``metrics.csv`` has at least its header)
+and writes ``failure.json``: ``kind``, ``error`` (the message) and ``step``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from .streams import Stream
 if TYPE_CHECKING:
     from .probe import Probe
 
-__all__ = ["Experiment", "TIMING_COLUMNS", "check_output_dir"]
+__all__ = ["Experiment", "TIMING_COLUMNS", "check_output_dir", "FAILURE"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ TIMING_COLUMNS = ("seconds", "seconds_per_step", "probe_seconds")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
 CONFIG = "config.json"
+FAILURE = "failure.json"
 #: Settings a resumed run may change: it may be extended, moved to another device or library version.
 RESUME_MAY_CHANGE = frozenset({"steps", "device", "versions"})
 
@@ -66,11 +71,27 @@ def check_output_dir(out_dir: str | os.PathLike, *, resume: bool = False) -> Pat
             "choose another --out"
         ) from None
     if not resume and (path / METRICS).exists():
+        if (path / CHECKPOINT).exists():
+            how = "pass --resume to continue it from its checkpoint"
+        else:
+            how = ("it has no checkpoint (it stopped before its first one): pass --resume to run it again "
+                   "from step 0 in place")
         raise ConfigError(
-            f"{str(path)!r} already holds a run ({METRICS}); pass --resume to continue it, "
-            "or choose a new --out (nothing was overwritten)"
+            f"{str(path)!r} already holds a run ({METRICS}); {how}, or choose a new --out (nothing was overwritten)"
         )
     return path
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: saved -> current`` for every setting that differs (nested settings as ``bench.hidden``)."""
+    lines = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            lines.append(f"{prefix}{key}: saved {old!r}, now {new!r}")
+    return lines
 
 
 class Experiment:
@@ -173,7 +194,11 @@ class Experiment:
         assert self.out_dir is not None
         path = self.out_dir / CHECKPOINT
         if not path.exists():
-            raise ConfigError(f"--resume: no {CHECKPOINT} in {str(self.out_dir)!r}; start a fresh run instead")
+            written = self.out_dir / METRICS
+            if written.exists() and written.stat().st_size:
+                log.warning("%s has no %s yet: running it again from step 0 (the run is deterministic, so "
+                            "the rows already in %s are recomputed)", self.out_dir, CHECKPOINT, METRICS)
+            return 0, -1
         state = torch.load(path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -192,14 +217,14 @@ class Experiment:
         if resume and path.exists():
             saved = json.loads(path.read_text())
             current = json.loads(json.dumps(self.metadata, default=str))
-            diff = sorted(
-                k for k in set(saved) | set(current)
-                if k not in RESUME_MAY_CHANGE and saved.get(k) != current.get(k)
-            )
+            # another benchmark or strategy has other settings: then that change alone is the news
+            keys = [k for k in ("benchmark", "strategy") if saved.get(k) != current.get(k)]
+            keys = keys or sorted((set(saved) | set(current)) - RESUME_MAY_CHANGE)
+            diff = _differences({k: saved.get(k) for k in keys}, {k: current.get(k) for k in keys})
             if diff:
                 raise ConfigError(
-                    f"--resume: settings differ from the saved run in {str(self.out_dir)!r}: {', '.join(diff)}. "
-                    "Resume with the same settings, or start a new --out."
+                    f"--resume: settings differ from the saved run in {str(self.out_dir)!r} ({'; '.join(diff)}). "
+                    f"Resume with the saved settings (flags left out are read from its {CONFIG}), or start a new --out."
                 )
         path.write_text(json.dumps(self.metadata, indent=2, sort_keys=True, default=str) + "\n")
 
@@ -237,12 +262,29 @@ class Experiment:
             log.info("run already has %d of %d steps", step, self.steps)
             return pd.DataFrame(self.rows)
         handle = self._open_csv() if self.out_dir is not None else None
+        if self.out_dir is not None:
+            (self.out_dir / FAILURE).unlink(missing_ok=True)  # a failure of an earlier attempt no longer holds
         try:
             self._loop(step, task, handle)
+        except NonFiniteLossError as err:
+            if handle is not None:
+                self._record_failure(handle, err)
+            raise
         finally:
             if handle is not None:
                 handle.close()
         return pd.DataFrame(self.rows)
+
+    def _record_failure(self, handle: Any, err: NonFiniteLossError) -> None:
+        """Leave a header in an empty ``metrics.csv`` and say in ``failure.json`` why and where the run stopped."""
+        assert self.out_dir is not None
+        if handle.tell() == 0:
+            columns = ["step", "task", "loss", *(["accuracy"] if self.task_type == "classification" else []),
+                       "units_replaced", "connections_regrown", "seconds", "seconds_per_step"]
+            csv.writer(handle, lineterminator="\n").writerow(columns)
+            handle.flush()
+        failure = {"kind": "non-finite-loss", "error": str(err), "step": err.step}
+        (self.out_dir / FAILURE).write_text(json.dumps(failure, indent=2) + "\n")
 
     def _next_event(self, step: int, in_bin: int) -> int:
         """The next step at which the loop leaves its hot path (check, bin end, probe, end)."""

@@ -2,7 +2,9 @@ import json
 
 import pandas as pd
 import pytest
+from conftest import assert_same_state
 
+import dst
 from dst.errors import ConfigError, NonFiniteLossError
 from dst.experiment import TIMING_COLUMNS
 from dst.runner import RunSpec, prepare, run
@@ -50,19 +52,24 @@ def test_two_runs_with_one_seed_give_identical_rows_but_timing():
     assert not a["loss"].equals(c["loss"])
 
 
+def _crash_at(experiment, step: int) -> None:
+    """Make ``experiment`` raise KeyboardInterrupt (as Ctrl-C would) right after training step ``step``."""
+    after_step = experiment.strategy.after_step
+
+    def crash():
+        stats = after_step()
+        if experiment.strategy.step == step:
+            raise KeyboardInterrupt
+        return stats
+
+    experiment.strategy.after_step = crash
+
+
 def test_resume_after_a_crash_continues_to_exactly_the_uninterrupted_result(tmp_path):
     full = run(_spec(steps=3000), tmp_path / "full", progress=False)
 
     crashing = prepare(_spec(steps=3000, checkpoint_every=1000), tmp_path / "cut", progress=False)
-    after_step = crashing.strategy.after_step
-
-    def crash():
-        stats = after_step()
-        if crashing.strategy.step == 1700:
-            raise KeyboardInterrupt
-        return stats
-
-    crashing.strategy.after_step = crash
+    _crash_at(crashing, 1700)
     with pytest.raises(KeyboardInterrupt):
         crashing.run()
     # the row at 1500 was written after the checkpoint at 1000; resume drops and recomputes it
@@ -71,6 +78,46 @@ def test_resume_after_a_crash_continues_to_exactly_the_uninterrupted_result(tmp_
     pd.testing.assert_frame_equal(_without_timing(full), _without_timing(resumed), check_dtype=False)
     on_disk = pd.read_csv(tmp_path / "cut" / "metrics.csv")
     pd.testing.assert_frame_equal(_without_timing(full), _without_timing(on_disk), check_dtype=False)
+
+
+#: Per strategy: settings (and benchmark settings) under which it refreshes often within 2,000 steps.
+REFRESHING = {
+    "bp": ({}, {}),
+    "cbp": ({"replacement_rate": 0.01, "maturity_threshold": 50}, {}),
+    "redo": ({"period": 100, "tau": 0.5}, {}),
+    "set": ({"update_interval": 50}, {"density": 0.5}),
+    "rigl": ({"update_interval": 50}, {"density": 0.5}),
+    "rigl-utility": ({"update_interval": 50}, {"density": 0.5}),
+    "cbp-rigl": ({"update_interval": 50, "replacement_rate": 0.01, "maturity_threshold": 50}, {"density": 0.5}),
+    "cbp-set": ({"update_interval": 50, "replacement_rate": 0.01, "maturity_threshold": 50}, {"density": 0.5}),
+    "shrink-perturb": ({"noise_std": 1e-3}, {}),
+    "l2-init": ({}, {}),
+    "head-reset": ({}, {}),
+}
+
+
+def test_every_registered_strategy_has_a_resume_case():
+    assert set(REFRESHING) == set(dst.strategies.available())
+
+
+@pytest.mark.parametrize("name", sorted(REFRESHING))
+def test_every_strategy_resumes_to_exactly_the_uninterrupted_run(tmp_path, name):
+    settings, bench = REFRESHING[name]
+    spec = _spec(steps=2000, strategy=name, settings=settings, bench={**SMALL, **bench}, checkpoint_every=1000)
+    full = prepare(spec, tmp_path / "full", progress=False)
+    full_rows = full.run()
+    if name not in ("bp", "l2-init", "shrink-perturb", "head-reset"):  # these change weights, not the topology
+        assert (full_rows["units_replaced"] + full_rows["connections_regrown"]).sum() > 0, "no refresh happened"
+    crashing = prepare(spec, tmp_path / "cut", progress=False)
+    _crash_at(crashing, 1700)
+    with pytest.raises(KeyboardInterrupt):
+        crashing.run()
+    resumed = prepare(spec, tmp_path / "cut", progress=False)
+    resumed_rows = resumed.run(resume=True)
+    pd.testing.assert_frame_equal(_without_timing(full_rows), _without_timing(resumed_rows), check_dtype=False)
+    assert_same_state(full.model.state_dict(), resumed.model.state_dict(), "model")
+    assert_same_state(full.optimizer.state_dict(), resumed.optimizer.state_dict(), "optimizer")
+    assert_same_state(full.strategy.state_dict(), resumed.strategy.state_dict(), "strategy")
 
 
 def test_a_finished_run_can_be_extended_with_resume(tmp_path):
@@ -86,9 +133,29 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         run(_spec(bench={**SMALL, "lr": 0.1}, checkpoint_every=1000), tmp_path / "r", resume=True, progress=False)
 
 
-def test_resume_without_checkpoint_says_so(tmp_path):
-    with pytest.raises(ConfigError, match="no checkpoint.pt"):
-        run(_spec(), tmp_path / "r", resume=True, progress=False)
+def test_resume_without_a_checkpoint_runs_again_from_step_0(tmp_path):
+    full = run(_spec(), tmp_path / "full", progress=False)
+    # a run killed before its first checkpoint: rows on disk, no checkpoint.pt
+    crashing = prepare(_spec(checkpoint_every=10_000), tmp_path / "cut", progress=False)
+    _crash_at(crashing, 1200)
+    with pytest.raises(KeyboardInterrupt):
+        crashing.run()
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+    with pytest.raises(ConfigError, match="no checkpoint.*pass --resume to run it again from step 0"):
+        run(_spec(), tmp_path / "cut", progress=False)
+    resumed = run(_spec(), tmp_path / "cut", resume=True, progress=False)
+    pd.testing.assert_frame_equal(_without_timing(full), _without_timing(resumed), check_dtype=False)
+    on_disk = pd.read_csv(tmp_path / "cut" / "metrics.csv")
+    pd.testing.assert_frame_equal(_without_timing(full), _without_timing(on_disk), check_dtype=False)
+
+
+def test_resume_with_other_settings_names_each_changed_value(tmp_path):
+    run(_spec(checkpoint_every=1000), tmp_path / "r", progress=False)
+    with pytest.raises(ConfigError, match=r"bench.lr: saved 0.01, now 0.1; seed: saved 0, now 2\)"):
+        run(_spec(seed=2, bench={**SMALL, "lr": 0.1}, checkpoint_every=1000), tmp_path / "r", resume=True,
+            progress=False)
+    with pytest.raises(ConfigError, match=r"\(strategy: saved 'bp', now 'cbp'\)"):
+        run(_spec(strategy="cbp", checkpoint_every=1000), tmp_path / "r", resume=True, progress=False)
 
 
 def test_an_existing_run_is_never_overwritten(tmp_path):
@@ -116,6 +183,20 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_rows_so_far(tmp_path):
     assert len(rows) > 0 and rows["step"].max() < step
     assert rows["loss"].notna().all()
     assert f"at step {step}" in str(info.value)
+
+
+def test_a_run_that_diverges_before_its_first_bin_leaves_a_header_and_its_reason(tmp_path):
+    with pytest.raises(NonFiniteLossError) as info:
+        run(_spec(bench={**SMALL, "lr": 1e4}), tmp_path / "r", progress=False)
+    rows = pd.read_csv(tmp_path / "r" / "metrics.csv")
+    assert rows.empty and {"step", "task", "loss", "units_replaced"} <= set(rows.columns)
+    failure = json.loads((tmp_path / "r" / "failure.json").read_text())
+    assert failure == {"kind": "non-finite-loss", "error": str(info.value), "step": info.value.step}
+    # once the cause is fixed, a rerun in place no longer carries the old failure
+    (tmp_path / "r" / "config.json").unlink()
+    (tmp_path / "r" / "metrics.csv").unlink()
+    run(_spec(), tmp_path / "r", progress=False)
+    assert not (tmp_path / "r" / "failure.json").exists()
 
 
 @pytest.mark.parametrize("steps", [0, -5])
