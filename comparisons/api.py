@@ -39,11 +39,13 @@ def run_comparison(
     fmt: str = "csv",
     command: str = "",
     resolved: Sequence[ResolvedArm] | None = None,
+    retry_failed: bool = False,
 ) -> dict[str, Any]:
     """Run every (arm, seed) of ``comparison`` not yet finished under ``out``, then write the report.
 
-    Returns ``{"outcomes": [RunOutcome, ...], "summary": DataFrame, "paths": [Path, ...]}``. Runs that
-    fail (a NaN loss, a dead worker) are reported in ``outcomes``; the others still finish.
+    Returns ``{"outcomes": [RunOutcome, ...], "summary": DataFrame, "states": DataFrame, "paths": [Path, ...]}``.
+    Runs that fail (a NaN loss, a dead worker) are reported in ``outcomes``; the others still finish. A run
+    that diverged before (its ``failure.json``) is reported failed again, not redone, unless ``retry_failed``.
     """
     check_format(fmt)
     resolved = list(resolved) if resolved is not None else prepare_comparison(comparison, out)
@@ -52,7 +54,8 @@ def run_comparison(
     except OSError as err:
         raise ConfigError(f"cannot create output directory {str(out)!r}: {err.strerror or err}") from None
     record_comparison(comparison, resolved, out, command=command)
-    outcomes = run_jobs(plan(comparison, out, resolved), workers=workers, progress=progress)
+    outcomes = run_jobs(plan(comparison, out, resolved), workers=workers, progress=progress,
+                        retry_failed=retry_failed)
     failed = sum(outcome.status == "failed" for outcome in outcomes)
     if failed:
         log.warning("%d of %d runs failed (see the outcomes)", failed, len(outcomes))

@@ -10,7 +10,9 @@
 arm) NAME; ``--set NAME.key=value`` sets a strategy setting; ``--grid NAME.key=v1,v2,...`` makes one arm
 per value (several --grid of one strategy: their cartesian product). Everything is validated before any
 run starts; bad input exits with status 2 and a one-line message. Rerunning a command skips finished runs
-and resumes unfinished ones from their checkpoints.
+and resumes unfinished ones from their checkpoints; a run that diverged (its ``failure.json``) stays failed
+unless ``--retry-failed`` is given. Exit status: 0, 1 when some run failed (``report`` too), 2 bad input,
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 from dst.errors import ConfigError, DSTError
 
 from .api import prepare_comparison, run_comparison
-from .execute import CHECKPOINT, is_finished, plan
+from .execute import CHECKPOINT, earlier_failure, is_finished, plan
 from .presets import PRESETS, describe_presets, free_form, preset
 from .report import format_summary, write_report
 from .spec import Comparison
@@ -67,6 +69,9 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA if present)")
     parser.add_argument("--format", dest="fmt", choices=("csv", "parquet"), default="csv",
                         help="format of the combined table runs.<format> (parquet needs pyarrow)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="redo runs that failed before (diverged: their failure.json) from scratch; "
+                             "without it they stay failed, since a rerun would diverge again")
     parser.add_argument("--checkpoints", type=int, default=10,
                         help="checkpoints per run, for resuming (default: %(default)s; 0: none)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -76,7 +81,8 @@ def _run_parser() -> argparse.ArgumentParser:
 
 def _report_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m comparisons report",
-                     description="Write runs.csv, summary.csv, the plots and report.md from the finished runs.")
+                     description="Write runs.csv, summary.csv, the plots and report.md from the finished runs; "
+                                 "exit status 1 when some run failed.")
     parser.add_argument("--out", required=True, help="the comparison's output folder")
     parser.add_argument("--format", dest="fmt", choices=("csv", "parquet"), default="csv")
     return parser
@@ -128,25 +134,34 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     failed = 0
     for comparison, out, arms in zip(comparisons, outs, resolved):
         jobs = plan(comparison, out, arms)
-        finished = sum(is_finished(job) for job in jobs)
-        resumable = sum(not is_finished(job) and (job.out_dir / CHECKPOINT).exists() for job in jobs)
+        done = [is_finished(job) for job in jobs]
+        failed_before = [not d and earlier_failure(job) is not None for job, d in zip(jobs, done)]
+        resumable = sum(not d and not f and (job.out_dir / CHECKPOINT).exists()
+                        for job, d, f in zip(jobs, done, failed_before))
+        kept = 0 if args.retry_failed else sum(failed_before)
+        note = ""
+        if any(failed_before):
+            note = f", {sum(failed_before)} failed before: " + (
+                "to redo" if args.retry_failed else "kept as failed, --retry-failed redoes them")
         workers = args.workers or os.cpu_count() or 1
         print(f"comparison {comparison.name} on {comparison.benchmark}: {len(comparison.arms)} arms x "
-              f"{len(comparison.seeds)} seeds = {len(jobs)} runs ({finished} already finished, {resumable} "
-              f"to resume), {min(workers, max(1, len(jobs) - finished))} worker process(es) -> {out}", flush=True)
+              f"{len(comparison.seeds)} seeds = {len(jobs)} runs ({sum(done)} already finished, {resumable} "
+              f"to resume{note}), {min(workers, max(1, len(jobs) - sum(done) - kept))} worker process(es) "
+              f"-> {out}", flush=True)
         result = run_comparison(comparison, out, workers=args.workers, progress=not args.no_progress,
-                                fmt=args.fmt, command=command, resolved=arms)
+                                fmt=args.fmt, command=command, resolved=arms, retry_failed=args.retry_failed)
         bad = [o for o in result["outcomes"] if o.status == "failed"]
         failed += len(bad)
         for error in dict.fromkeys(o.error for o in bad):  # one line per distinct error
             runs = ", ".join(f"{o.label} seed {o.seed}" for o in bad if o.error == error)
             print(f"failed: {runs}: {error}", file=sys.stderr)
         print()
-        print(format_summary(result["summary"]))
+        print(format_summary(result["summary"], result["states"]))
         print("\nwrote " + ", ".join(str(p) for p in result["paths"]))
     if failed:
-        print(f"{failed} run(s) failed; the others are reported. Rerun the same command to retry them "
-              "(finished runs are skipped).", file=sys.stderr)
+        print(f"{failed} run(s) failed; the others are reported. Rerunning the same command retries runs that "
+              "crashed or were killed (finished runs are skipped); runs that diverged stay failed unless you "
+              "add --retry-failed.", file=sys.stderr)
         return 1
     return 0
 
@@ -154,9 +169,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _report(argv: Sequence[str]) -> int:
     args = _report_parser().parse_args(argv)
     result = write_report(args.out, args.fmt)
-    print(format_summary(result["summary"]))
+    print(format_summary(result["summary"], result["states"]))
     print("\nwrote " + ", ".join(str(p) for p in result["paths"]))
-    return 0
+    return 1 if (result["states"]["state"] == "failed").any() else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

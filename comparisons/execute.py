@@ -1,11 +1,13 @@
 """Run every (arm, seed) of a comparison through ``dst.runner.run``, in worker processes, resumably.
 
 Each run owns ``OUT/runs/<arm>/seed-<k>/``. A run is *finished* when its ``summary.json`` exists and its
-``config.json`` matches the spec; finished runs are never redone. An unfinished run with a checkpoint
-resumes from it; one without a checkpoint is cleared and started again. So Ctrl-C or a killed worker
-loses only the work since the last checkpoint of the runs in flight, and rerunning the same command
-carries on. ``OUT/comparison.json`` records the arms; rerunning into the same OUT may add arms, but an
-arm whose label is already recorded with other settings is an error, never a silent mix.
+``config.json`` matches the spec; finished runs are never redone. A run that *failed* (dst left a
+``failure.json``: its loss became NaN or infinite) with the spec's ``config.json`` is not redone either,
+since a diverging run diverges again; ``retry_failed`` clears and redoes it. Any other unfinished run
+with a checkpoint resumes from it; one without a checkpoint is cleared and started again. So Ctrl-C or
+a killed worker loses only the work since the last checkpoint of the runs in flight, and rerunning the
+same command carries on. ``OUT/comparison.json`` records the arms; rerunning into the same OUT may add
+arms, but an arm whose label is already recorded with other settings is an error, never a silent mix.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from dst.errors import ConfigError
+from dst.experiment import FAILURE
 from dst.runner import RunSpec
 
 from .spec import Arm, Comparison, ResolvedArm, dir_name, jsonable, validate
 
-__all__ = ["Job", "RunOutcome", "plan", "record_comparison", "run_jobs", "run_dir", "COMPARISON_FILE"]
+__all__ = ["Job", "RunOutcome", "plan", "record_comparison", "run_jobs", "run_dir", "read_failure",
+           "earlier_failure", "COMPARISON_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +76,54 @@ def _expected(comparison: Comparison, resolved: ResolvedArm, seed: int) -> dict[
     return expected
 
 
+def _config_differs(job: Job) -> list[str] | None:
+    """The entries of ``job.expected`` that the run's ``config.json`` disagrees on; None when it is unreadable."""
+    try:
+        saved = json.loads((job.out_dir / CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+    return sorted(k for k, v in job.expected.items() if jsonable(saved.get(k)) != v)
+
+
 def is_finished(job: Job) -> bool:
     """``summary.json`` is there and ``config.json`` says it ran this spec (else an error naming the dir)."""
     if not (job.out_dir / SUMMARY).exists():
         return False
-    try:
-        saved = json.loads((job.out_dir / CONFIG).read_text())
-    except (OSError, ValueError):
+    differ = _config_differs(job)
+    if differ is None:
         return False  # a summary without a readable config: redo it
-    differ = sorted(k for k, v in job.expected.items() if jsonable(saved.get(k)) != v)
     if differ:
         raise ConfigError(
             f"{str(job.out_dir)!r} holds a finished run with other {', '.join(differ)} than arm {job.arm.label!r} "
             "asks for; move it away or choose a new --out (nothing was overwritten)"
         )
     return True
+
+
+def read_failure(run: str | os.PathLike) -> str | None:
+    """Why the run in ``run`` failed, from the ``failure.json`` dst leaves there; None when it has none.
+
+    A corrupt file still marks a failure and is described, never raised: a report must not crash on it.
+    """
+    path = Path(run) / FAILURE
+    if not path.exists():
+        return None
+    try:
+        failure = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return f"{FAILURE} is unreadable ({type(err).__name__}: {err})"
+    if not isinstance(failure, dict) or not failure.get("error"):
+        return f"{FAILURE} holds no error message"
+    return str(failure["error"])
+
+
+def earlier_failure(job: Job) -> str | None:
+    """The recorded reason when an earlier attempt at ``job`` (same settings in its ``config.json``) failed:
+    such a run is deterministic, so redoing it would fail again. None when there is no such failure."""
+    reason = read_failure(job.out_dir)
+    return reason if reason is not None and _config_differs(job) == [] else None
 
 
 def plan(comparison: Comparison, out: str | os.PathLike, resolved: Sequence[ResolvedArm] | None = None) -> list[Job]:
@@ -193,15 +230,28 @@ def _worker(job: Job) -> RunOutcome:
         return RunOutcome(job.arm.label, job.seed, "failed", error=f"{type(err).__name__}: {err}")
 
 
-def run_jobs(jobs: Sequence[Job], workers: int | None = None, progress: bool = True) -> list[RunOutcome]:
+def run_jobs(jobs: Sequence[Job], workers: int | None = None, progress: bool = True,
+             retry_failed: bool = False) -> list[RunOutcome]:
     """Run the jobs, ``workers`` at a time (default: one per core); finished ones are skipped.
 
-    ``workers=1`` runs in this process (no pool), which keeps tests and debugging simple.
+    A job that failed before (:func:`earlier_failure`) is reported failed again without running, unless
+    ``retry_failed``: then its folder is cleared and it starts afresh. ``workers=1`` runs in this process
+    (no pool), which keeps tests and debugging simple.
     """
     from tqdm.auto import tqdm
 
-    done = [RunOutcome(j.arm.label, j.seed, "skipped") for j in jobs if is_finished(j)]
-    todo = [j for j in jobs if not is_finished(j)]
+    done: list[RunOutcome] = []
+    todo: list[Job] = []
+    for job in jobs:
+        if is_finished(job):
+            done.append(RunOutcome(job.arm.label, job.seed, "skipped"))
+        elif (reason := earlier_failure(job)) is not None and not retry_failed:
+            done.append(RunOutcome(job.arm.label, job.seed, "failed", error=f"{reason} (an earlier run, not redone)"))
+        else:
+            if reason is not None:
+                log.info("clearing %s to retry it: it failed before (%s)", job.out_dir, reason)
+                shutil.rmtree(job.out_dir)
+            todo.append(job)
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     bar = tqdm(total=len(jobs), initial=len(done), unit="run", desc="runs", disable=not progress,
                dynamic_ncols=True)

@@ -1,6 +1,7 @@
 """Everything a finished (or partly finished) comparison writes: tables, plots and ``report.md``.
 
-``python -m comparisons report --out DIR`` calls :func:`write_report` on whatever runs have finished.
+``python -m comparisons report --out DIR`` calls :func:`write_report` on whatever runs have finished; runs
+that failed or have not finished are listed with their reasons, and the other arms are summarised as usual.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .tables import (
     better_direction,
     combined_table,
     load_record,
+    run_states,
     summarize_runs,
     write_table,
 )
@@ -40,10 +42,19 @@ def _cell(mean: float, half: float) -> str:
     return _number(mean) if math.isnan(half) else f"{_number(mean)} ± {_number(half)}"
 
 
+def _performance_metric(summary: pd.DataFrame) -> str:
+    """The performance measure of the summary's arms (an arm without a finished run has none)."""
+    return next((str(m) for m in summary.get("performance_metric", []) if isinstance(m, str) and m), "loss")
+
+
 def display_frame(summary: pd.DataFrame) -> pd.DataFrame:
-    """The summary as text cells: ``mean ± CI half-width`` per metric, one row per arm."""
-    metric = summary["performance_metric"].iloc[0] if len(summary) else "loss"
+    """The summary as text cells: ``mean ± CI half-width`` per metric, one row per arm; the ``failed`` and
+    ``unfinished`` counts only when some arm has such runs."""
+    metric = _performance_metric(summary)
     columns = {"arm": summary["arm"], "n": summary["n"].astype(str)}
+    for count in ("failed", "unfinished"):
+        if count in summary and summary[count].any():
+            columns[count] = summary[count].astype(str)
     for key, words in SUMMARY_METRICS.items():
         if key == "late_window":
             words = f"late-window {metric}"
@@ -51,11 +62,17 @@ def display_frame(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def format_summary(summary: pd.DataFrame) -> str:
-    """Plain-text summary table for the terminal."""
-    if not len(summary):
-        return "(no finished runs yet)"
-    return display_frame(summary).to_string(index=False)
+def _not_finished(states: pd.DataFrame | None) -> pd.DataFrame:
+    """The rows of :func:`run_states` whose run did not finish (none when ``states`` is None)."""
+    return states[states["state"] != "finished"] if states is not None and len(states) else pd.DataFrame()
+
+
+def format_summary(summary: pd.DataFrame, states: pd.DataFrame | None = None) -> str:
+    """Plain-text summary table for the terminal, then one line per run of ``states`` (:func:`run_states`)
+    that did not finish, with its reason."""
+    text = display_frame(summary).to_string(index=False) if len(summary) else "(no finished runs yet)"
+    lines = [f"  {row.arm} seed {row.seed}: {row.reason}" for row in _not_finished(states).itertuples()]
+    return "\n".join([text, "runs that did not finish:", *lines]) if lines else text
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -100,37 +117,59 @@ def _arm_lines(record: dict[str, Any]) -> list[str]:
 def write_report(out: str | os.PathLike, fmt: str = "csv") -> dict[str, Any]:
     """Write ``runs.csv`` (or ``.parquet``), ``summary.csv``, the plots and ``report.md`` under ``out``.
 
-    Returns ``{"summary": DataFrame, "paths": [Path, ...]}``. Only finished runs enter the summary and the
-    plots; unfinished ones are in the combined table with ``finished=False``.
+    Returns ``{"summary": DataFrame, "states": DataFrame, "paths": [Path, ...]}`` (``states``: every started
+    run's state and reason, :func:`run_states`). Only finished runs enter the summary numbers and the plots;
+    unfinished ones' rows are in the combined table with ``finished=False``, and every run that did not
+    finish is listed in ``report.md`` with its reason. An arm none of whose runs finished is a summary row
+    with ``n`` = 0 and NaN numbers.
     """
     out = Path(out)
     record = load_record(out)
     runs = combined_table(out)
     summary = summarize_runs(out)
+    states = run_states(out)
     paths = [write_table(runs, out / "runs", fmt)]
     summary_path = out / "summary.csv"
     summary.to_csv(summary_path, index=False)
     paths.append(summary_path)
     finished = runs[runs["finished"]] if len(runs) else runs
-    metric = str(summary["performance_metric"].iloc[0]) if len(summary) else "loss"
+    metric = _performance_metric(summary)
     plots = []
     if len(finished):
         plots.append(plot_performance(finished, record["arms"], metric, out / "performance.png",
                                       title=f"{record['benchmark']}: {metric} per bin, mean and 95% CI across seeds"))
         plots.append(plot_metrics(finished, record["arms"], out / "metrics.png"))
-        plots.extend(plot_grids(summary, record["arms"], out, metric))
+        plots.extend(plot_grids(summary[summary["n"] > 0], record["arms"], out, metric))
     plots = [p for p in plots if p is not None]
     paths += plots
     report = out / "report.md"
-    report.write_text(_markdown(record, summary, runs, plots, metric))
+    report.write_text(_markdown(record, summary, states, plots, metric))
     paths.append(report)
-    return {"summary": summary, "paths": paths}
+    return {"summary": summary, "states": states, "paths": paths}
 
 
-def _markdown(record: dict[str, Any], summary: pd.DataFrame, runs: pd.DataFrame, plots: list[Path],
+def _not_finished_lines(states: pd.DataFrame) -> list[str]:
+    """The report's section on runs that did not finish, with their reasons and how to recover."""
+    rest = _not_finished(states)
+    if not len(rest):
+        return []
+    return [
+        "## Runs that did not finish",
+        "",
+        markdown_table(rest[["arm", "seed", "state", "reason"]]),
+        "",
+        "Rerunning the comparison's command resumes or restarts killed and unfinished runs; failed runs "
+        "(a `failure.json`: the loss became NaN or infinite, which a rerun would repeat) stay failed unless "
+        "the command gets `--retry-failed`. Deleting a run's folder `runs/<arm>/seed-<k>/` makes a rerun "
+        "start it afresh.",
+        "",
+    ]
+
+
+def _markdown(record: dict[str, Any], summary: pd.DataFrame, states: pd.DataFrame, plots: list[Path],
               metric: str) -> str:
-    total = runs.groupby(["arm", "seed"]).ngroups if len(runs) else 0
-    done = runs[runs["finished"]].groupby(["arm", "seed"]).ngroups if len(runs) else 0
+    total = len(states)
+    done = int((states["state"] == "finished").sum())
     steps = record.get("steps") or "the benchmark's default"
     lines = [
         f"# Comparison: {record.get('name', 'custom')} on {record['benchmark']}",
@@ -157,6 +196,7 @@ def _markdown(record: dict[str, Any], summary: pd.DataFrame, runs: pd.DataFrame,
         "Per-arm numbers with all settings: `summary.csv`; every metrics row of every run: `runs.csv` "
         "(or `runs.parquet`); each run's own files: `runs/<arm>/seed-<k>/`.",
         "",
+        *_not_finished_lines(states),
     ]
     if plots:
         lines += ["## Plots", ""]

@@ -3,7 +3,8 @@
 The per-run numbers are each run's ``summary.json`` (written by :func:`dst.summary.summarize`), so the
 comparison reports exactly what ``python -m dst run`` would for the same run. Confidence intervals are
 Student-t: mean +- t_{0.975, n-1} * s / sqrt(n), with s the sample standard deviation across seeds
-(NaN for a single run).
+(NaN for a single run). A run that did not finish (diverged, killed, or still running) is listed with its
+reason by :func:`run_states` and counted per arm, never a reason for a table to fail.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from scipy import stats
 
 from dst.errors import ConfigError
 
-from .execute import COMPARISON_FILE, CONFIG, METRICS, SUMMARY
+from .execute import COMPARISON_FILE, CONFIG, METRICS, SUMMARY, read_failure
 from .spec import dir_name
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "load_record",
     "combined_table",
     "run_summaries",
+    "run_states",
     "summarize_runs",
     "mean_ci",
     "better_direction",
@@ -56,14 +58,37 @@ def load_record(out: str | os.PathLike) -> dict[str, Any]:
 
 
 def _run_dirs(out: str | os.PathLike, record: dict[str, Any]) -> list[tuple[dict[str, Any], int, Path]]:
-    """(arm record, seed, run dir) of every run folder that has metrics, in arm then seed order."""
+    """(arm record, seed, run dir) of every run folder, started or finished, in arm then seed order."""
     found = []
     for arm in record["arms"]:
         folder = Path(out) / "runs" / dir_name(arm["label"])
         seeds = sorted(int(p.name.split("-", 1)[1]) for p in folder.glob("seed-*") if p.name[5:].isdigit())
-        found += [(arm, seed, folder / f"seed-{seed}") for seed in seeds
-                  if (folder / f"seed-{seed}" / METRICS).exists()]
+        found += [(arm, seed, folder / f"seed-{seed}") for seed in seeds]
     return found
+
+
+def _rows(run: Path) -> pd.DataFrame:
+    """The run's metrics rows; none when ``metrics.csv`` is missing or empty (0 bytes: a run that stopped
+    before its first bin, as older dst versions left it)."""
+    try:
+        return pd.read_csv(run / METRICS)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return pd.DataFrame()
+
+
+def _run_state(run: Path) -> tuple[str, str]:
+    """``(state, reason)`` of the run in ``run``: ``finished``; ``failed`` (dst's ``failure.json``, e.g. a
+    NaN loss: ``"failed: <error>"``); ``no rows`` (dst writes the first row at the end of the first bin);
+    or ``unfinished`` (rows but no summary)."""
+    if (run / SUMMARY).exists():
+        return "finished", "finished"
+    failure = read_failure(run)
+    if failure is not None:
+        return "failed", f"failed: {failure}"
+    if _rows(run).empty:
+        return "no rows", "no rows yet (killed or still running before its first bin)"
+    return "unfinished", ("unfinished: rows but no summary.json (killed or still running; rerunning the "
+                          "comparison resumes or restarts it)")
 
 
 def _cell(value: Any) -> Any:
@@ -79,8 +104,13 @@ def combined_table(out: str | os.PathLike) -> pd.DataFrame:
     record = load_record(out)
     frames = []
     for arm, seed, path in _run_dirs(out, record):
-        rows = pd.read_csv(path / METRICS)
-        config = json.loads((path / CONFIG).read_text()) if (path / CONFIG).exists() else {}
+        rows = _rows(path)
+        if rows.empty:
+            continue
+        try:
+            config = json.loads((path / CONFIG).read_text())
+        except (OSError, ValueError):  # missing, or cut short by a kill while dst wrote it
+            config = {}
         front = {"arm": arm["label"], "strategy": arm["strategy"], "seed": seed,
                  "finished": (path / SUMMARY).exists(), "benchmark": config.get("benchmark", record["benchmark"])}
         settings = {f"settings.{k}": _cell(v) for k, v in config.get("settings", {}).items()}
@@ -101,6 +131,17 @@ def run_summaries(out: str | os.PathLike) -> pd.DataFrame:
             summary = json.loads((path / SUMMARY).read_text())
             rows.append({"arm": arm["label"], "strategy": arm["strategy"], "seed": seed, **summary})
     return pd.DataFrame(rows)
+
+
+def run_states(out: str | os.PathLike) -> pd.DataFrame:
+    """One row per started run (a run folder): arm, strategy, seed, ``state`` (``finished``, ``failed``,
+    ``no rows`` or ``unfinished``) and ``reason``, the words the report shows (``"failed: <error>"``)."""
+    record = load_record(out)
+    rows = []
+    for arm, seed, path in _run_dirs(out, record):
+        state, reason = _run_state(path)
+        rows.append({"arm": arm["label"], "strategy": arm["strategy"], "seed": seed, "state": state, "reason": reason})
+    return pd.DataFrame(rows, columns=["arm", "strategy", "seed", "state", "reason"])
 
 
 def mean_ci(values: Sequence[float] | pd.Series) -> tuple[float, float, int]:
@@ -131,23 +172,29 @@ def better_direction(metric: str, performance_metric: str) -> str:
 
 
 def summarize_runs(out: str | os.PathLike) -> pd.DataFrame:
-    """Per arm, in recorded order: n finished runs, mean and 95% CI half-width of each
-    :data:`SUMMARY_METRICS` entry, which metric is the performance measure, and the arm's settings."""
+    """Per arm with a started run, in recorded order: ``n`` finished runs, ``failed`` and ``unfinished``
+    runs (their reasons: :func:`run_states`), mean and 95% CI half-width over the finished runs of each
+    :data:`SUMMARY_METRICS` entry (NaN when none finished), which metric is the performance measure, and
+    the arm's settings."""
     record = load_record(out)
     runs = run_summaries(out)
+    states = run_states(out)
     rows = []
     for arm in record["arms"]:
         mine = runs[runs["arm"] == arm["label"]] if len(runs) else runs
-        if not len(mine):
+        started = states[states["arm"] == arm["label"]]["state"]
+        if not len(started):
             continue
-        metrics = mine["performance_metric"].unique()
+        metrics = mine["performance_metric"].unique() if len(mine) else []
         row: dict[str, Any] = {"arm": arm["label"], "strategy": arm["strategy"],
                                "density": arm["resolved_bench"].get("density", 1.0), "n": len(mine),
+                               "failed": int((started == "failed").sum()),
+                               "unfinished": int(started.isin(["no rows", "unfinished"]).sum()),
                                "performance_metric": ", ".join(metrics)}
         for metric in SUMMARY_METRICS:
             mean, half, _ = mean_ci(mine[metric]) if metric in mine else (math.nan, math.nan, 0)
             row[f"{metric}_mean"], row[f"{metric}_ci95"] = mean, half
-        row["late_window_better"] = better_direction("late_window", str(metrics[0]))
+        row["late_window_better"] = better_direction("late_window", str(metrics[0])) if len(metrics) else ""
         row.update({f"settings.{k}": _cell(v) for k, v in arm["resolved_settings"].items()})
         row.update({f"bench.{k}": _cell(v) for k, v in arm["resolved_bench"].items()})
         rows.append(row)

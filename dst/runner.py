@@ -117,8 +117,10 @@ def run(
     each row is written; an exception it raises stops the run (the rows written so far are kept)."""
     rows = prepare(spec, out_dir, progress=progress, on_row=on_row).run(resume=resume)
     if out_dir is not None and len(rows):
-        summary = summarize(rows)
-        Path(out_dir, "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        # written last and atomically: a summary.json on disk always means a finished, readable run
+        tmp = Path(out_dir, "summary.json.tmp")
+        tmp.write_text(json.dumps(summarize(rows), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, Path(out_dir, "summary.json"))
     return rows
 
 

@@ -1,4 +1,4 @@
-"""The comparisons CLI end to end on tiny bit-flipping runs: outputs, numbers, resume and bad input."""
+"""The comparisons CLI end to end on tiny bit-flipping runs: outputs, numbers, resume, failed runs and bad input."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from scipy import stats
 
 import dst.runner
 from comparisons import api as comparisons_api
+from comparisons import report as comparisons_report
 from comparisons import mean_ci
 from comparisons.cli import main
 
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _no_report(out, fmt="csv"):
     """Stands in for write_report where a test is about runs, not plots (plots cost seconds)."""
-    return {"summary": pd.DataFrame(), "paths": []}
+    return {"summary": pd.DataFrame(), "states": pd.DataFrame(columns=["arm", "seed", "state", "reason"]), "paths": []}
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +273,139 @@ def test_module_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("error: unknown strategy 'nosuch'") and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+# -- runs that failed, were killed, or never wrote a row ----------------------------------------------------
+
+DAMAGED, DAMAGED_LABEL = "cbp_replacement_rate=0.01_dense", LABELS[2]
+HEADER = "step,task,loss,units_replaced,connections_regrown,seconds,seconds_per_step\n"
+NAN = {"error": "the loss became nan at step 17; the run stopped and the metrics written so far are kept.",
+       "step": 17, "kind": "non-finite-loss"}
+NO_ROWS = "no rows yet (killed or still running before its first bin)"
+#: case -> (metrics.csv text, failure.json text or None, state, reason the report gives)
+DAMAGE = {
+    "0-byte metrics.csv (old dst, diverged or killed)": ("", None, "no rows", NO_ROWS),
+    "header-only metrics.csv and failure.json (diverged)": (HEADER, json.dumps(NAN), "failed",
+                                                            f"failed: {NAN['error']}"),
+    "header-only metrics.csv, no failure.json (killed)": (HEADER, None, "no rows", NO_ROWS),
+    "corrupt failure.json": (HEADER, '{"error": "the loss bec', "failed",
+                             "failed: failure.json is unreadable (JSONDecodeError: "),
+}
+
+
+def _damage(run: Path, metrics: str, failure: str | None) -> None:
+    """Make ``run`` look like a run that stopped before its first bin: no summary, no checkpoint, no rows."""
+    for name in ("summary.json", "checkpoint.pt"):
+        (run / name).unlink()
+    (run / "metrics.csv").write_text(metrics)
+    if failure is not None:
+        (run / "failure.json").write_text(failure)
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+    """write_report without its plots (seconds each) where a test is about tables and report.md."""
+    monkeypatch.setattr(comparisons_report, "plot_performance", lambda *a, **k: None)
+    monkeypatch.setattr(comparisons_report, "plot_metrics", lambda *a, **k: None)
+    monkeypatch.setattr(comparisons_report, "plot_grids", lambda *a, **k: [])
+
+
+def _assert_other_arms_unchanged(out: Path, grid_out: Path) -> pd.DataFrame:
+    """The summary of every undamaged arm is what it was before the damage; returns the new summary."""
+    after = pd.read_csv(out / "summary.csv").set_index("arm")
+    before = pd.read_csv(grid_out / "summary.csv").set_index("arm")
+    pd.testing.assert_frame_equal(after.drop(DAMAGED_LABEL), before.drop(DAMAGED_LABEL))
+    return after
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_report_lists_a_damaged_run_with_its_reason_and_summarises_the_rest(case, grid_out, tmp_path, no_plots,
+                                                                             capsys):
+    metrics, failure, state, reason = DAMAGE[case]
+    out = _copy(grid_out, tmp_path)
+    _damage(out / "runs" / DAMAGED / "seed-1", metrics, failure)
+    assert main(["report", "--out", str(out)]) == (1 if state == "failed" else 0)
+    assert f"{DAMAGED_LABEL} seed 1: {reason}" in capsys.readouterr().out
+    assert f"| {DAMAGED_LABEL} | 1 | {state} | {reason}" in (out / "report.md").read_text()
+    summary = _assert_other_arms_unchanged(out, grid_out)
+    row = summary.loc[DAMAGED_LABEL]
+    assert (row["n"], row["failed"], row["unfinished"]) == ((1, 1, 0) if state == "failed" else (1, 0, 1))
+    kept = json.loads((out / "runs" / DAMAGED / "seed-0" / "summary.json").read_text())
+    assert row["late_window_mean"] == pytest.approx(kept["late_window"])
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_rerun_keeps_a_failed_run_failed_and_redoes_a_killed_one(case, grid_out, tmp_path, calls, no_plots,
+                                                                 monkeypatch, capsys):
+    metrics, failure, state, reason = DAMAGE[case]
+    monkeypatch.setattr(comparisons_api, "write_report", comparisons_report.write_report)  # the report too
+    out = _copy(grid_out, tmp_path)
+    run = out / "runs" / DAMAGED / "seed-1"
+    full = pd.read_csv(run / "metrics.csv").drop(columns=["seconds", "seconds_per_step", "probe_seconds"])
+    _damage(run, metrics, failure)
+    if state != "failed":  # killed before its first bin: cleared and started again, as any half-written run
+        assert main([*GRID, "--out", str(out)]) == 0
+        assert [(c[1], c[2]) for c in calls] == [(run, False)]
+    else:  # a diverged run would diverge again: reported failed, not redone, until --retry-failed
+        assert main([*GRID, "--out", str(out)]) == 1
+        assert calls == []
+        captured = capsys.readouterr()
+        assert f"failed: {DAMAGED_LABEL} seed 1: {reason.removeprefix('failed: ')}" in captured.err
+        assert "--retry-failed" in captured.err
+        assert "1 failed before: kept as failed" in captured.out
+        assert f"{DAMAGED_LABEL} seed 1: {reason}" in captured.out
+        row = _assert_other_arms_unchanged(out, grid_out).loc[DAMAGED_LABEL]
+        assert (row["n"], row["failed"]) == (1, 1)
+        assert (run / "failure.json").exists() and not (run / "summary.json").exists()
+        assert main([*GRID, "--retry-failed", "--out", str(out)]) == 0
+        assert [(c[1], c[2]) for c in calls] == [(run, False)]
+        assert not (run / "failure.json").exists()
+    assert (run / "summary.json").exists()
+    redone = pd.read_csv(run / "metrics.csv").drop(columns=["seconds", "seconds_per_step", "probe_seconds"])
+    pd.testing.assert_frame_equal(redone, full)
+    row = _assert_other_arms_unchanged(out, grid_out).loc[DAMAGED_LABEL]
+    assert (row["n"], row["failed"], row["unfinished"]) == (2, 0, 0)
+
+
+def test_an_arm_whose_every_run_failed_still_appears_and_plots_are_drawn(grid_out, tmp_path, capsys):
+    out = _copy(grid_out, tmp_path)
+    for seed in (0, 1):
+        _damage(out / "runs" / DAMAGED / f"seed-{seed}", HEADER, json.dumps(NAN))
+    for name in ("performance.png", "metrics.png", "grid_cbp_replacement_rate.png"):
+        (out / name).unlink()
+    assert main(["report", "--out", str(out)]) == 1
+    printed = capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    for seed in (0, 1):
+        assert f"{DAMAGED_LABEL} seed {seed}: failed: {NAN['error']}" in printed
+        assert f"| {DAMAGED_LABEL} | {seed} | failed | failed: {NAN['error']}" in report
+    row = _assert_other_arms_unchanged(out, grid_out).loc[DAMAGED_LABEL]
+    assert (row["n"], row["failed"], row["unfinished"]) == (0, 2, 0)
+    assert math.isnan(row["late_window_mean"])
+    assert "4 of 6 started runs finished" in report
+    for name in ("performance.png", "metrics.png", "grid_cbp_replacement_rate.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_a_diverging_arm_is_reported_failed_and_a_rerun_does_not_redo_it(tmp_path, monkeypatch, capsys):
+    """A real divergence (learning rate 1e6: the loss is infinite within the first bin). dst records it in
+    failure.json and leaves a header-only metrics.csv; the comparison reports it and keeps the other arm."""
+    monkeypatch.setattr(comparisons_report, "plot_metrics", lambda *a, **k: None)  # one plot is enough here
+    out = tmp_path / "out"
+    argv = ["--strategies", "bp,cbp", "--bench", "cbp.lr=1e6", "--seeds", "1", "--workers", "1", *TINY,
+            "--out", str(out)]
+    assert main(argv) == 1
+    assert "failed: cbp (dense) seed 0: NonFiniteLossError: the loss became" in capsys.readouterr().err
+    run = out / "runs" / "cbp_dense" / "seed-0"
+    failure = json.loads((run / "failure.json").read_text())
+    assert failure["kind"] == "non-finite-loss" and failure["error"].startswith("the loss became")
+    assert isinstance(failure["step"], int) and 1 <= failure["step"] <= 200
+    lines = (run / "metrics.csv").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("step,")
+    summary = pd.read_csv(out / "summary.csv").set_index("arm")
+    assert summary.loc["bp (dense)", "n"] == 1 and summary.loc["cbp (dense)", ["n", "failed"]].tolist() == [0, 1]
+    assert f"| cbp (dense) | 0 | failed | failed: {failure['error']}" in (out / "report.md").read_text()
+    assert (out / "performance.png").exists()
+    monkeypatch.setattr(dst.runner, "run", lambda *a, **k: pytest.fail("a diverged run was redone"))
+    assert main(argv) == 1
+    assert main(["report", "--out", str(out)]) == 1
