@@ -12,7 +12,7 @@ from .objectives import OBJECTIVES, directions, objective_values, parse_objectiv
 from .report import write_report
 from .space import Param, SearchSpace, build_space
 from .storage import StorageSpec, check_parallel, open_storage, resolve
-from .study import counts, open_study, requeue_running, run_study
+from .study import TargetNotReached, check_target, counts, open_study, requeue_running, run_study
 from .trial import StudySettings, TrialObjective
 
 __all__ = [
@@ -21,9 +21,11 @@ __all__ = [
     "SearchSpace",
     "StorageSpec",
     "StudySettings",
+    "TargetNotReached",
     "TrialObjective",
     "build_space",
     "check_parallel",
+    "check_target",
     "counts",
     "directions",
     "objective_values",

@@ -3,6 +3,9 @@
     python -m studies tune --strategy cbp --benchmark bit-flipping --trials 40 --study cbp-bf --out runs/studies
     python -m studies worker --study cbp-bf --storage postgresql://USER@HOST:PORT/DB --trials 40
     python -m studies report --study cbp-bf --out runs/studies
+
+Exit status: 0 the study reached its target, 1 it is short of it (trials stuck RUNNING hold the rest; the
+message names them and the fix), 2 bad input or an unreachable storage, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -25,8 +28,18 @@ from . import storage as storages
 from .objectives import OBJECTIVES, directions, parse_objectives
 from .report import write_report
 from .space import build_space
-from .study import PRUNERS, SAMPLERS, counts, open_study, requeue_running, run_study
+from .study import (
+    PRUNERS,
+    SAMPLERS,
+    TargetNotReached,
+    check_target,
+    counts,
+    open_study,
+    requeue_running,
+    run_study,
+)
 from .trial import StudySettings
+from .workers import ALIVE, running_trials
 
 __all__ = ["main"]
 
@@ -115,19 +128,33 @@ def _run(args: argparse.Namespace, spec, storage, study, settings, out: str) -> 
     finished, running = counts(study)
     print(f"study {study.study_name!r} in {spec.display}: {finished} of {target} trials finished, "
           f"{running} running; {max(0, target - finished - running)} to run", flush=True)
-    if running and not storages.has_heartbeat(storage):
-        print(f"note: {running} trial(s) RUNNING; if no other worker runs them (this storage has no heartbeat "
-              "to tell), pass --requeue-running to fail them and queue their parameters again", flush=True)
+    heartbeat = storages.has_heartbeat(storage)
+    if not heartbeat:
+        _note_stuck(study)
     workers = getattr(args, "workers", 1)
     if workers > 1:
-        _spawn_workers(args, spec, study.study_name, target, out, workers)
+        codes = _spawn_workers(args, spec, study.study_name, target, out, workers)
+        check_target(study, target, heartbeat=heartbeat)  # short: what holds the rest (a killed worker?)
+        failed = [code for code in codes if code not in (0, 1)]  # 1: ended short, as check_target says
+        if failed:
+            raise DSTError(f"{len(failed)} of {workers} workers failed (exit codes {codes})")
     else:
         run_study(study, settings, storage, target=target, out=out, device=args.device)
     _print_result(study, spec, out)
 
 
-def _spawn_workers(args, spec, name: str, target: int, out: str, workers: int) -> None:
-    """``workers`` processes of ``studies worker`` on this machine sharing the study; waits for them."""
+def _note_stuck(study: optuna.Study) -> None:
+    """Name the RUNNING trials whose worker is not known to run (a storage without heartbeat keeps them)."""
+    stuck = [t for t in running_trials(study) if t.status != ALIVE]
+    if stuck:
+        print(f"note: RUNNING: {'; '.join(t.explain() for t in stuck)}. This storage has no heartbeat: a trial "
+              "whose worker was killed stays RUNNING until --requeue-running (given while no other worker "
+              "runs) fails it and queues its parameters again", flush=True)
+
+
+def _spawn_workers(args, spec, name: str, target: int, out: str, workers: int) -> list[int]:
+    """``workers`` processes of ``studies worker`` on this machine sharing the study; waits for them and
+    returns their exit statuses."""
     threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
     command = [sys.executable, "-m", "studies", "worker", "--study", name, "--storage", spec.url,
                "--trials", str(target), "--out", out, "--device", args.device, "--threads", str(threads),
@@ -147,8 +174,7 @@ def _spawn_workers(args, spec, name: str, target: int, out: str, workers: int) -
                 p.kill()
                 p.wait()
         raise
-    if any(codes):
-        raise DSTError(f"{sum(c != 0 for c in codes)} of {workers} workers failed (exit codes {codes})")
+    return codes
 
 
 def _print_result(study: optuna.Study, spec, out: str) -> None:
@@ -196,7 +222,8 @@ def _tune(args: argparse.Namespace) -> int:
     study.set_user_attr("target", args.trials)  # a worker's default --trials
     study.set_user_attr("out", out)  # a worker's default --out
     print("tuning " + "; ".join(p.describe() for p in space.params), flush=True)
-    _run(args, spec, storage, study, settings, out)
+    with storages.reporting_lost_storage(spec):
+        _run(args, spec, storage, study, settings, out)
     return 0
 
 
@@ -206,7 +233,8 @@ def _worker(args: argparse.Namespace) -> int:
     storage = _open(args, spec, create=False)
     study, settings = open_study(spec, storage, args.study, sampler=args.sampler, sampler_seed=args.sampler_seed)
     out = args.out or study.user_attrs.get("out") or DEFAULT_OUT
-    _run(args, spec, storage, study, settings, out)
+    with storages.reporting_lost_storage(spec):
+        _run(args, spec, storage, study, settings, out)
     return 0
 
 
@@ -226,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"tune": _tune, "worker": _worker, "report": _report}[args.command](args)
+    except TargetNotReached as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except DSTError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

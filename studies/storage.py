@@ -18,12 +18,14 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 
-from dst.errors import ConfigError
+from dst.errors import ConfigError, DSTError
 
 __all__ = [
     "HEARTBEAT_INTERVAL",
@@ -34,6 +36,7 @@ __all__ = [
     "open_storage",
     "has_heartbeat",
     "check_parallel",
+    "reporting_lost_storage",
 ]
 
 log = logging.getLogger(__name__)
@@ -138,7 +141,7 @@ def open_storage(
                 **{callback_key: _retry_callback(max_retry)},
             )
     except sqlalchemy.exc.OperationalError as err:
-        reason = str(getattr(err, "orig", err)).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = _reason(err)
         what = (
             "Check that the directory exists and is writable."
             if spec.kind == "sqlite"
@@ -152,6 +155,47 @@ def open_storage(
         raise ConfigError(
             f"storage {spec.display} needs a database driver that is not installed ({err}): "
             "pip install 'dst-plasticity[postgres]' (psycopg2) for PostgreSQL"
+        ) from None
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of a database error: the driver's own message, without SQLAlchemy's additions."""
+    text = str(getattr(err, "orig", None) or err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _lost_connection(err: BaseException) -> BaseException | None:
+    """The database error behind ``err`` (following its causes and contexts: Optuna wraps it, and may
+    fail again while handling it) when the storage stopped answering mid-run, else None."""
+    import sqlalchemy.exc
+
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+@contextmanager
+def reporting_lost_storage(spec: StorageSpec) -> Iterator[None]:
+    """Turn a storage that stops answering mid-run (a database server stopped, restarted or out of
+    reach) into a :class:`ConfigError` that says what was kept and how to continue, not a traceback."""
+    try:
+        yield
+    except DSTError:
+        raise
+    except Exception as err:
+        lost = _lost_connection(err)
+        if lost is None:
+            raise
+        raise ConfigError(
+            f"lost the study storage {spec.display} mid-run: {_reason(lost)}. The trials finished so far "
+            "are kept there. Once it answers again (the server runs, the network is back), rerun the same "
+            "command: it continues the study, and the trial that was running is marked FAIL by its "
+            "heartbeat after --grace-period seconds and its parameters run again."
         ) from None
 
 

@@ -7,9 +7,14 @@ worker reads them, so it needs only the study name and the storage.
 Stop rule, shared by any number of workers: a study is done when COMPLETE + PRUNED trials reach the
 target. A worker stops asking for trials once finished + RUNNING trials reach it (``MaxTrialsCallback``
 over those three states), so the last trials are not started twice over; while others' trials are still
-running it waits, and on a storage with heartbeats it takes over when one of them dies (Optuna marks it
-FAIL and queues its parameters again). A worker that asks in the same instant as another for the last
-trial finds its trial surplus and leaves it FAIL: the finished count never passes the target.
+running it waits, and takes over if one of them ends without finishing (FAIL). On a storage with
+heartbeats a dead worker's trial is such a one: Optuna marks it FAIL and queues its parameters again.
+On the journal storage, which has none, the worker waits while the processes running the last trials
+live (on this machine); a trial left RUNNING by a killed process, or by a worker elsewhere that may
+still be running it, ends the run with :class:`TargetNotReached`, which names the trials and the fix
+(``--requeue-running``, or waiting for that worker). So a run never ends short of the target silently.
+A worker that asks in the same instant as another for the last trial finds its trial surplus and
+leaves it FAIL: the finished count never passes the target.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from dst.errors import ConfigError
+from dst.errors import ConfigError, DSTError
 
 from .storage import MAX_RETRY, StorageSpec, _retry_callback, has_heartbeat
 from .trial import SETTINGS_KEYS, StudySettings, SurplusTrial, TrialObjective
+from .workers import ALIVE, DEAD, STATUS_TEXT, RunningTrial, running_trials
 
-__all__ = ["PRUNERS", "SAMPLERS", "open_study", "counts", "run_study", "requeue_running", "make_pruner"]
+__all__ = ["PRUNERS", "SAMPLERS", "TargetNotReached", "open_study", "counts", "check_target", "run_study",
+           "requeue_running", "make_pruner"]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +126,11 @@ def open_study(
     return study, settings
 
 
+class TargetNotReached(DSTError):
+    """The study has fewer finished trials than its target, and this worker can start none of them:
+    trials stuck RUNNING hold the rest (the message names them and says how to free them)."""
+
+
 def counts(study: optuna.Study) -> tuple[int, int]:
     """(finished = COMPLETE + PRUNED, RUNNING) trials of the study."""
     trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
@@ -127,15 +139,63 @@ def counts(study: optuna.Study) -> tuple[int, int]:
 
 
 def requeue_running(study: optuna.Study, max_retry: int = MAX_RETRY) -> list[int]:
-    """Mark every RUNNING trial FAIL and queue its parameters again (for storages without heartbeats,
-    after a killed process; only safe while no other worker runs). Returns the trial numbers."""
+    """Mark RUNNING trials FAIL and queue their parameters again (for storages without heartbeats, after a
+    killed process); returns their numbers. Trials whose worker still runs on this machine are left to
+    it; one elsewhere cannot be told apart from a dead one, so this is safe only while no other worker
+    runs."""
     callback = _retry_callback(max_retry)
-    numbers = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    numbers = []
+    for trial in running_trials(study):
+        if trial.status == ALIVE:
+            log.warning("%s is left RUNNING: %s", trial.describe(), STATUS_TEXT[ALIVE])
+        else:
+            numbers.append(trial.number)
     for number in numbers:
         study.tell(number, state=TrialState.FAIL)
         callback(study, study.trials[number])
         log.warning("trial %d was RUNNING: marked FAIL, its parameters queued again", number)
     return numbers
+
+
+def check_target(study: optuna.Study, target: int, *, heartbeat: bool = False) -> None:
+    """Raise :class:`TargetNotReached`, naming the RUNNING trials and the fix, unless ``target`` trials
+    finished (``heartbeat``: the storage fails dead workers' trials itself)."""
+    finished, _ = counts(study)
+    if finished < target:
+        raise TargetNotReached(_short_message(study.study_name, finished, target, running_trials(study), heartbeat))
+
+
+def _short_message(name: str, finished: int, target: int, running: list[RunningTrial], heartbeat: bool) -> str:
+    text = f"study {name!r} has {finished} of {target} finished trials"
+    if not running:
+        return text + "; rerun the command to run the rest"
+    if heartbeat:
+        return text + (f"; {', '.join(t.describe() for t in running)} still RUNNING: rerun the command; it waits "
+                       "for them, and fails and runs again any whose worker sent no heartbeat for --grace-period")
+    text += (f", and {len(running)} trial(s) stuck RUNNING hold the rest (this storage has no heartbeat to "
+             "free them)")
+    dead = [t.describe() for t in running if t.status == DEAD]
+    elsewhere = [t.describe() for t in running if t.status != DEAD]
+    if dead:
+        text += f". {', '.join(dead)}: left by a worker that no longer runs on this machine (killed mid-trial)"
+    if elsewhere:
+        text += (f". {', '.join(elsewhere)}: run by a worker on another machine (or an unrecorded one) that may "
+                 f"still be running it: wait for that worker to finish and the study has its {target} trials")
+    return text + (". Once no other worker runs on this study, rerun with --requeue-running: it marks the "
+                   "RUNNING trials FAIL and runs their parameters again")
+
+
+def _wait_or_give_up(study: optuna.Study, target: int, waited_for: set[int]) -> set[int]:
+    """No heartbeat, and the RUNNING trials hold the rest of the target: the numbers of those whose
+    workers live on this machine (the caller waits for them), or :class:`TargetNotReached` if none do."""
+    running = running_trials(study)
+    alive = {t.number for t in running if t.status == ALIVE}
+    if not alive:
+        check_target(study, target)
+    elif alive != waited_for:
+        log.info("waiting for %s of live workers; this worker takes over any of them that fails",
+                 ", ".join(t.describe() for t in running if t.number in alive))
+    return alive
 
 
 def run_study(
@@ -148,11 +208,14 @@ def run_study(
     device: str = "auto",
     poll: float = 1.0,
 ) -> int:
-    """Run trials until COMPLETE + PRUNED trials reach ``target``; returns the trials this process ran."""
+    """Run trials until COMPLETE + PRUNED trials reach ``target``; returns the trials this process ran.
+
+    Raises :class:`TargetNotReached` when trials stuck RUNNING (storage without heartbeat) hold the rest."""
     objective = TrialObjective(settings, out, target, device)
     heartbeat = has_heartbeat(storage)
     stop_at_target = optuna.study.MaxTrialsCallback(target, states=(*FINISHED, TrialState.RUNNING))
     ran = 0
+    waited_for: set[int] = set()
 
     def count_mine(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal ran
@@ -163,18 +226,13 @@ def run_study(
         if finished >= target:
             log.info("study %r has %d finished trials (target %d)", study.study_name, finished, target)
             return ran
-        if finished + running >= target:
+        if finished + running >= target:  # others run the last trials; take over if one of them fails
             if not heartbeat:
-                log.info(
-                    "%d trial(s) still running in other workers, which reach the target; this worker stops. "
-                    "(This storage has no heartbeat: a trial left RUNNING by a killed process needs "
-                    "--requeue-running.)", running,
-                )
-                return ran
-            time.sleep(poll)  # others run the last trials; take over if one of them dies
+                waited_for = _wait_or_give_up(study, target, waited_for)
+            time.sleep(poll)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
+                optuna.storages.fail_stale_trials(study)  # heartbeats: fails (and re-queues) dead ones
             continue
         log.info("study %r: %d of %d trials finished, %d running", study.study_name, finished, target, running)
         study.optimize(

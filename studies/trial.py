@@ -4,15 +4,14 @@ No training loop of its own: each seed is one ``dst.runner.run``, whose ``on_row
 metrics row (one per bin) back here. After each row the trial reports the objective computed on the rows
 so far (for ``late_window`` the running late-window mean) as Optuna's intermediate value at the trial's
 cumulative step, and asks the pruner, but only from ``warmup`` of a run's steps on (see docs/studies.md:
-the early bins of every strategy look alike, so a decision there prunes on noise).
+the early bins of every strategy look alike, so a decision there prunes on noise), and never at the
+trial's last row: a trial that ran all its steps has its result, and completes with it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,13 @@ from typing import Any
 import optuna
 import pandas as pd
 
-from dst.errors import DSTError, NonFiniteLossError
+from dst.errors import ConfigError, DSTError, NonFiniteLossError
 from dst.runner import RunSpec, run
 from dst.summary import summarize
 
 from .objectives import objective_values
 from .space import SearchSpace
+from .workers import worker_id
 
 __all__ = ["StudySettings", "TrialObjective", "SurplusTrial", "trial_dir"]
 
@@ -97,14 +97,15 @@ class TrialObjective:
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         s = self.settings
+        trial.set_user_attr("worker", worker_id())  # first: a RUNNING trial without it has an unknown owner
         if _count_before(trial) >= self.target:  # two workers asked at once for the last trial
             trial.set_user_attr("surplus", f"the target of {self.target} trials was already claimed")
             trial.study.stop()
             raise SurplusTrial(f"trial {trial.number}: the study's {self.target} trials are already claimed")
         settings, bench = self.space.sample(trial)
         directory = trial_dir(self.out, trial.study.study_name, trial.number)
+        _check_unused(directory, trial.study.study_name)
         trial.set_user_attr("run_dir", str(directory))
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         summaries = []
         for index in range(s.seeds):
             seed = s.seed + index
@@ -126,9 +127,11 @@ class TrialObjective:
         return values[0] if len(values) == 1 else values
 
     def _reporter(self, trial: optuna.Trial, index: int):
-        """``on_row`` for seed ``index``: report the objective on the rows so far, prune after warm-up."""
+        """``on_row`` for seed ``index``: report the objective on the rows so far, prune after warm-up but
+        not at the trial's last row (the run is complete then: pruning would only throw its result away)."""
         s = self.settings
         rows: list[dict[str, Any]] = []
+        last_seed = index == s.seeds - 1
 
         def on_row(row: dict[str, Any]) -> None:
             rows.append(row)
@@ -138,11 +141,23 @@ class TrialObjective:
             if math.isnan(value):
                 return
             trial.report(value, index * s.steps + int(row["step"]))
-            if row["step"] >= s.warmup_steps and trial.should_prune():
+            last_row = last_seed and row["step"] >= s.steps
+            if not last_row and row["step"] >= s.warmup_steps and trial.should_prune():
                 log.info("trial %d pruned at seed %d, step %d (value %.4g)", trial.number, index, row["step"], value)
                 raise optuna.TrialPruned(f"pruned at step {row['step']} of seed {s.seed + index}")
 
         return on_row
+
+
+def _check_unused(directory: Path, study_name: str) -> None:
+    """Refuse a trial directory that already holds runs: they belong to another study of the same name (a
+    deleted or other storage: trial numbers start again at 0), and a trial never overwrites them."""
+    if directory.exists() and any(directory.rglob("metrics.csv")):
+        raise ConfigError(
+            f"{str(directory)!r} already holds a run of an earlier study named {study_name!r} (from another or "
+            "a deleted storage: trial numbers start at 0 in each); give another --out or --study, or move "
+            f"{str(directory.parent)!r} away (nothing was overwritten)"
+        )
 
 
 def _mean_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:

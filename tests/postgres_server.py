@@ -46,6 +46,7 @@ class PostgresServer:
         self.database, self.timeout = database, timeout
         self.initdb, self.pg_ctl = find_binary("initdb"), find_binary("pg_ctl")
         self.directory: Path | None = None
+        self.port = 0
         self.started = False
 
     @property
@@ -72,20 +73,31 @@ class PostgresServer:
         self.directory = Path(tempfile.mkdtemp(prefix="dst-postgres-"))
         if os.geteuid() == 0:
             shutil.chown(self.directory, "postgres", "postgres")
-        data, port = self.directory / "data", _free_port()
-        self._call(self.initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-        options = f"-p {port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
-        self._call(self.pg_ctl, "-D", str(data), "-o", options, "-l", str(self.directory / "server.log"),
-                   "-w", "-t", str(int(self.timeout)), "start")
-        self.started = True
+        self.port = _free_port()
+        self._call(self.initdb, "-D", str(self.directory / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                   "--no-sync")
+        self.resume()
         createdb = find_binary("createdb") or str(Path(self.pg_ctl).with_name("createdb"))
-        self._call(createdb, "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", self.database)
-        return f"postgresql://postgres@127.0.0.1:{port}/{self.database}"
+        self._call(createdb, "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", self.database)
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
+
+    def halt(self) -> None:
+        """Stop the server at once (as a crash or a lost machine would), keeping its data for :meth:`resume`."""
+        if self.started and self.directory is not None:
+            self._call(self.pg_ctl, "-D", str(self.directory / "data"), "-m", "immediate", "-w", "stop")
+        self.started = False
+
+    def resume(self) -> None:
+        """Start the server (again) on its port and data directory."""
+        options = (f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off "
+                   "-c max_connections=50")
+        self._call(self.pg_ctl, "-D", str(self.directory / "data"), "-o", options, "-l",
+                   str(self.directory / "server.log"), "-w", "-t", str(int(self.timeout)), "start")
+        self.started = True
 
     def stop(self) -> None:
         try:
-            if self.started and self.directory is not None:
-                self._call(self.pg_ctl, "-D", str(self.directory / "data"), "-m", "immediate", "-w", "stop")
+            self.halt()
         finally:
             self.started = False
             if self.directory is not None:

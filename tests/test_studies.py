@@ -1,25 +1,31 @@
 """studies: search spaces from config metadata, objectives, storages, workers, resume, reports.
 
 Trials are tiny (bit-flipping, 200-1000 steps, 5 hidden units, 100-step bins) so the whole file runs in
-well under a minute; the PostgreSQL test starts its own server (tests/postgres_server.py).
+about a minute; the PostgreSQL tests share a server they start (tests/postgres_server.py), and killed
+workers are real processes killed with SIGKILL mid-trial.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
+import sqlalchemy.exc
 from postgres_server import (  # tests/ is on sys.path under pytest
     MISSING_MESSAGE,
     PostgresServer,
@@ -33,6 +39,7 @@ from studies import (
     objective_values,
     open_storage,
     parse_objectives,
+    requeue_running,
     resolve,
 )
 from studies.cli import main
@@ -40,7 +47,9 @@ from studies.trial import StudySettings, TrialObjective
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ["--bench", "bin_size=100", "--bench", "change_every=200", "--bench", "probe_size=50", "--bench", "hidden=5"]
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+COMPLETE, RUNNING, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
+                           optuna.trial.TrialState.FAIL)
+FINISHED = (COMPLETE, optuna.trial.TrialState.PRUNED)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -60,9 +69,42 @@ def python_m_studies(*args: str, **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-def error_of(argv: list[str], capsys) -> str:
-    assert main(argv) == 2
+def error_of(argv: list[str], capsys, status: int = 2) -> str:
+    assert main(argv) == status
     return capsys.readouterr().err
+
+
+def running_trial_with_a_bin(study: optuna.Study, pids: set[int], alive: Callable[[], bool], *,
+                             worker_completed_one: bool = False) -> optuna.trial.FrozenTrial:
+    """Poll until a trial run by one of ``pids`` is RUNNING and has reported a bin: mid-trial, the moment to
+    kill its worker. With ``worker_completed_one``, only a trial whose worker has completed another before."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        trials = study.get_trials()
+        completed_by = {t.user_attrs.get("worker") for t in trials if t.state == COMPLETE}
+        for trial in trials:
+            worker = trial.user_attrs.get("worker", "")
+            ours = worker.rsplit(":", 1)[-1] in {str(p) for p in pids}
+            if trial.state == RUNNING and trial.intermediate_values and ours and (
+                    worker in completed_by or not worker_completed_one):
+                return trial
+        assert alive(), "a worker ended before it could be killed mid-trial"
+        time.sleep(0.02)
+    pytest.fail("no trial reported a bin within 60 s")
+
+
+def copy_study(journal_study: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(journal_study, out)
+    return out
+
+
+def ask_running(out: Path, worker: str) -> optuna.trial.FrozenTrial:
+    """A RUNNING trial of the journal study in ``out`` recorded as run by ``worker`` (host:pid)."""
+    study = load(str(out / "s.journal"))
+    trial = study.ask({"replacement_rate": optuna.distributions.FloatDistribution(1e-6, 1e-2, log=True)})
+    trial.set_user_attr("worker", worker)
+    return study.trials[trial.number]
 
 
 # -- search spaces ------------------------------------------------------------------------------------------
@@ -202,6 +244,32 @@ def test_trial_reports_every_bin_but_is_pruned_only_after_the_warmup(tmp_path):
     assert len(pd.read_csv(tmp_path / "p" / "trial-0" / "seed-0" / "metrics.csv")) == 3
 
 
+class PruneFrom(optuna.pruners.BasePruner):
+    """Prunes every trial from its cumulative step ``step`` on."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def prune(self, study, trial) -> bool:
+        return trial.last_step is not None and trial.last_step >= self.step
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_a_trial_that_ran_all_its_steps_completes_even_if_the_pruner_says_prune(tmp_path, seeds):
+    space = build_space("cbp", "bit-flipping", bench={"bin_size": "100", "probe_size": "50", "hidden": "5"})
+    settings = StudySettings("cbp", "bit-flipping", steps=200, seed=0, seeds=seeds, objectives=("late_window",),
+                             directions=("minimize",), space=space.to_dict(), pruner="median", warmup=0.5)
+    study = optuna.create_study(pruner=PruneFrom(200 * seeds), study_name="last")  # prunes at the last step only
+    study.optimize(TrialObjective(settings, tmp_path, target=10), n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert max(trial.intermediate_values) == 200 * seeds  # the last row was reported, and judged
+    trial_0 = tmp_path / "last" / "trial-0"
+    runs = [trial_0] if seeds == 1 else [trial_0 / f"seed-{seed}" for seed in range(seeds)]
+    values = [objective_values(json.loads((run / "summary.json").read_text()), ["late_window"])[0] for run in runs]
+    assert trial.value == pytest.approx(sum(values) / len(values))
+
+
 # -- tune, continue, report ---------------------------------------------------------------------------------
 
 
@@ -261,6 +329,16 @@ def test_rerunning_tune_continues_the_study_to_the_new_target(journal_study, tmp
     assert len(load(str(out / "s.journal")).trials) == 5  # nothing ran, nothing was lost
 
 
+def test_a_new_study_refuses_the_run_directories_of_a_deleted_one_and_says_what_to_do(tmp_path, capsys):
+    assert main(tune(tmp_path, trials=1, steps=200)) == 0
+    (tmp_path / "s.journal").unlink()  # starting over: the old runs are still in OUT/s/trial-N
+    message = error_of(tune(tmp_path, trials=1, steps=200), capsys)
+    assert "already holds a run of an earlier study named 's'" in message
+    assert "another --out or --study" in message
+    assert "--resume" not in message  # `studies` has no --resume: dst's hint would be a dead end
+    assert len(pd.read_csv(tmp_path / "s" / "trial-0" / "metrics.csv")) == 2  # nothing was overwritten
+
+
 def test_multi_objective_study_is_not_pruned_and_reports_a_pareto_front(tmp_path, capsys):
     assert main(tune(tmp_path, "--objective", "late_window,seconds_per_step", trials=2, steps=200)) == 0
     assert "not pruned" in capsys.readouterr().out
@@ -285,20 +363,11 @@ def test_killed_trial_is_failed_requeued_and_the_study_reaches_its_target(tmp_pa
     process = multiprocessing.get_context("fork").Process(target=main, args=(tune(tmp_path, *options, trials=2, steps=1000),))
     process.start()
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # until the new trial runs and has reported a bin
-            running = [t for t in load(url).trials if t.state == optuna.trial.TrialState.RUNNING]
-            if running and running[0].intermediate_values:
-                break
-            assert process.is_alive(), "the tune process ended before it could be killed"
-            time.sleep(0.02)
-        else:
-            pytest.fail("no trial started running within 60 s")
+        killed = running_trial_with_a_bin(load(url), {process.pid}, process.is_alive)
         os.kill(process.pid, signal.SIGKILL)
     finally:
         process.kill()
         process.join(timeout=30)
-    killed = running[0]
     assert load(url).trials[killed.number].state == optuna.trial.TrialState.RUNNING  # left behind by the kill
     assert main(tune(tmp_path, *options, trials=2, steps=1000)) == 0  # fails the dead trial, runs it again
     trials = load(url).trials
@@ -309,18 +378,75 @@ def test_killed_trial_is_failed_requeued_and_the_study_reaches_its_target(tmp_pa
     assert sum(t.state in FINISHED for t in trials) == 2
 
 
-def test_requeue_running_frees_a_trial_left_running_on_journal_storage(journal_study, tmp_path, capsys):
-    out = tmp_path / "copy"
-    shutil.copytree(journal_study, out)
-    study = load(str(out / "s.journal"))
-    left = study.ask({"replacement_rate": optuna.distributions.FloatDistribution(1e-6, 1e-2, log=True)})  # a "killed" one
-    assert main(tune(out, trials=4)) == 0  # 3 finished + 1 running: nothing to start, and it says why
-    assert len(load(str(out / "s.journal")).trials) == 4
+def test_tune_fails_and_names_the_fix_while_a_killed_worker_holds_a_trial_on_journal_storage(
+        journal_study, tmp_path, capsys):
+    out = copy_study(journal_study, tmp_path)
+    journal = str(out / "s.journal")
+    process = multiprocessing.get_context("fork").Process(target=main, args=(tune(out, trials=4),))
+    process.start()
+    try:
+        killed = running_trial_with_a_bin(load(journal), {process.pid}, process.is_alive)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.join(timeout=30)
+    before = load(journal).trials
+    assert before[killed.number].state == RUNNING  # journal storage has no heartbeat to free it
+    capsys.readouterr()
+    message = error_of(tune(out, trials=4), capsys, status=1)  # was: exit 0 with 3 of 4 trials
+    assert "has 3 of 4 finished trials" in message and f"trial {killed.number} (worker " in message
+    assert "no longer runs on this machine (killed mid-trial)" in message and "--requeue-running" in message
+    assert [(t.state, t.value) for t in load(journal).trials] == [(t.state, t.value) for t in before]  # untouched
     assert main(tune(out, "--requeue-running", trials=4)) == 0
+    trials = load(journal).trials
+    assert trials[killed.number].state == FAIL and sum(t.state in FINISHED for t in trials) == 4
+    assert trials[-1].system_attrs["failed_trial"] == killed.number and trials[-1].state in FINISHED
+    assert trials[-1].params == killed.params
+
+
+def test_tune_fails_saying_a_worker_elsewhere_may_still_finish_its_trial(journal_study, tmp_path, capsys):
+    out = copy_study(journal_study, tmp_path)
+    ask_running(out, "another-machine:4242")
+    message = error_of(tune(out, trials=4), capsys, status=1)
+    assert "3 of 4 finished trials" in message and "trial 3 (worker another-machine:4242)" in message
+    assert "may still be running it: wait for that worker to finish" in message and "--requeue-running" in message
+    assert len(load(str(out / "s.journal")).trials) == 4  # nothing started, nothing failed
+
+
+def test_tune_waits_for_a_live_worker_and_takes_over_when_its_trial_fails(journal_study, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="studies")
+    out = copy_study(journal_study, tmp_path)
+    other = subprocess.Popen(["sleep", "60"])  # the process of another worker on this machine
+    theirs = ask_running(out, f"{socket.gethostname()}:{other.pid}")
+    # that worker is interrupted after a while: Optuna marks its trial FAIL
+    interrupt = threading.Timer(1.5, lambda: load(str(out / "s.journal")).tell(theirs.number, state=FAIL))
+    interrupt.start()
+    try:
+        assert main(tune(out, trials=4)) == 0  # was: exit 0 at once, 3 of 4 trials
+    finally:
+        interrupt.cancel()
+        other.kill()
+        other.wait()
     trials = load(str(out / "s.journal")).trials
-    assert trials[left.number].state == optuna.trial.TrialState.FAIL
-    assert trials[-1].system_attrs["failed_trial"] == left.number and trials[-1].state in FINISHED
-    assert trials[-1].params["replacement_rate"] == left.params["replacement_rate"]
+    assert trials[theirs.number].state == FAIL and sum(t.state in FINISHED for t in trials) == 4
+    assert f"waiting for trial {theirs.number} (worker" in caplog.text
+
+
+def test_requeue_running_leaves_alone_a_trial_whose_worker_still_runs_on_this_machine(journal_study, tmp_path):
+    out = copy_study(journal_study, tmp_path)
+    other, gone = subprocess.Popen(["sleep", "60"]), subprocess.Popen(["true"])
+    gone.wait()
+    try:
+        live = ask_running(out, f"{socket.gethostname()}:{other.pid}")
+        dead = ask_running(out, f"{socket.gethostname()}:{gone.pid}")
+        assert requeue_running(load(str(out / "s.journal"))) == [dead.number]
+    finally:
+        other.kill()
+        other.wait()
+    trials = load(str(out / "s.journal")).trials
+    assert (trials[live.number].state, trials[dead.number].state) == (RUNNING, FAIL)
+    assert trials[-1].state == optuna.trial.TrialState.WAITING  # queued again, for the next worker
+    assert trials[-1].system_attrs["failed_trial"] == dead.number
 
 
 @pytest.fixture(scope="module")
@@ -349,6 +475,83 @@ def test_two_workers_on_postgresql_complete_the_target_together(postgres_url, tm
     assert len(finished) == 6 and len({t.number for t in trials}) == len(trials)
     by_worker = {t.user_attrs["worker"].rsplit(":", 1)[1] for t in finished[1:]}
     assert by_worker == {str(w.pid) for w in workers}, outputs
+
+
+def test_a_worker_killed_mid_trial_on_postgresql_loses_and_repeats_nothing(postgres_url, tmp_path):
+    beats = ("--heartbeat-interval", "1", "--grace-period", "2")
+    assert main(tune(tmp_path, "--storage", postgres_url, "--pruner", "none", *beats, trials=1, steps=400,
+                     study="kill")) == 0
+    workers = [python_m_studies("worker", "--study", "kill", "--storage", postgres_url, "--trials", "4",
+                                "--threads", "1", *beats) for _ in range(2)]
+    study = load(postgres_url, "kill")
+    try:  # kill a worker mid-trial after it completed one: that one must survive
+        killed = running_trial_with_a_bin(study, {w.pid for w in workers},
+                                          lambda: all(w.poll() is None for w in workers), worker_completed_one=True)
+        before = {t.number: (t.state, t.value) for t in study.get_trials(states=(COMPLETE,))}
+        victim = next(w for w in workers if killed.user_attrs["worker"] == f"{socket.gethostname()}:{w.pid}")
+        survivor = next(w for w in workers if w is not victim)
+        victim.send_signal(signal.SIGKILL)
+        output = survivor.communicate(timeout=60)[0]
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+    assert victim.returncode == -signal.SIGKILL and survivor.returncode == 0, output
+    trials = load(postgres_url, "kill").trials
+    assert trials[killed.number].state == FAIL  # the heartbeat went silent: failed by the survivor ...
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert [(t.state, t.params) for t in retried] == [(COMPLETE, killed.params)]  # ... re-queued, run once
+    assert {t.number: (t.state, t.value) for t in trials if t.number in before} == before  # none lost
+    complete = [t for t in trials if t.state == COMPLETE]
+    assert len(complete) == 4 and len({json.dumps(t.params, sort_keys=True) for t in complete}) == 4
+
+
+def test_a_storage_that_stops_answering_mid_run_is_a_one_line_error_and_keeps_finished_trials(tmp_path, capsys,
+                                                                                               monkeypatch):
+    url = f"sqlite:///{tmp_path / 'lost.db'}"
+    assert main(tune(tmp_path, "--storage", url, trials=1, steps=200)) == 0
+    first = load(url).trials[0]
+
+    def server_gone(*args, **kwargs):  # what psycopg2 raises through SQLAlchemy once the server is down
+        raise sqlalchemy.exc.OperationalError("INSERT ...", {},
+                                              Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "set_trial_intermediate_value", server_gone)
+    message = error_of(tune(tmp_path, "--storage", url, trials=2, steps=200), capsys)  # was: a traceback
+    assert f"lost the study storage {url} mid-run: server closed the connection unexpectedly" in message
+    assert "rerun the same command" in message and len(message.strip().splitlines()) == 1
+    monkeypatch.undo()
+    kept = load(url).trials[0]
+    assert (kept.state, kept.value) == (COMPLETE, first.value)
+
+
+@pytest.mark.slow
+def test_a_postgresql_server_stopped_mid_trial_and_restarted_continues_the_study(tmp_path, capsys):
+    server = PostgresServer()
+    if not server.available:
+        pytest.skip(MISSING_MESSAGE)
+    with server as url:
+        options = ("--storage", url, "--heartbeat-interval", "1", "--grace-period", "2")
+        assert main(tune(tmp_path, *options, trials=1, steps=3000)) == 0
+        argv = tune(tmp_path, *options, trials=2, steps=3000)
+        first = load(url).trials[0]
+        result: list[int] = []
+        run = threading.Thread(target=lambda: result.append(main(argv)))
+        run.start()
+        study = load(url)
+        cut = running_trial_with_a_bin(study, {os.getpid()}, run.is_alive)
+        server.halt()
+        run.join(timeout=60)
+        assert result == [2]
+        assert "lost the study storage" in capsys.readouterr().err
+        server.resume()
+        assert main(argv) == 0  # the cut trial's heartbeat is stale: it is failed and run again
+        trials = load(url).trials
+    assert (trials[0].state, trials[0].value) == (COMPLETE, first.value)
+    assert trials[cut.number].state == FAIL
+    assert [(t.state, t.params) for t in trials if t.system_attrs.get("failed_trial") == cut.number] == [
+        (COMPLETE, cut.params)]
+    assert sum(t.state == COMPLETE for t in trials) == 2
 
 
 # -- clear errors -------------------------------------------------------------------------------------------
