@@ -21,7 +21,7 @@ import pandas as pd
 from . import benchmarks, strategies
 from .config import Config, parse_assignments
 from .errors import ConfigError, DSTError, NonFiniteLossError
-from .experiment import CONFIG, FAILURE, METRICS
+from .rundir import CONFIG, FAILURE, METRICS
 from .runner import RunSpec, run
 
 __all__ = ["main"]

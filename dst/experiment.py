@@ -22,7 +22,6 @@ and writes ``failure.json``: ``kind``, ``error`` (the message) and ``step``.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -38,60 +37,18 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, NonFiniteLossError
 from .refresh import NO_REFRESH, RefreshStrategy
+from .rundir import CHECKPOINT, FAILURE, METRICS, check_config, check_output_dir, write_failure
 from .streams import Stream
 
 if TYPE_CHECKING:
     from .probe import Probe
 
-__all__ = ["Experiment", "TIMING_COLUMNS", "check_output_dir", "FAILURE"]
+__all__ = ["Experiment", "TIMING_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
 #: Columns that differ between otherwise identical runs.
 TIMING_COLUMNS = ("seconds", "seconds_per_step", "probe_seconds")
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.csv"
-CONFIG = "config.json"
-FAILURE = "failure.json"
-#: Settings a resumed run may change: it may be extended, moved to another device or library version.
-RESUME_MAY_CHANGE = frozenset({"steps", "device", "versions"})
-
-
-def check_output_dir(out_dir: str | os.PathLike, *, resume: bool = False) -> Path:
-    """Create ``out_dir`` and make sure it is writable and holds no run that would be overwritten."""
-    path = Path(out_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(
-            f"cannot write to output directory {str(path)!r} ({err.strerror or err}); "
-            "choose another --out"
-        ) from None
-    if not resume and (path / METRICS).exists():
-        if (path / CHECKPOINT).exists():
-            how = "pass --resume to continue it from its checkpoint"
-        else:
-            how = ("it has no checkpoint (it stopped before its first one): pass --resume to run it again "
-                   "from step 0 in place")
-        raise ConfigError(
-            f"{str(path)!r} already holds a run ({METRICS}); {how}, or choose a new --out (nothing was overwritten)"
-        )
-    return path
-
-
-def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """``key: saved -> current`` for every setting that differs (nested settings as ``bench.hidden``)."""
-    lines = []
-    for key in sorted(set(saved) | set(current)):
-        old, new = saved.get(key), current.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            lines += _differences(old, new, f"{prefix}{key}.")
-        elif old != new:
-            lines.append(f"{prefix}{key}: saved {old!r}, now {new!r}")
-    return lines
 
 
 class Experiment:
@@ -210,24 +167,6 @@ class Experiment:
         self.rows = rows[: state["rows"]]
         return int(state["step"]), int(state["task"])
 
-    def _check_metadata(self, resume: bool) -> None:
-        if self.out_dir is None or self.metadata is None:
-            return
-        path = self.out_dir / CONFIG
-        if resume and path.exists():
-            saved = json.loads(path.read_text())
-            current = json.loads(json.dumps(self.metadata, default=str))
-            # another benchmark or strategy has other settings: then that change alone is the news
-            keys = [k for k in ("benchmark", "strategy") if saved.get(k) != current.get(k)]
-            keys = keys or sorted((set(saved) | set(current)) - RESUME_MAY_CHANGE)
-            diff = _differences({k: saved.get(k) for k in keys}, {k: current.get(k) for k in keys})
-            if diff:
-                raise ConfigError(
-                    f"--resume: settings differ from the saved run in {str(self.out_dir)!r} ({'; '.join(diff)}). "
-                    f"Resume with the saved settings (flags left out are read from its {CONFIG}), or start a new --out."
-                )
-        path.write_text(json.dumps(self.metadata, indent=2, sort_keys=True, default=str) + "\n")
-
     # -- output -----------------------------------------------------------------------------
     def _open_csv(self) -> Any:
         assert self.out_dir is not None
@@ -256,7 +195,8 @@ class Experiment:
             check_output_dir(self.out_dir, resume=resume)
         elif resume:
             raise ConfigError("resume needs an out_dir holding a checkpoint")
-        self._check_metadata(resume)
+        if self.out_dir is not None and self.metadata is not None:
+            check_config(self.out_dir, self.metadata, resume=resume)
         step, task = (self._load_checkpoint() if resume else (0, -1))
         if step >= self.steps:
             log.info("run already has %d of %d steps", step, self.steps)
@@ -283,8 +223,7 @@ class Experiment:
                        "units_replaced", "connections_regrown", "seconds", "seconds_per_step"]
             csv.writer(handle, lineterminator="\n").writerow(columns)
             handle.flush()
-        failure = {"kind": "non-finite-loss", "error": str(err), "step": err.step}
-        (self.out_dir / FAILURE).write_text(json.dumps(failure, indent=2) + "\n")
+        write_failure(self.out_dir, "non-finite-loss", str(err), err.step)
 
     def _next_event(self, step: int, in_bin: int) -> int:
         """The next step at which the loop leaves its hot path (check, bin end, probe, end)."""

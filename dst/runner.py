@@ -20,6 +20,7 @@ import torch
 from . import benchmarks, strategies
 from .errors import ConfigError
 from .experiment import Experiment
+from .rundir import SUMMARY
 from .streams.base import derive_seed
 from .summary import summarize
 
@@ -118,9 +119,9 @@ def run(
     rows = prepare(spec, out_dir, progress=progress, on_row=on_row).run(resume=resume)
     if out_dir is not None and len(rows):
         # written last and atomically: a summary.json on disk always means a finished, readable run
-        tmp = Path(out_dir, "summary.json.tmp")
+        tmp = Path(out_dir, SUMMARY + ".tmp")
         tmp.write_text(json.dumps(summarize(rows), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, Path(out_dir, "summary.json"))
+        os.replace(tmp, Path(out_dir, SUMMARY))
     return rows
 
 

@@ -1,0 +1,92 @@
+"""A run directory: the files a run writes, and the checks that keep what is already there safe.
+
+    metrics.csv    one row per bin (at least a header once the run has stopped)
+    config.json    every resolved setting; a resumed run must find the same ones
+    checkpoint.pt  model, optimizer, strategy and RNG state at the last checkpoint
+    summary.json   the run's summary, written last: it marks a finished run
+    failure.json   why a run stopped early (``kind``, ``error``, ``step``), e.g. a NaN loss
+
+docs/architecture.md ("Failures and recovery") lists the states a directory can be in and the way
+forward from each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["CHECKPOINT", "METRICS", "CONFIG", "SUMMARY", "FAILURE", "RESUME_MAY_CHANGE", "check_output_dir",
+           "check_config", "write_failure", "setting_differences"]
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.csv"
+CONFIG = "config.json"
+SUMMARY = "summary.json"
+FAILURE = "failure.json"
+#: Settings a resumed run may change: it may be extended, moved to another device or library version.
+RESUME_MAY_CHANGE = frozenset({"steps", "device", "versions"})
+
+
+def check_output_dir(out_dir: str | os.PathLike, *, resume: bool = False) -> Path:
+    """Create ``out_dir`` and make sure it is writable and holds no run that would be overwritten."""
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write to output directory {str(path)!r} ({err.strerror or err}); "
+            "choose another --out"
+        ) from None
+    if not resume and (path / METRICS).exists():
+        if (path / CHECKPOINT).exists():
+            how = "pass --resume to continue it from its checkpoint"
+        else:
+            how = ("it has no checkpoint (it stopped before its first one): pass --resume to run it again "
+                   "from step 0 in place")
+        raise ConfigError(
+            f"{str(path)!r} already holds a run ({METRICS}); {how}, or choose a new --out (nothing was overwritten)"
+        )
+    return path
+
+
+def setting_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: saved X, now Y`` for every setting that differs (nested settings as ``bench.hidden``)."""
+    lines = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += setting_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            lines.append(f"{prefix}{key}: saved {old!r}, now {new!r}")
+    return lines
+
+
+def check_config(out_dir: Path, metadata: dict[str, Any], *, resume: bool) -> None:
+    """Write ``config.json``; when resuming, first refuse settings that differ from the saved ones, naming
+    each difference (another benchmark or strategy has other settings: then that change alone is named)."""
+    path = out_dir / CONFIG
+    if resume and path.exists():
+        saved = json.loads(path.read_text())
+        current = json.loads(json.dumps(metadata, default=str))
+        keys = [k for k in ("benchmark", "strategy") if saved.get(k) != current.get(k)]
+        keys = keys or sorted((set(saved) | set(current)) - RESUME_MAY_CHANGE)
+        diff = setting_differences({k: saved.get(k) for k in keys}, {k: current.get(k) for k in keys})
+        if diff:
+            raise ConfigError(
+                f"--resume: settings differ from the saved run in {str(out_dir)!r} ({'; '.join(diff)}). "
+                f"Resume with the saved settings (flags left out are read from its {CONFIG}), or start a new --out."
+            )
+    path.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_failure(out_dir: Path, kind: str, error: str, step: int) -> None:
+    """Say in ``failure.json`` why and where the run stopped."""
+    failure = {"kind": kind, "error": error, "step": step}
+    (out_dir / FAILURE).write_text(json.dumps(failure, indent=2) + "\n")
