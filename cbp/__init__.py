@@ -6,7 +6,8 @@ is also found through the ``dst.strategies`` entry-point group, like any third-p
 
 from .strategy import CBPConfig, ContinualBackprop, ReDo, ReDoConfig, redraw_fan_in  # noqa: I001 (registers cbp first)
 from .compositions import CBPSET, CBPRigL, RigLUtility, RigLUtilityConfig
-from .utility import UTILITIES, UnitUtility, incoming_magnitude, outgoing_magnitude
+from .utility import UTILITIES, UnitUtility
+from .weights import incoming_magnitude, outgoing_magnitude
 
 __all__ = [
     "CBPRigL",

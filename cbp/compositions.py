@@ -14,7 +14,8 @@ from dst.prune_regrow import RigL, RigLConfig
 from dst.refresh import compose
 
 from . import strategy as _registers_cbp  # noqa: F401  (cbp must be registered before composing it)
-from .utility import UTILITIES, UnitUtility, weight_factors
+from .utility import UTILITIES, UnitUtility
+from .weights import weight_factors
 
 __all__ = ["CBPRigL", "CBPSET", "RigLUtilityConfig", "RigLUtility"]
 

@@ -21,7 +21,8 @@ from dst.init import INIT_SCHEMES, module_gain
 from dst.refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig, replace_units
 from dst.topology import HiddenLayer, Topology
 
-from .utility import UTILITIES, HostWeightFactors, UnitUtility, WeightFactors
+from .utility import UTILITIES, UnitUtility
+from .weights import HostWeightFactors, WeightFactors
 
 __all__ = ["CBPConfig", "ContinualBackprop", "ReDoConfig", "ReDo", "redraw_fan_in"]
 

@@ -343,11 +343,11 @@ def test_out_of_range_cbp_settings_name_the_range():
 
 
 def test_magnitude_every_reuses_the_sums_of_large_weights_between_refreshes(monkeypatch):
-    import cbp.utility
+    import cbp.weights
 
     torch.manual_seed(0)
     net = dst.nets.mlp(3, [50, 6], 1)  # 150, 300 and 6 weights
-    monkeypatch.setattr(cbp.utility, "AMORTISE_FROM", 100)  # the first two are "large"
+    monkeypatch.setattr(cbp.weights, "AMORTISE_FROM", 100)  # the first two are "large"
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
     strategy = dst.strategies.build("cbp", net, opt, maturity_threshold=1000, magnitude_every=4, seed=0)
     sums = strategy._factors
@@ -367,7 +367,7 @@ def test_magnitude_every_reuses_the_sums_of_large_weights_between_refreshes(monk
 @pytest.mark.parametrize("kind", ["adaptable_contribution", "adaptation", "contribution"])
 @pytest.mark.parametrize("conv", [False, True])
 def test_amortised_sums_follow_replacements_exactly(monkeypatch, kind, conv):
-    import cbp.utility
+    import cbp.weights
 
     torch.manual_seed(0)
     if conv:  # conv -> conv -> the flatten block of the last channel layer
@@ -377,7 +377,7 @@ def test_amortised_sums_follow_replacements_exactly(monkeypatch, kind, conv):
     else:
         net = dst.nets.mlp(3, [6, 5, 4], 1)
         x_shape = (2, 3)
-    monkeypatch.setattr(cbp.utility, "AMORTISE_FROM", 1)  # every matrix amortised
+    monkeypatch.setattr(cbp.weights, "AMORTISE_FROM", 1)  # every matrix amortised
     opt = torch.optim.SGD(net.parameters(), lr=0.0)  # weights change only by replacement
     strategy = dst.strategies.build("cbp", net, opt, utility=kind, maturity_threshold=0, replacement_rate=0.2,
                                     magnitude_every=1000, seed=0)
@@ -386,7 +386,7 @@ def test_amortised_sums_follow_replacements_exactly(monkeypatch, kind, conv):
         replaced += _step(net, opt, strategy, torch.randn(x_shape), torch.randn(2, 1)).units_replaced
     assert replaced >= 12
     cached = strategy._factors(False)  # no refresh: what the patched sums give
-    exact = cbp.utility.weight_factors(strategy.layers, kind)
+    exact = cbp.weights.weight_factors(strategy.layers, kind)
     for a, b in zip(cached, exact):
         torch.testing.assert_close(a, b)
     fresh = [i for i in range(6) if strategy.utilities[0].age[i] == 0]
@@ -395,9 +395,9 @@ def test_amortised_sums_follow_replacements_exactly(monkeypatch, kind, conv):
 
 
 def test_an_amortised_run_resumes_from_a_state_dict_mid_schedule(monkeypatch, check_resume):
-    import cbp.utility
+    import cbp.weights
 
-    monkeypatch.setattr(cbp.utility, "AMORTISE_FROM", 1)
+    monkeypatch.setattr(cbp.weights, "AMORTISE_FROM", 1)
 
     def make():
         torch.manual_seed(0)
@@ -416,7 +416,8 @@ def test_an_amortised_run_resumes_from_a_state_dict_mid_schedule(monkeypatch, ch
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("conv", [False, True])
 def test_numpy_host_update_equals_the_torch_update(kind, batch, conv):
-    from cbp.utility import HostWeightFactors, UnitUtility, weight_factors
+    from cbp.utility import UnitUtility
+    from cbp.weights import HostWeightFactors, weight_factors
 
     torch.manual_seed(0)
     if conv:  # conv -> conv, then the flatten block of the last channel layer
@@ -445,7 +446,7 @@ def test_numpy_host_update_equals_the_torch_update(kind, batch, conv):
 
 
 def test_host_weight_views_follow_a_weight_whose_memory_moved():
-    from cbp.utility import HostWeightFactors, weight_factors
+    from cbp.weights import HostWeightFactors, weight_factors
 
     net = dst.nets.mlp(4, [6], 2)
     layers = dst.Topology.from_model(net).hidden_layers
@@ -501,10 +502,10 @@ def test_running_statistics_are_the_papers_bias_corrected_averages_and_old_check
 @pytest.mark.parametrize("conv", [False, True])
 @pytest.mark.parametrize("chunk", [1000, 1 << 18])
 def test_large_weights_sums_from_one_blocked_pass_match_the_formulas(monkeypatch, kind, conv, chunk):
-    import cbp.utility
-    from cbp.utility import WeightFactors, incoming_magnitude, outgoing_magnitude
+    import cbp.weights
+    from cbp.weights import WeightFactors, incoming_magnitude, outgoing_magnitude
 
-    monkeypatch.setattr(cbp.utility, "_CHUNK", chunk)  # 1000: many blocks of rows per weight
+    monkeypatch.setattr(cbp.weights, "_CHUNK", chunk)  # 1000: many blocks of rows per weight
     torch.manual_seed(0)
     if conv:  # 64 -> 128 -> 72 channels: 73,728 and 82,944 weights, then the flatten block
         net = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 128, 3), nn.ReLU(),
@@ -512,7 +513,7 @@ def test_large_weights_sums_from_one_blocked_pass_match_the_formulas(monkeypatch
     else:  # 90,000-weight hidden matrices
         net = dst.nets.mlp(300, [300, 300, 300], 10)
     layers = dst.Topology.from_model(net).hidden_layers
-    assert max(layer.producer.weight.numel() for layer in layers) >= cbp.utility._FUSED_BELOW
+    assert max(layer.producer.weight.numel() for layer in layers) >= cbp.weights._FUSED_BELOW
     factors = WeightFactors(layers, kind)()
     for layer, factor in zip(layers, factors):
         incoming, outgoing = incoming_magnitude(layer), outgoing_magnitude(layer)
