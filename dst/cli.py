@@ -10,18 +10,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import pandas as pd
 
 from . import benchmarks, strategies
 from .config import Config, parse_assignments
-from .errors import ConfigError, DSTError, NonFiniteLossError
-from .rundir import CONFIG, FAILURE, METRICS
+from .errors import DSTError, NonFiniteLossError
+from .rundir import FAILURE, METRICS, read_config
 from .runner import RunSpec, run
 
 __all__ = ["main"]
@@ -106,24 +104,10 @@ def _table(df: pd.DataFrame) -> str:
     return df[columns].to_string(index=False, formatters=formats)
 
 
-def _saved_config(out: str) -> dict:
-    """The resolved settings of the run in ``out`` (its config.json), or {} when it has none."""
-    path = Path(out) / CONFIG
-    if not path.exists():
-        return {}
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"--resume: cannot read {str(path)!r} ({err}); move the run away or start a new --out") from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"--resume: {str(path)!r} is not a run's config; move it away or start a new --out")
-    return saved
-
-
 def _spec(args: argparse.Namespace) -> RunSpec:
     """The run the flags ask for; with --resume, flags not given come from the run's config.json (so that
     ``--resume --out X`` alone continues any run), and flags given must agree with it (checked on start)."""
-    saved = _saved_config(args.out) if args.resume and args.out else {}
+    saved = read_config(args.out) if args.resume and args.out else {}
 
     def pick(name):
         given = getattr(args, name)

@@ -20,7 +20,7 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = ["CHECKPOINT", "METRICS", "CONFIG", "SUMMARY", "FAILURE", "RESUME_MAY_CHANGE", "check_output_dir",
-           "check_config", "write_failure", "setting_differences"]
+           "read_config", "check_config", "write_failure", "setting_differences"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
@@ -68,12 +68,26 @@ def setting_differences(saved: dict[str, Any], current: dict[str, Any], prefix: 
     return lines
 
 
+def read_config(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The resolved settings of the run in ``out_dir`` (its config.json), or {} when it has none."""
+    path = Path(out_dir) / CONFIG
+    if not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--resume: cannot read {str(path)!r} ({err}); move the run away or start a new --out") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: {str(path)!r} is not a run's config; move it away or start a new --out")
+    return saved
+
+
 def check_config(out_dir: Path, metadata: dict[str, Any], *, resume: bool) -> None:
     """Write ``config.json``; when resuming, first refuse settings that differ from the saved ones, naming
     each difference (another benchmark or strategy has other settings: then that change alone is named)."""
     path = out_dir / CONFIG
     if resume and path.exists():
-        saved = json.loads(path.read_text())
+        saved = read_config(out_dir)
         current = json.loads(json.dumps(metadata, default=str))
         keys = [k for k in ("benchmark", "strategy") if saved.get(k) != current.get(k)]
         keys = keys or sorted((set(saved) | set(current)) - RESUME_MAY_CHANGE)
