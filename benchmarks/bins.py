@@ -15,7 +15,7 @@ import argparse
 
 import pandas as pd
 
-from comparisons.tables import combined_table, mean_ci
+from comparisons.tables import INTERVAL, bootstrap_interval, combined_table
 
 
 def _windows(text: str) -> list[tuple[int, int]]:
@@ -44,15 +44,15 @@ def main() -> None:
     windows = _windows(args.windows)
     pd.set_option("display.width", 200)
 
-    print(f"mean {args.metric} per bin over seeds, by window of bins (± 95% CI half-width over seeds)")
+    print(f"mean {args.metric} per bin over seeds, by window of bins [{INTERVAL}]")
     rows = []
     for arm in arms:
         runs = data[data["arm"] == arm]
         row = {"arm": arm, "seeds": runs["seed"].nunique()}
         for first, last in windows:
             per_seed = runs[(runs["bin"] >= first) & (runs["bin"] <= last)].groupby("seed")[args.metric].mean()
-            mean, half, _ = mean_ci(per_seed)
-            row[f"bins {first}-{last}"] = f"{mean:.3f} ± {half:.3f}"
+            mean, low, high, _ = bootstrap_interval(per_seed)
+            row[f"bins {first}-{last}"] = f"{mean:.3f} [{low:.3f}, {high:.3f}]"
         rows.append(row)
     print(pd.DataFrame(rows).to_string(index=False))
 

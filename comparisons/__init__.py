@@ -2,8 +2,8 @@
 
 A comparison runs arms (a labelled strategy with its settings and benchmark overrides) x seeds on one
 benchmark through dst's one experiment loop (:func:`dst.runner.run`), in parallel worker processes and
-resumably, then writes a combined table, per-arm means with 95% confidence intervals, plots and a
-markdown report::
+resumably, then writes a combined table, per-arm means with 95% confidence intervals (percentile
+bootstrap over seeds: :func:`bootstrap_interval`), plots and a markdown report::
 
     from comparisons import preset, run_comparison
     result = run_comparison(preset("quick")[0], "results/quick")
@@ -18,18 +18,18 @@ from .api import run_comparison
 from .presets import PRESETS, build_arms, describe_presets, free_form, preset
 from .report import format_summary, write_report
 from .spec import Arm, Comparison, validate
-from .tables import combined_table, mean_ci, run_summaries, summarize_runs
+from .tables import bootstrap_interval, combined_table, run_summaries, summarize_runs
 
 __all__ = [
     "Arm",
     "Comparison",
     "PRESETS",
+    "bootstrap_interval",
     "build_arms",
     "combined_table",
     "describe_presets",
     "format_summary",
     "free_form",
-    "mean_ci",
     "preset",
     "run_comparison",
     "run_summaries",

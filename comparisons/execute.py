@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dst.errors import ConfigError
-from dst.experiment import FAILURE
+from dst.rundir import FAILURE
 from dst.runner import RunSpec
 
 from .spec import Arm, Comparison, ResolvedArm, dir_name, jsonable, validate

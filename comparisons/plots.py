@@ -1,8 +1,10 @@
 """PNG plots of a comparison: performance over time, plasticity metrics over time, grid sweeps.
 
 Every arm keeps one colour and one marker in every figure; dense arms draw solid lines and sparse arms
-dashed ones, so the two families read apart at a glance. Bands and error bars are 95% Student-t
-confidence intervals across seeds. Legends sit outside the axes so they never cover data.
+dashed ones, so the two families read apart at a glance. Bands and error bars are 95% percentile
+bootstrap confidence intervals over seeds of the mean (:data:`comparisons.tables.INTERVAL`, one per bin),
+so they stay inside the quantity's range: a loss band never dips below 0, a fraction's never leaves
+[0, 1]. Legends sit outside the axes so they never cover data.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ matplotlib.use("Agg")  # files only: no display needed (and none on a compute no
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from scipy import stats  # noqa: E402
 
 from dst import strategies  # noqa: E402
+
+from .tables import bootstrap_intervals  # noqa: E402
 
 __all__ = ["plot_performance", "plot_metrics", "plot_grids", "PROBE_METRICS", "performance_label"]
 
@@ -31,7 +34,8 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")
 #: Overall probe columns (per-layer ones end in _0, _1, ...), with axis labels.
 PROBE_METRICS: dict[str, str] = {
     "effective_rank": "effective rank of hidden features",
-    "srank": "srank (units for 99% of singular-value mass)",
+    "srank": "srank (99% of sum sigma)",
+    "approximate_rank": "approx. rank (99% of sum sigma^2)",
     "stable_rank": "stable rank ||A||_F^2 / ||A||_2^2",
     "dead_fraction": "dead units (fraction of hidden units)",
     "dormant_fraction": "dormant units (fraction, tau = 0.1)",
@@ -64,13 +68,11 @@ def styles(arms: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def _band(frame: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Mean and 95% CI half-width of ``column`` across seeds at every step."""
-    grouped = frame.groupby("step")[column].agg(["mean", "std", "count"]).reset_index()
-    counts = grouped["count"].to_numpy(dtype=float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        t = np.where(counts > 1, stats.t.ppf(0.975, np.maximum(counts - 1, 1)), np.nan)
-        grouped["half"] = t * grouped["std"].to_numpy() / np.sqrt(counts)
-    return grouped
+    """``step``, ``mean``, ``low`` and ``high`` of ``column`` across seeds at every step: the mean and its
+    bootstrap interval (NaN bounds where only one seed has the step)."""
+    per_seed = frame.pivot_table(index="step", columns="seed", values=column, aggfunc="mean")
+    mean, low, high, _ = bootstrap_intervals(per_seed.to_numpy())
+    return pd.DataFrame({"step": per_seed.index, "mean": mean, "low": low, "high": high})
 
 
 def _draw(ax: plt.Axes, frame: pd.DataFrame, column: str, arms: Sequence[dict[str, Any]],
@@ -83,9 +85,8 @@ def _draw(ax: plt.Axes, frame: pd.DataFrame, column: str, arms: Sequence[dict[st
         s = style[arm["label"]]
         ax.plot(band["step"], band["mean"], label=arm["label"], color=s["color"], linestyle=s["linestyle"],
                 marker=s["marker"], markevery=max(1, len(band) // 8), markersize=5, linewidth=1.6)
-        if band["half"].notna().any():
-            ax.fill_between(band["step"], band["mean"] - band["half"], band["mean"] + band["half"],
-                            color=s["color"], alpha=0.12, linewidth=0)
+        if band["low"].notna().any():
+            ax.fill_between(band["step"], band["low"], band["high"], color=s["color"], alpha=0.12, linewidth=0)
     ax.grid(True, alpha=0.3)
     ax.set_xlabel("training step")
 
@@ -98,7 +99,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 def plot_performance(runs: pd.DataFrame, arms: Sequence[dict[str, Any]], metric: str, path: str | os.PathLike,
                      title: str = "") -> Path | None:
-    """``performance.png``: ``metric`` per bin (or task), one line per arm, 95% CI band across seeds."""
+    """``performance.png``: ``metric`` per bin (or task), one line per arm, 95% bootstrap CI band over seeds."""
     if metric not in runs or runs[metric].isna().all():
         return None
     style = styles(arms)
@@ -106,7 +107,7 @@ def plot_performance(runs: pd.DataFrame, arms: Sequence[dict[str, Any]], metric:
     _draw(ax, runs, metric, arms, style)
     ax.set_ylabel(performance_label(metric))
     seeds = runs.groupby("arm")["seed"].nunique()
-    ax.set_title(title or f"{performance_label(metric).split(' (')[0]}: mean and 95% CI over "
+    ax.set_title(title or f"{performance_label(metric).split(' (')[0]}: mean and 95% bootstrap CI over "
                  f"{seeds.min()}{'' if seeds.min() == seeds.max() else f'-{seeds.max()}'} seeds")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), title="arm (density)", frameon=False)
     return _save(fig, Path(path))
@@ -130,7 +131,7 @@ def plot_metrics(runs: pd.DataFrame, arms: Sequence[dict[str, Any]], path: str |
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(labels)),
                title="arm (density)", frameon=False)
-    fig.suptitle("Plasticity metrics on the probe batch (mean and 95% CI across seeds)")
+    fig.suptitle("Plasticity metrics on the probe batch (mean and 95% bootstrap CI over seeds)")
     fig.tight_layout()
     return _save(fig, Path(path))
 
@@ -155,10 +156,19 @@ def _dodge(x: float, index: int, count: int, log_x: bool, values: Sequence[Any])
     return x + shift * (span or 1)
 
 
+def _error_bars(rows: pd.DataFrame) -> np.ndarray:
+    """(2, arms) distances below and above each arm's late-window mean to its interval's bounds, for
+    ``errorbar(yerr=...)`` (asymmetric, as a bootstrap interval is); 0 where undefined (one run)."""
+    mean = rows["late_window_mean"].to_numpy(dtype=float)
+    return np.nan_to_num([mean - rows["late_window_low"].to_numpy(dtype=float),
+                          rows["late_window_high"].to_numpy(dtype=float) - mean])
+
+
 def plot_grids(summary: pd.DataFrame, arms: Sequence[dict[str, Any]], out_dir: str | os.PathLike,
                metric: str) -> list[Path]:
     """``grid_<strategy>_<field>.png``: late-window performance against each grid field's values, with
-    95% CI error bars; one line per combination of the other grid fields of that strategy."""
+    95% bootstrap CI error bars (``late_window_low`` to ``late_window_high`` of the summary); one line per
+    combination of the other grid fields of that strategy."""
     paths = []
     means = summary.set_index("arm")
     gridded = [a for a in arms if a.get("grid") and a["label"] in means.index]
@@ -179,7 +189,7 @@ def plot_grids(summary: pd.DataFrame, arms: Sequence[dict[str, Any]], out_dir: s
                 members = sorted(members, key=lambda a: position[a["grid"][field]])
                 x = [_dodge(position[a["grid"][field]], i, len(groups), log_x, values) for a in members]
                 y = [means.loc[a["label"], "late_window_mean"] for a in members]
-                err = np.nan_to_num([means.loc[a["label"], "late_window_ci95"] for a in members])
+                err = _error_bars(means.loc[[a["label"] for a in members]])
                 categorical = any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in values)
                 ax.errorbar(x, y, yerr=err, label=name, marker=MARKERS[i % len(MARKERS)], capsize=4, markersize=7,
                             linestyle="none" if categorical else ("-", "--", "-.", ":")[i % 4], linewidth=1.6)
@@ -194,7 +204,7 @@ def plot_grids(summary: pd.DataFrame, arms: Sequence[dict[str, Any]], out_dir: s
                 ax.margins(x=0.15)
             ax.set_xlabel(f"{field} ({strategy}{', log scale' if log_x else ''})")
             ax.set_ylabel(f"late-window {metric} (last 10% of bins)")
-            ax.set_title(f"{strategy}: {field} sweep (mean and 95% CI across seeds)")
+            ax.set_title(f"{strategy}: {field} sweep (mean and 95% bootstrap CI over seeds)")
             ax.grid(True, alpha=0.3)
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
                       title="other grid values / reference arms")

@@ -16,6 +16,7 @@ import pandas as pd
 
 from .plots import plot_grids, plot_metrics, plot_performance
 from .tables import (
+    INTERVAL,
     SUMMARY_METRICS,
     better_direction,
     combined_table,
@@ -38,8 +39,29 @@ def _number(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
 
 
-def _cell(mean: float, half: float) -> str:
-    return _number(mean) if math.isnan(half) else f"{_number(mean)} ± {_number(half)}"
+#: The cell of an arm whose runs' early and late windows share rows (dst's ``windows_overlap``).
+ONE_WINDOW = "n/a (one window)"
+
+
+def _cell(mean: float, low: float, high: float) -> str:
+    """``mean [low, high]``; the mean alone where the interval is undefined (one run)."""
+    if math.isnan(low) or math.isnan(high):
+        return _number(mean)
+    return f"{_number(mean)} [{_number(low)}, {_number(high)}]"
+
+
+def _header(key: str, metric: str) -> str:
+    """The summary table's column header of ``key``: the performance measure named, the sign spelled out."""
+    if key == "late_window":
+        return f"late-window {metric}"
+    if key == "plasticity_loss":
+        return "plasticity loss (lower is better: >0 = lost)"
+    return SUMMARY_METRICS[key]
+
+
+def _one_window(summary: pd.DataFrame) -> pd.Series:
+    """Per arm: whether its runs' early and late windows share rows (no plasticity loss to show)."""
+    return summary["windows_overlap"].eq(True) if "windows_overlap" in summary else pd.Series(False, summary.index)
 
 
 def _performance_metric(summary: pd.DataFrame) -> str:
@@ -48,17 +70,20 @@ def _performance_metric(summary: pd.DataFrame) -> str:
 
 
 def display_frame(summary: pd.DataFrame) -> pd.DataFrame:
-    """The summary as text cells: ``mean ± CI half-width`` per metric, one row per arm; the ``failed`` and
+    """The summary as text cells: ``mean [low, high]`` (:data:`INTERVAL`) per metric, one row per arm,
+    :data:`ONE_WINDOW` for the plasticity loss of an arm whose windows coincide; the ``failed`` and
     ``unfinished`` counts only when some arm has such runs."""
     metric = _performance_metric(summary)
     columns = {"arm": summary["arm"], "n": summary["n"].astype(str)}
     for count in ("failed", "unfinished"):
         if count in summary and summary[count].any():
             columns[count] = summary[count].astype(str)
-    for key, words in SUMMARY_METRICS.items():
-        if key == "late_window":
-            words = f"late-window {metric}"
-        columns[words] = [_cell(m, h) for m, h in zip(summary[f"{key}_mean"], summary[f"{key}_ci95"])]
+    for key in SUMMARY_METRICS:
+        bounds = zip(summary[f"{key}_mean"], summary[f"{key}_low"], summary[f"{key}_high"])
+        cells = [_cell(mean, low, high) for mean, low, high in bounds]
+        if key == "plasticity_loss":
+            cells = [ONE_WINDOW if one else cell for cell, one in zip(cells, _one_window(summary))]
+        columns[_header(key, metric)] = cells
     return pd.DataFrame(columns)
 
 
@@ -68,9 +93,10 @@ def _not_finished(states: pd.DataFrame | None) -> pd.DataFrame:
 
 
 def format_summary(summary: pd.DataFrame, states: pd.DataFrame | None = None) -> str:
-    """Plain-text summary table for the terminal, then one line per run of ``states`` (:func:`run_states`)
-    that did not finish, with its reason."""
-    text = display_frame(summary).to_string(index=False) if len(summary) else "(no finished runs yet)"
+    """Plain-text summary table for the terminal with a line saying what its intervals are, then one line
+    per run of ``states`` (:func:`run_states`) that did not finish, with its reason."""
+    text = (display_frame(summary).to_string(index=False) + f"\n(mean [low, high]: {INTERVAL})"
+            if len(summary) else "(no finished runs yet)")
     lines = [f"  {row.arm} seed {row.seed}: {row.reason}" for row in _not_finished(states).itertuples()]
     return "\n".join([text, "runs that did not finish:", *lines]) if lines else text
 
@@ -89,8 +115,11 @@ def _directions(metric: str) -> list[str]:
         direction = better_direction(key, metric)
         name = f"late-window {metric}" if key == "late_window" else words
         note = {
-            "late_window": f"mean {metric} over the last 10% of bins",
-            "plasticity_loss": f"first 10% of bins minus last 10% ({metric})",
+            "late_window": f"mean {metric} over the late window, the last 10% of the bins after the first task",
+            "plasticity_loss": f"how much worse {metric} got from the early window (the first 10% of bins after "
+                               "the first task) to the late window: "
+                               f"{'early minus late' if 'accuracy' in metric else 'late minus early'} {metric}, "
+                               f"so >0 means plasticity was lost; {ONE_WINDOW} where the two windows share bins",
             "final_effective_rank": "last probe's effective rank of the hidden features",
             "final_dead_fraction": "last probe's fraction of hidden units that never fire",
             "final_weight_magnitude": "last probe's mean |weight|; growth often precedes lost plasticity",
@@ -136,8 +165,8 @@ def write_report(out: str | os.PathLike, fmt: str = "csv") -> dict[str, Any]:
     metric = _performance_metric(summary)
     plots = []
     if len(finished):
-        plots.append(plot_performance(finished, record["arms"], metric, out / "performance.png",
-                                      title=f"{record['benchmark']}: {metric} per bin, mean and 95% CI across seeds"))
+        title = f"{record['benchmark']}: {metric} per bin, mean and 95% bootstrap CI over seeds"
+        plots.append(plot_performance(finished, record["arms"], metric, out / "performance.png", title=title))
         plots.append(plot_metrics(finished, record["arms"], out / "metrics.png"))
         plots.extend(plot_grids(summary[summary["n"] > 0], record["arms"], out, metric))
     plots = [p for p in plots if p is not None]
@@ -166,6 +195,16 @@ def _not_finished_lines(states: pd.DataFrame) -> list[str]:
     ]
 
 
+def _one_window_lines(summary: pd.DataFrame) -> list[str]:
+    """The sentence under the summary table naming the arms whose plasticity loss is :data:`ONE_WINDOW`."""
+    arms = summary.loc[_one_window(summary), "arm"].tolist() if len(summary) else []
+    if not arms:
+        return []
+    return [f"Plasticity loss is {ONE_WINDOW} for {', '.join(arms)}: their runs have so few bins after the first "
+            "task that the early and late windows coincide (share bins), so there is no change from early to late "
+            "to measure. Runs with more bins (more steps, or a smaller `--bench bin_size`) have one.", ""]
+
+
 def _markdown(record: dict[str, Any], summary: pd.DataFrame, states: pd.DataFrame, plots: list[Path],
               metric: str) -> str:
     total = len(states)
@@ -185,10 +224,15 @@ def _markdown(record: dict[str, Any], summary: pd.DataFrame, states: pd.DataFram
         "",
         *_arm_lines(record),
         "",
-        "## Summary (mean ± 95% CI half-width across seeds, Student t)",
+        "## Summary",
+        "",
+        f"Each cell: the mean over the arm's finished runs and its 95% confidence interval `[low, high]`: {INTERVAL} "
+        "(the mean of resampled runs, so the interval stays within the values' range: a loss never below 0, a "
+        "fraction within [0, 1]). An arm with one finished run shows its value alone.",
         "",
         markdown_table(display_frame(summary)) if len(summary) else "(no finished runs yet)",
         "",
+        *_one_window_lines(summary),
         "Which way is better:",
         "",
         *_directions(metric),

@@ -2,9 +2,12 @@
 
 The per-run numbers are each run's ``summary.json`` (written by :func:`dst.summary.summarize`), so the
 comparison reports exactly what ``python -m dst run`` would for the same run. Confidence intervals are
-Student-t: mean +- t_{0.975, n-1} * s / sqrt(n), with s the sample standard deviation across seeds
-(NaN for a single run). A run that did not finish (diverged, killed, or still running) is listed with its
-reason by :func:`run_states` and counted per arm, never a reason for a table to fail.
+percentile bootstraps over seeds of the mean (:data:`INTERVAL`): a mean of resampled values lies between
+the smallest and the largest of them, so the interval of an MSE never goes below 0 and that of a fraction
+never leaves [0, 1], which a Student-t interval (mean +- t s / sqrt(n)) does with few, skewed seeds. The
+resampling RNG is seeded, so a report is the same every time it is written; with one run the interval is
+NaN. A run that did not finish (diverged, killed, or still running) is listed with its reason by
+:func:`run_states` and counted per arm, never a reason for a table to fail.
 """
 
 from __future__ import annotations
@@ -13,14 +16,15 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from dst.errors import ConfigError
+from dst.summary import summarize
 
 from .execute import COMPARISON_FILE, CONFIG, METRICS, SUMMARY, read_failure
 from .spec import dir_name
@@ -32,7 +36,9 @@ __all__ = [
     "run_summaries",
     "run_states",
     "summarize_runs",
-    "mean_ci",
+    "INTERVAL",
+    "bootstrap_interval",
+    "bootstrap_intervals",
     "better_direction",
     "write_table",
 ]
@@ -40,12 +46,19 @@ __all__ = [
 #: summary.json keys reported per arm, with the words the printed table uses.
 SUMMARY_METRICS: dict[str, str] = {
     "late_window": "late-window performance",
-    "plasticity_loss": "plasticity loss",
+    "plasticity_loss": "plasticity loss",  # positive when plasticity was lost (dst.summary)
     "final_effective_rank": "effective rank",
     "final_dead_fraction": "dead fraction",
     "final_weight_magnitude": "weight magnitude",
     "seconds_per_step": "seconds/step",
 }
+
+LEVEL = 0.95
+RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+#: The interval of every table, report and plot band, in the words the report and the docs use.
+INTERVAL = f"{LEVEL:.0%} percentile bootstrap over seeds, {RESAMPLES:,} resamples, seed {BOOTSTRAP_SEED}"
+_CHUNK = 512  # rows (plot bins) bootstrapped at once: 512 x 10,000 resampled means, 40 MB
 
 
 def load_record(out: str | os.PathLike) -> dict[str, Any]:
@@ -122,14 +135,22 @@ def combined_table(out: str | os.PathLike) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def _summary(run: Path) -> dict[str, Any]:
+    """The run's summary.json; one written before summaries skipped the first task and oriented plasticity
+    loss (> 0: lost) has no ``windows_overlap``, and is taken afresh from its metrics with today's rules."""
+    summary = json.loads((run / SUMMARY).read_text())
+    if "windows_overlap" not in summary:
+        summary.update(summarize(_rows(run)))
+    return summary
+
+
 def run_summaries(out: str | os.PathLike) -> pd.DataFrame:
     """One row per finished run: arm, strategy, seed and its summary.json values."""
     record = load_record(out)
     rows = []
     for arm, seed, path in _run_dirs(out, record):
         if (path / SUMMARY).exists():
-            summary = json.loads((path / SUMMARY).read_text())
-            rows.append({"arm": arm["label"], "strategy": arm["strategy"], "seed": seed, **summary})
+            rows.append({"arm": arm["label"], "strategy": arm["strategy"], "seed": seed, **_summary(path)})
     return pd.DataFrame(rows)
 
 
@@ -144,27 +165,66 @@ def run_states(out: str | os.PathLike) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["arm", "strategy", "seed", "state", "reason"])
 
 
-def mean_ci(values: Sequence[float] | pd.Series) -> tuple[float, float, int]:
-    """(mean, 95% CI half-width, n) of the finite values; the half-width is NaN for n < 2."""
-    array = np.asarray(values, dtype=float)
-    array = array[np.isfinite(array)]
-    n = len(array)
-    if n == 0:
-        return math.nan, math.nan, 0
-    if n == 1:
-        return float(array[0]), math.nan, 1
-    half = stats.t.ppf(0.975, n - 1) * array.std(ddof=1) / math.sqrt(n)
-    return float(array.mean()), float(half), n
+@lru_cache(maxsize=32)
+def _resample_weights(n: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n) weights: how often each of n values is drawn in a resample of n with replacement,
+    divided by n, so that ``values @ weights.T`` are the resamples' means. Cached and read-only: every
+    call with the same arguments reuses the same resamples (reproducible, and no redrawing per plot bin)."""
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples)
+    weights = counts / n
+    weights.flags.writeable = False
+    return weights
+
+
+def _percentile_bounds(block: np.ndarray, weights: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Low and high percentile bounds of the resampled means of each row of ``block`` (rows x n, all
+    finite), clipped to the row's smallest and largest value, where a mean of resampled values lies anyway:
+    float rounding then cannot push a bound out of the quantity's range (a fraction of 1.0 stays 1.0)."""
+    tail = (1.0 - level) / 2
+    low, high = np.quantile(block @ weights.T, [tail, 1.0 - tail], axis=1)
+    smallest, largest = block.min(axis=1), block.max(axis=1)
+    return np.clip(low, smallest, largest), np.clip(high, smallest, largest)
+
+
+def bootstrap_intervals(values: np.ndarray | Sequence[Sequence[float]], resamples: int = RESAMPLES,
+                        seed: int = BOOTSTRAP_SEED, level: float = LEVEL
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of ``values`` (rows x seeds, NaN where a seed has no value): the mean of the row's finite
+    values, the low and high bound of their ``level`` percentile bootstrap interval of the mean, and
+    their count n. The bounds are NaN for n < 2, all four for n = 0.
+
+    Vectorised for the plots' per-bin bands: rows with the same n share one set of resamples, so a block
+    of them costs one matrix product (blocks of :data:`_CHUNK` rows keep memory bounded on long runs).
+    """
+    values = np.atleast_2d(np.asarray(values, dtype=float))
+    finite = np.isfinite(values)
+    counts = finite.sum(axis=1)
+    compact = np.sort(np.where(finite, values, np.nan), axis=1)  # each row's finite values first
+    means, low, high = (np.full(len(values), math.nan) for _ in range(3))
+    for n in np.unique(counts[counts > 0]):
+        rows = np.flatnonzero(counts == n)
+        block = compact[rows, :n]
+        means[rows] = np.clip(block.mean(axis=1), block.min(axis=1), block.max(axis=1))  # float rounding
+        if n < 2:
+            continue
+        weights = _resample_weights(int(n), resamples, seed)
+        for part in np.array_split(rows, math.ceil(len(rows) / _CHUNK)):
+            low[part], high[part] = _percentile_bounds(compact[part, :n], weights, level)
+    return means, low, high, counts
+
+
+def bootstrap_interval(values: Sequence[float] | pd.Series) -> tuple[float, float, float, int]:
+    """(mean, low, high, n) of the finite ``values``: their mean and its :data:`INTERVAL` (low and high
+    NaN for n < 2)."""
+    means, low, high, counts = bootstrap_intervals([np.asarray(values, dtype=float)])
+    return float(means[0]), float(low[0]), float(high[0]), int(counts[0])
 
 
 def better_direction(metric: str, performance_metric: str) -> str:
     """``higher`` or ``lower``: which way ``metric`` is better (for accuracy-like or loss-like performance)."""
-    accuracy_like = "accuracy" in performance_metric
     if metric == "late_window":
-        return "higher" if accuracy_like else "lower"
-    if metric == "plasticity_loss":  # early minus late: for accuracy a drop, for a loss an improvement
-        return "lower" if accuracy_like else "higher"
-    if metric in ("final_dead_fraction", "seconds_per_step"):
+        return "higher" if "accuracy" in performance_metric else "lower"
+    if metric in ("plasticity_loss", "final_dead_fraction", "seconds_per_step"):  # plasticity loss > 0: lost
         return "lower"
     if metric == "final_effective_rank":
         return "higher"
@@ -173,9 +233,10 @@ def better_direction(metric: str, performance_metric: str) -> str:
 
 def summarize_runs(out: str | os.PathLike) -> pd.DataFrame:
     """Per arm with a started run, in recorded order: ``n`` finished runs, ``failed`` and ``unfinished``
-    runs (their reasons: :func:`run_states`), mean and 95% CI half-width over the finished runs of each
-    :data:`SUMMARY_METRICS` entry (NaN when none finished), which metric is the performance measure, and
-    the arm's settings."""
+    runs (their reasons: :func:`run_states`), ``<metric>_mean``, ``<metric>_low`` and ``<metric>_high``
+    (the mean over the finished runs and its :data:`INTERVAL`) of each :data:`SUMMARY_METRICS` entry (NaN
+    when none finished), ``windows_overlap`` (some run's early and late windows share rows, so its
+    plasticity loss is undefined), which metric is the performance measure, and the arm's settings."""
     record = load_record(out)
     runs = run_summaries(out)
     states = run_states(out)
@@ -192,8 +253,9 @@ def summarize_runs(out: str | os.PathLike) -> pd.DataFrame:
                                "unfinished": int(started.isin(["no rows", "unfinished"]).sum()),
                                "performance_metric": ", ".join(metrics)}
         for metric in SUMMARY_METRICS:
-            mean, half, _ = mean_ci(mine[metric]) if metric in mine else (math.nan, math.nan, 0)
-            row[f"{metric}_mean"], row[f"{metric}_ci95"] = mean, half
+            mean, low, high, _ = bootstrap_interval(mine[metric]) if metric in mine else (math.nan,) * 3 + (0,)
+            row[f"{metric}_mean"], row[f"{metric}_low"], row[f"{metric}_high"] = mean, low, high
+        row["windows_overlap"] = bool(mine["windows_overlap"].eq(True).any()) if "windows_overlap" in mine else False
         row["late_window_better"] = better_direction("late_window", str(metrics[0])) if len(metrics) else ""
         row.update({f"settings.{k}": _cell(v) for k, v in arm["resolved_settings"].items()})
         row.update({f"bench.{k}": _cell(v) for k, v in arm["resolved_bench"].items()})

@@ -23,6 +23,7 @@ __all__ = [
     "singular_values",
     "effective_rank",
     "srank",
+    "approximate_rank",
     "stable_rank",
     "spectral_ranks",
     "dead_fraction",
@@ -33,8 +34,8 @@ __all__ = [
     "gradient_norm",
 ]
 
-# Relative slack on the srank threshold, so that a cumulative ratio equal to it up to round-off counts.
-_SRANK_TOLERANCE = 1e-12
+# Relative slack on the srank / approximate-rank threshold, so that a cumulative ratio equal to it up to round-off counts.
+_RANK_TOLERANCE = 1e-12
 
 
 def _check_features(features: torch.Tensor, name: str) -> None:
@@ -90,7 +91,7 @@ def srank(features: torch.Tensor, threshold: float = 0.99) -> int:
     Ratios within 1e-12 below the threshold count as reaching it (float round-off). 0 for the zero matrix.
     """
     _check_threshold(threshold)
-    return _srank(singular_values(features), threshold)
+    return _cumulative_rank(singular_values(features), threshold)
 
 
 def _check_threshold(threshold: float) -> None:
@@ -98,13 +99,23 @@ def _check_threshold(threshold: float) -> None:
         raise ConfigError(f"srank: threshold is a fraction of the singular-value sum in (0, 1], got {threshold!r}")
 
 
-def _srank(sigma: torch.Tensor, threshold: float) -> int:
+def _cumulative_rank(sigma: torch.Tensor, threshold: float) -> int:
+    """The smallest k whose top-k values of the descending ``sigma`` hold ``threshold`` of their sum."""
     total = sigma.sum()
     if total <= 0:
         return 0
     ratio = torch.cumsum(sigma, 0) / total
-    below = int((ratio < threshold - _SRANK_TOLERANCE).sum())
+    below = int((ratio < threshold - _RANK_TOLERANCE).sum())
     return min(below + 1, sigma.numel())
+
+
+def approximate_rank(features: torch.Tensor, threshold: float = 0.99) -> int:
+    """Dohare et al.'s approximate rank: the smallest k with sum_{i<=k} sigma_i^2 / sum_i sigma_i^2 >=
+    ``threshold`` (squared singular values: the share of the matrix's energy ||A||_F^2; srank sums them
+    unsquared). Ratios within 1e-12 below the threshold count as reaching it. 0 for the zero matrix.
+    """
+    _check_threshold(threshold)
+    return _cumulative_rank(singular_values(features) ** 2, threshold)
 
 
 def stable_rank(features: torch.Tensor) -> float:
@@ -119,12 +130,14 @@ def _stable_rank(sigma: torch.Tensor) -> float:
 
 
 def spectral_ranks(features: torch.Tensor, threshold: float = 0.99) -> dict[str, float]:
-    """``effective_rank``, ``srank`` and ``stable_rank`` from one SVD (what the probe reports)."""
+    """``effective_rank``, ``srank``, ``approximate_rank`` and ``stable_rank`` from one SVD (what the probe
+    reports)."""
     _check_threshold(threshold)
     sigma = singular_values(features)
     return {
         "effective_rank": _effective_rank(sigma),
-        "srank": float(_srank(sigma, threshold)),
+        "srank": float(_cumulative_rank(sigma, threshold)),
+        "approximate_rank": float(_cumulative_rank(sigma**2, threshold)),
         "stable_rank": _stable_rank(sigma),
     }
 

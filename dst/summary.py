@@ -1,8 +1,17 @@
 """Run-level summaries from the per-bin (or per-task) metrics rows.
 
-- late-window mean: the mean of a column over the last ``window`` fraction of rows (default 10%);
-- plasticity loss: the mean over the first ``window`` of rows minus the mean over the last ``window``
-  (for accuracy, positive means the learner got worse at new tasks; for loss, negative means worse).
+The windows are taken over the rows *after the first task*: the first task is learning from scratch,
+not plasticity, and with it in the early window a run's plasticity loss mostly measures how fast a
+fresh net learns. The rows of the first task are the rows whose ``task`` is the first row's (a bin that
+holds the first task's end is the first row of the next task only when bins are longer than tasks;
+then that bin is dropped too). A run whose rows all belong to one task keeps them all.
+
+- late-window mean: the mean of a column over the last ``window`` fraction of those rows (default 10%);
+- early-window mean: the same over the first ``window`` fraction;
+- plasticity loss: how much worse the late window is than the early one, positive when plasticity was
+  lost, whatever the measure: early minus late for accuracies, late minus early for losses. Lower is
+  better. When the two windows share rows (a run of one or a few bins) it is undefined: NaN, and
+  ``windows_overlap`` is true.
 """
 
 from __future__ import annotations
@@ -12,11 +21,23 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["late_window_mean", "early_window_mean", "plasticity_loss", "summarize"]
+__all__ = ["HIGHER_IS_BETTER", "after_first_task", "late_window_mean", "early_window_mean", "windows_overlap",
+           "plasticity_loss", "summarize"]
+
+#: Performance measures where a larger value is better (the others, losses, are better when smaller).
+HIGHER_IS_BETTER = ("accuracy", "test_accuracy")
 
 
 def _count(rows: int, window: float) -> int:
     return max(1, math.ceil(rows * window))
+
+
+def after_first_task(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows after the first task's (all rows when they all belong to one task)."""
+    if not len(rows) or "task" not in rows:
+        return rows
+    later = rows[rows["task"] != rows["task"].iloc[0]]
+    return later if len(later) else rows
 
 
 def late_window_mean(values: pd.Series, window: float = 0.1) -> float:
@@ -29,9 +50,18 @@ def early_window_mean(values: pd.Series, window: float = 0.1) -> float:
     return float(values.iloc[: _count(len(values), window)].mean()) if len(values) else math.nan
 
 
-def plasticity_loss(values: pd.Series, window: float = 0.1) -> float:
-    """Early-window mean minus late-window mean."""
-    return early_window_mean(values, window) - late_window_mean(values, window)
+def windows_overlap(values: pd.Series, window: float = 0.1) -> bool:
+    """Whether the early and late windows of ``values`` share rows (then plasticity loss is undefined)."""
+    count = len(values.dropna())
+    return 2 * _count(count, window) > count
+
+
+def plasticity_loss(values: pd.Series, metric: str, window: float = 0.1) -> float:
+    """How much worse the late window is than the early one (> 0: plasticity lost); NaN if they overlap."""
+    if windows_overlap(values, window):
+        return math.nan
+    early, late = early_window_mean(values, window), late_window_mean(values, window)
+    return early - late if metric in HIGHER_IS_BETTER else late - early
 
 
 def summarize(rows: pd.DataFrame, window: float = 0.1) -> dict[str, Any]:
@@ -39,17 +69,19 @@ def summarize(rows: pd.DataFrame, window: float = 0.1) -> dict[str, Any]:
     performance = "accuracy" if "accuracy" in rows else "loss"
     if "test_accuracy" in rows and rows["test_accuracy"].notna().any():
         performance = "test_accuracy"  # held-out accuracy per task (continual ImageNet) is the measure
+    values = after_first_task(rows)[performance] if len(rows) else pd.Series(dtype=float)
     summary: dict[str, Any] = {
         "performance_metric": performance,
-        "late_window": late_window_mean(rows[performance], window),
-        "early_window": early_window_mean(rows[performance], window),
-        "plasticity_loss": plasticity_loss(rows[performance], window),
+        "late_window": late_window_mean(values, window),
+        "early_window": early_window_mean(values, window),
+        "plasticity_loss": plasticity_loss(values, performance, window),
+        "windows_overlap": windows_overlap(values, window),
         "steps": int(rows["step"].iloc[-1]) if len(rows) else 0,
         "units_replaced": int(rows["units_replaced"].sum()),
         "connections_regrown": int(rows["connections_regrown"].sum()),
         "seconds_per_step": float(rows["seconds"].sum() / rows["step"].iloc[-1]) if len(rows) else math.nan,
     }
-    for column in ("effective_rank", "dead_fraction", "weight_magnitude"):
-        values = rows[column].dropna() if column in rows else pd.Series(dtype=float)
-        summary[f"final_{column}"] = float(values.iloc[-1]) if len(values) else math.nan
+    for column in ("effective_rank", "approximate_rank", "dead_fraction", "weight_magnitude"):
+        column_values = rows[column].dropna() if column in rows else pd.Series(dtype=float)
+        summary[f"final_{column}"] = float(column_values.iloc[-1]) if len(column_values) else math.nan
     return summary

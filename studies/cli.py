@@ -27,10 +27,10 @@ from dst.errors import ConfigError, DSTError
 from . import storage as storages
 from .objectives import OBJECTIVES, directions, parse_objectives
 from .report import write_report
+from .sampler import SAMPLERS
 from .space import build_space
 from .study import (
     PRUNERS,
-    SAMPLERS,
     TargetNotReached,
     check_target,
     counts,
@@ -61,7 +61,8 @@ def _running(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA if present)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     parser.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="Optuna sampler (default: %(default)s)")
-    parser.add_argument("--sampler-seed", type=int, default=None, help="seed of the sampler (default: random)")
+    parser.add_argument("--sampler-seed", type=int, default=None,
+                        help="seed of the sampler; a rerun continues its sequence of proposals (default: random)")
     parser.add_argument("--heartbeat-interval", type=int, default=storages.HEARTBEAT_INTERVAL, metavar="S",
                         help="RDB storages: seconds between a running trial's heartbeats (default: %(default)s)")
     parser.add_argument("--grace-period", type=int, default=storages.GRACE_PERIOD, metavar="S",
@@ -160,8 +161,9 @@ def _spawn_workers(args, spec, name: str, target: int, out: str, workers: int) -
                "--trials", str(target), "--out", out, "--device", args.device, "--threads", str(threads),
                "--sampler", args.sampler, "--heartbeat-interval", str(args.heartbeat_interval),
                "--grace-period", str(args.grace_period)]
-    seeds = [[] if args.sampler_seed is None else ["--sampler-seed", str(args.sampler_seed + i)] for i in range(workers)]
-    processes = [subprocess.Popen(command + seeds[i]) for i in range(workers)]
+    if args.sampler_seed is not None:  # one seed for all: each trial's proposal is seeded by its own index
+        command += ["--sampler-seed", str(args.sampler_seed)]
+    processes = [subprocess.Popen(command) for _ in range(workers)]
     try:
         codes = [p.wait() for p in processes]
     except KeyboardInterrupt:  # let each worker mark its trial FAIL (as Optuna does on Ctrl-C), then stop it
@@ -191,7 +193,13 @@ def _print_result(study: optuna.Study, spec, out: str) -> None:
     print(f"browse: optuna-dashboard {spec.display}")
 
 
+def _check_sampler_seed(args: argparse.Namespace) -> None:
+    if args.sampler_seed is not None and args.sampler_seed < 0:
+        raise ConfigError(f"--sampler-seed must be a non-negative integer, got {args.sampler_seed}")
+
+
 def _tune(args: argparse.Namespace) -> int:
+    _check_sampler_seed(args)
     if args.trials is None or args.trials < 1:
         raise ConfigError("give --trials N (N >= 1): the number of finished trials the study should reach")
     if args.seeds < 1:
@@ -228,6 +236,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    _check_sampler_seed(args)
     spec = storages.resolve(args.storage, args.out or DEFAULT_OUT, args.study)
     storages.check_parallel(spec, 1, "worker")
     storage = _open(args, spec, create=False)

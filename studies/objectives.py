@@ -2,9 +2,9 @@
 
 - ``late_window``: the performance over the last 10% of metrics rows (accuracy for classification,
   maximised; loss for regression, minimised). The direction comes from the benchmark's task type.
-- ``plasticity_loss``: how much worse the learner got from the first to the last 10% of rows, oriented
-  so that positive always means lost plasticity (early minus late accuracy, late minus early loss);
-  minimised.
+- ``plasticity_loss``: how much worse the learner got from the first to the last 10% of the rows after
+  the first task, positive when plasticity was lost (early minus late accuracy, late minus early loss:
+  :func:`dst.summary.plasticity_loss`); minimised.
 - ``effective_rank``: the probe's effective rank of the hidden features at the last probe; maximised.
 - ``dead_fraction``: the probe's fraction of dead hidden units at the last probe; minimised.
 - ``seconds_per_step``: wall time per training step; minimised.
@@ -25,9 +25,6 @@ from dst.errors import ConfigError
 
 __all__ = ["Objective", "OBJECTIVES", "parse_objectives", "directions", "objective_values"]
 
-HIGHER_IS_BETTER = ("accuracy", "test_accuracy")
-
-
 @dataclass(frozen=True)
 class Objective:
     name: str
@@ -41,7 +38,7 @@ OBJECTIVES: dict[str, Objective] = {
     o.name: o
     for o in (
         Objective("late_window", "late_window", None, help="late-window accuracy (max) or loss (min)"),
-        Objective("plasticity_loss", "plasticity_loss", "minimize", help="early minus late performance"),
+        Objective("plasticity_loss", "plasticity_loss", "minimize", help="how much worse the late window is than the early one (> 0: lost)"),
         Objective("effective_rank", "final_effective_rank", "maximize", True, "final effective rank"),
         Objective("dead_fraction", "final_dead_fraction", "minimize", True, "final fraction of dead units"),
         Objective("seconds_per_step", "seconds_per_step", "minimize", help="wall time per step"),
@@ -79,10 +76,4 @@ def directions(names: Sequence[str], benchmark: str, bench: Mapping[str, Any] | 
 
 def objective_values(summary: Mapping[str, Any], names: Sequence[str]) -> list[float]:
     """The values of ``names`` from one run's summary (NaN where the run has none yet)."""
-    values = []
-    for name in names:
-        value = float(summary.get(OBJECTIVES[name].key, math.nan))
-        if name == "plasticity_loss" and summary.get("performance_metric") not in HIGHER_IS_BETTER:
-            value = -value  # summarize gives early minus late; for a loss, worse means it rose
-        values.append(value)
-    return values
+    return [float(summary.get(OBJECTIVES[name].key, math.nan)) for name in names]

@@ -30,17 +30,17 @@ from optuna.trial import TrialState
 
 from dst.errors import ConfigError, DSTError
 
+from .sampler import make_sampler
 from .storage import MAX_RETRY, StorageSpec, _retry_callback, has_heartbeat
 from .trial import SETTINGS_KEYS, StudySettings, SurplusTrial, TrialObjective
 from .workers import ALIVE, DEAD, STATUS_TEXT, RunningTrial, running_trials
 
-__all__ = ["PRUNERS", "SAMPLERS", "TargetNotReached", "open_study", "counts", "check_target", "run_study",
+__all__ = ["PRUNERS", "TargetNotReached", "open_study", "counts", "check_target", "run_study",
            "requeue_running", "make_pruner"]
 
 log = logging.getLogger(__name__)
 
 PRUNERS = ("median", "hyperband", "none")
-SAMPLERS = ("tpe", "random", "nsga2")
 STARTUP_TRIALS = 5  # trials the median pruner lets finish before it prunes anything
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MULTI_OBJECTIVE_PRUNING = "none: Optuna cannot prune multi-objective studies, so every trial runs to its end"
@@ -55,14 +55,6 @@ def make_pruner(settings: StudySettings) -> optuna.pruners.BasePruner:
             min_resource=max(1, settings.warmup_steps), max_resource=settings.steps * settings.seeds
         )
     return optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS, n_warmup_steps=settings.warmup_steps)
-
-
-def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
 
 
 def _differences(recorded: dict[str, Any], given: dict[str, Any]) -> list[str]:
@@ -82,7 +74,8 @@ def open_study(
     sampler: str = "tpe",
     sampler_seed: int | None = None,
 ) -> tuple[optuna.Study, StudySettings]:
-    """Load study ``name`` (checking ``settings`` against the recorded ones) or create it from ``settings``."""
+    """Load study ``name`` (checking ``settings`` against the recorded ones) or create it from ``settings``;
+    a ``sampler_seed`` seeds each trial's proposal from its place in the study (see studies/sampler.py)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         existing = optuna.get_all_study_names(storage)
@@ -117,10 +110,8 @@ def open_study(
                 study.set_user_attr(key, value)
             if settings.multi_objective:
                 study.set_user_attr("pruning", MULTI_OBJECTIVE_PRUNING)
-        study = optuna.load_study(
-            study_name=name, storage=storage, sampler=make_sampler(sampler, sampler_seed),
-            pruner=make_pruner(settings),
-        )
+        study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(settings),
+                                   sampler=make_sampler(sampler, sampler_seed, storage))
     if settings.multi_objective:
         log.info("pruning: %s", MULTI_OBJECTIVE_PRUNING)
     return study, settings

@@ -1,7 +1,9 @@
-"""The comparisons CLI end to end on tiny bit-flipping runs: outputs, numbers, resume, failed runs and bad input."""
+"""The comparisons CLI end to end on tiny bit-flipping runs: outputs, numbers, intervals, resume, failed runs
+and bad input."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -17,8 +19,10 @@ from scipy import stats
 
 import dst.runner
 from comparisons import api as comparisons_api
+from comparisons import bootstrap_interval
+from comparisons import plots as comparisons_plots
 from comparisons import report as comparisons_report
-from comparisons import mean_ci
+from comparisons import tables as comparisons_tables
 from comparisons.cli import main
 
 TINY = ["--bench", "bin_size=200", "--bench", "change_every=200", "--bench", "hidden=8",
@@ -75,34 +79,136 @@ def test_grid_expands_into_labelled_arms_with_one_folder_per_seed(grid_out):
     assert set(summary["performance_metric"]) == {"loss"}
 
 
-def test_summary_equals_numbers_recomputed_from_raw_metrics(grid_out):
+def test_summary_means_and_bounds_are_those_of_the_runs(grid_out):
+    """Each arm's ``_mean`` is the mean of its runs' numbers (the unit metrics recomputed from metrics.csv, the
+    windowed ones from summary.json: dst's windows are tested in test_summary.py), and with two seeds the
+    95% percentile bootstrap interval is exactly [smaller, larger]: the resampled means are a, (a+b)/2 and b
+    with probabilities 1/4, 1/2, 1/4, so the 2.5% and 97.5% quantiles are a and b."""
     summary = pd.read_csv(grid_out / "summary.csv").set_index("arm")
+    assert not [c for c in summary.columns if c.endswith("_ci95")]
     folders = ["bp_dense", "cbp_replacement_rate=0.0001_dense", "cbp_replacement_rate=0.01_dense"]
     for label, folder in zip(LABELS, folders):
         per_run = {"late_window": [], "plasticity_loss": [], "final_effective_rank": [],
                    "final_dead_fraction": [], "seconds_per_step": []}
         for seed in (0, 1):
-            rows = pd.read_csv(grid_out / "runs" / folder / f"seed-{seed}" / "metrics.csv")
-            window = math.ceil(0.1 * len(rows))  # last / first 10% of rows, at least one
-            late, early = rows["loss"].tail(window).mean(), rows["loss"].head(window).mean()
-            per_run["late_window"].append(late)
-            per_run["plasticity_loss"].append(early - late)
+            run = grid_out / "runs" / folder / f"seed-{seed}"
+            rows = pd.read_csv(run / "metrics.csv")
+            written = json.loads((run / "summary.json").read_text())
+            per_run["late_window"].append(written["late_window"])
+            per_run["plasticity_loss"].append(written["plasticity_loss"])
             per_run["final_effective_rank"].append(rows["effective_rank"].dropna().iloc[-1])
             per_run["final_dead_fraction"].append(rows["dead_fraction"].dropna().iloc[-1])
             per_run["seconds_per_step"].append(rows["seconds"].sum() / rows["step"].iloc[-1])
         for metric, values in per_run.items():
-            values = np.array(values)
-            half = stats.t.ppf(0.975, len(values) - 1) * stats.sem(values)  # 95% Student-t half-width
-            assert summary.loc[label, f"{metric}_mean"] == pytest.approx(values.mean(), rel=1e-9, abs=1e-12), metric
-            assert summary.loc[label, f"{metric}_ci95"] == pytest.approx(half, rel=1e-6, abs=1e-12), metric
+            row = summary.loc[label]
+            assert row[f"{metric}_mean"] == pytest.approx(np.mean(values), rel=1e-9, abs=1e-12), metric
+            assert row[f"{metric}_low"] == pytest.approx(min(values), rel=1e-9, abs=1e-12), metric
+            assert row[f"{metric}_high"] == pytest.approx(max(values), rel=1e-9, abs=1e-12), metric
+        assert not summary.loc[label, "windows_overlap"]
 
 
-def test_mean_ci_is_student_t_and_nan_for_one_run():
-    mean, half, n = mean_ci([1.0, 2.0, 4.0, float("nan")])
-    assert (mean, n) == (pytest.approx(7 / 3), 3)
-    assert half == pytest.approx(stats.t.ppf(0.975, 2) * np.std([1, 2, 4], ddof=1) / math.sqrt(3))
-    single = mean_ci([5.0])
-    assert single[0] == 5.0 and math.isnan(single[1]) and single[2] == 1
+# -- intervals: 95% percentile bootstrap over seeds of the mean ------------------------------------------------
+
+
+def _exact_percentile_interval(values: list[float]) -> tuple[float, float]:
+    """The 2.5% and 97.5% quantiles of the exact bootstrap distribution of the mean: every one of the n^n
+    equally likely resamples enumerated (the smallest mean whose cumulative probability reaches q)."""
+    means = np.sort([np.mean(draw) for draw in itertools.product(values, repeat=len(values))])
+    cumulative = np.arange(1, len(means) + 1) / len(means)
+    return tuple(float(means[np.searchsorted(cumulative, q)]) for q in (0.025, 0.975))
+
+
+def test_bootstrap_interval_of_equal_seeds_is_the_mean_itself_and_undefined_for_one_run():
+    assert bootstrap_interval([0.1, 0.1, 0.1]) == (0.1, 0.1, 0.1, 3)
+    assert bootstrap_interval([1.0] * 30) == (1.0, 1.0, 1.0, 30)  # a dead fraction of 1 stays 1, not 1 + 1e-16
+    mean, low, high, n = bootstrap_interval([5.0, float("nan")])
+    assert (mean, n) == (5.0, 1) and math.isnan(low) and math.isnan(high)
+    assert all(math.isnan(v) for v in bootstrap_interval([])[:3])
+
+
+@pytest.mark.parametrize("values, bounds", [([0.0, 0.0, 1.0], (0.0, 1.0)),  # a fraction: within [0, 1]
+                                            ([0.0, 0.0, 5.0], (0.0, 5.0)),  # a loss: never below 0
+                                            ([1.0, 2.0, 4.0, 8.0], (1.5, 6.5))])
+def test_bootstrap_interval_equals_exact_enumeration_of_all_resamples(values, bounds):
+    assert _exact_percentile_interval(values) == pytest.approx(bounds)  # worked out by hand, too
+    mean, low, high, n = bootstrap_interval(values)
+    assert (mean, n) == (pytest.approx(np.mean(values)), len(values))
+    assert (low, high) == pytest.approx(bounds, abs=1e-12)
+    half = stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values))  # Student-t
+    if min(values) == 0.0:  # where a Student-t interval leaves the range, this one does not
+        assert mean - half < 0.0 <= low
+
+
+def test_bootstrap_interval_agrees_with_scipy_percentile_bootstrap():
+    values = np.random.default_rng(3).exponential(size=12)  # skewed, as losses across seeds often are
+    scipy_ci = stats.bootstrap((values,), np.mean, n_resamples=10_000, method="percentile",
+                               rng=np.random.default_rng(7)).confidence_interval
+    _, low, high, _ = bootstrap_interval(values)
+    tolerance = 0.15 * stats.sem(values)  # Monte Carlo error of either: ~0.03 standard errors; Student t and
+    # BCa intervals differ from the percentile one by 0.2-0.5 here
+    assert low == pytest.approx(scipy_ci.low, abs=tolerance)
+    assert high == pytest.approx(scipy_ci.high, abs=tolerance)
+    assert (high - values.mean()) > (values.mean() - low)  # asymmetric, like the data
+
+
+def test_bootstrap_interval_is_reproducible_from_its_seed():
+    values = list(np.random.default_rng(5).random(12))  # many distinct resample means: any redraw moves the bounds
+    first = bootstrap_interval(values)
+    comparisons_tables._resample_weights.cache_clear()  # drawn afresh: the same only because seeded
+    assert bootstrap_interval(values) == first
+    assert bootstrap_interval(values[::-1]) == first  # and independent of the seeds' order
+
+
+def _skewed_runs() -> pd.DataFrame:
+    """One arm, 3 seeds, 5 bins: per bin a loss of 0, 0.01 and 5 and a dead fraction of 0, 0 and 1, where a
+    Student-t band (mean ± 4.3 s / sqrt(3)) reaches below 0 and above 1."""
+    rows = [{"arm": "a", "seed": seed, "step": 100 * (b + 1), "loss": (0.0, 0.01, 5.0)[seed],
+             "dead_fraction": (0.0, 0.0, 1.0)[seed]} for seed in range(3) for b in range(5)]
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def figures(monkeypatch) -> list:
+    """The figures the plot functions draw, kept open instead of written to disk."""
+    kept = []
+
+    def keep(fig, path):
+        kept.append(fig)
+        return Path(path)
+
+    monkeypatch.setattr(comparisons_plots, "_save", keep)
+    yield kept
+    for fig in kept:
+        comparisons_plots.plt.close(fig)
+
+
+def _band_limits(ax) -> tuple[float, float]:
+    """Lowest and highest y of the axes' filled bands."""
+    ys = np.concatenate([path.vertices[:, 1] for band in ax.collections for path in band.get_paths()])
+    return float(ys.min()), float(ys.max())
+
+
+def test_plot_bands_stay_inside_the_range_of_a_loss_and_a_fraction(figures, tmp_path):
+    runs, arms = _skewed_runs(), [{"label": "a", "resolved_bench": {}}]
+    comparisons_plots.plot_performance(runs, arms, "loss", tmp_path / "performance.png")
+    comparisons_plots.plot_metrics(runs, arms, tmp_path / "metrics.png")
+    loss_axes, metric_axes = figures[0].axes[0], figures[1].axes[0]
+    assert metric_axes.get_title() == "dead_fraction"
+    assert _band_limits(loss_axes) == pytest.approx((0.0, 5.0))  # the bootstrap bounds, min and max for n = 3
+    assert _band_limits(metric_axes) == pytest.approx((0.0, 1.0))
+    assert "bootstrap" in loss_axes.get_title()
+
+
+def test_grid_error_bars_are_the_asymmetric_bootstrap_bounds(figures, tmp_path):
+    arms = [{"label": f"cbp r={rate}", "strategy": "cbp", "grid": {"replacement_rate": rate}, "resolved_bench": {}}
+            for rate in (1e-4, 1e-2)]
+    summary = pd.DataFrame({"arm": [a["label"] for a in arms], "late_window_mean": [0.2, 0.5],
+                            "late_window_low": [0.0, 0.45], "late_window_high": [0.9, 0.6]})
+    comparisons_plots.plot_grids(summary, arms, tmp_path, "loss")
+    (ax,) = figures[0].axes
+    segments = np.concatenate([bars.get_segments() for bars in ax.collections])
+    spans = sorted((float(s[:, 1].min()), float(s[:, 1].max())) for s in segments)
+    np.testing.assert_allclose(spans, [(0.0, 0.9), (0.45, 0.6)], atol=1e-12)  # from low to high, not mean ± x
 
 
 @pytest.mark.parametrize("name", ["performance.png", "metrics.png", "grid_cbp_replacement_rate.png"])
@@ -138,6 +244,26 @@ def test_report_names_arms_directions_and_embeds_plots(grid_out):
     for name in ("performance.png", "metrics.png", "grid_cbp_replacement_rate.png"):
         assert f"]({name})" in report
     assert "late-window loss** (lower is better)" in report
+
+
+PLASTICITY_HEADER = "plasticity loss (lower is better: >0 = lost)"
+
+
+def test_report_says_which_interval_and_that_plasticity_loss_is_lower_is_better(grid_out):
+    report = (grid_out / "report.md").read_text()
+    assert "95% percentile bootstrap over seeds, 10,000 resamples, seed 0" in report
+    assert f"| {PLASTICITY_HEADER} |" in report
+    assert "**plasticity loss** (lower is better)" in report and "late minus early loss" in report
+    summary = pd.read_csv(grid_out / "summary.csv")
+    cells = comparisons_report.display_frame(summary)
+    assert PLASTICITY_HEADER in cells.columns
+    row = summary.iloc[0]
+    assert cells["late-window loss"][0] == (f"{comparisons_report._number(row['late_window_mean'])} "
+                                            f"[{comparisons_report._number(row['late_window_low'])}, "
+                                            f"{comparisons_report._number(row['late_window_high'])}]")
+    assert "| n/a (one window) |" not in report and "Plasticity loss is n/a" not in report
+    for metric in ("loss", "accuracy", "test_accuracy"):  # whatever the performance measure
+        assert comparisons_tables.better_direction("plasticity_loss", metric) == "lower"
 
 
 def test_rerun_skips_finished_runs_and_redoes_only_a_deleted_one(grid_out, tmp_path, calls):
@@ -367,6 +493,43 @@ def test_rerun_keeps_a_failed_run_failed_and_redoes_a_killed_one(case, grid_out,
     assert (row["n"], row["failed"], row["unfinished"]) == (2, 0, 0)
 
 
+def _one_window(run: Path) -> None:
+    """Make ``run``'s summary.json say what dst writes when the early and late windows share rows."""
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "plasticity_loss": math.nan, "windows_overlap": True}))
+
+
+def test_an_arm_whose_windows_coincide_says_so_instead_of_a_number(grid_out, tmp_path, no_plots, capsys):
+    out = _copy(grid_out, tmp_path)
+    for seed in (0, 1):
+        _one_window(out / "runs" / DAMAGED / f"seed-{seed}")
+    assert main(["report", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    summary = pd.read_csv(out / "summary.csv").set_index("arm")
+    assert summary["windows_overlap"].tolist() == [False, False, True]
+    assert math.isnan(summary.loc[DAMAGED_LABEL, "plasticity_loss_mean"])
+    cells = comparisons_report.display_frame(summary.reset_index()).set_index("arm")[PLASTICITY_HEADER]
+    assert cells[DAMAGED_LABEL] == "n/a (one window)"
+    assert cells.drop(DAMAGED_LABEL).str.match(r"^-?\d").all()  # the other arms keep their numbers
+    report = (out / "report.md").read_text()
+    assert f"| {DAMAGED_LABEL} | 2 |" in report and "| n/a (one window) |" in report
+    assert f"Plasticity loss is n/a (one window) for {DAMAGED_LABEL}: " in report
+    assert "the early and late windows coincide" in report
+    assert "n/a (one window)" in printed and "nan" not in printed.split("\n(mean")[0]
+
+
+def test_a_run_of_one_bin_is_reported_as_one_window_end_to_end(tmp_path, no_plots):
+    """A real one-bin run: dst marks its windows as overlapping, and the report says so."""
+    out = tmp_path / "out"
+    argv = ["--strategies", "bp", "--seeds", "1", "--workers", "1", *TINY, "--steps", "200", "--out", str(out)]
+    assert main(argv) == 0
+    written = json.loads((out / "runs" / "bp_dense" / "seed-0" / "summary.json").read_text())
+    assert written["windows_overlap"] is True and math.isnan(written["plasticity_loss"])
+    report = (out / "report.md").read_text()
+    assert f"| {PLASTICITY_HEADER} |" in report and "| n/a (one window) |" in report
+    assert "Plasticity loss is n/a (one window) for bp (dense)" in report
+
+
 def test_an_arm_whose_every_run_failed_still_appears_and_plots_are_drawn(grid_out, tmp_path, capsys):
     out = _copy(grid_out, tmp_path)
     for seed in (0, 1):
@@ -409,3 +572,17 @@ def test_a_diverging_arm_is_reported_failed_and_a_rerun_does_not_redo_it(tmp_pat
     monkeypatch.setattr(dst.runner, "run", lambda *a, **k: pytest.fail("a diverged run was redone"))
     assert main(argv) == 1
     assert main(["report", "--out", str(out)]) == 1
+
+
+def test_a_summary_json_from_before_oriented_plasticity_loss_is_taken_afresh_from_its_metrics(grid_out, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(grid_out, out)
+    run = out / "runs" / comparisons_tables.dir_name(LABELS[0]) / "seed-0"
+    today = json.loads((run / "summary.json").read_text())
+    legacy = {k: v for k, v in today.items() if k != "windows_overlap"}
+    legacy["plasticity_loss"] = -1234.0  # the old sign and windows: not what today's rules give
+    (run / "summary.json").write_text(json.dumps(legacy))
+    summaries = comparisons_tables.run_summaries(out)
+    row = summaries[(summaries["arm"] == LABELS[0]) & (summaries["seed"] == 0)].iloc[0]
+    assert row["plasticity_loss"] == pytest.approx(today["plasticity_loss"], nan_ok=True)
+    assert row["windows_overlap"] == today["windows_overlap"]

@@ -20,6 +20,7 @@ from dst.metrics import (
     saturated_fraction,
     singular_values,
     spectral_ranks,
+    approximate_rank,
     srank,
     stable_rank,
     weight_magnitude,
@@ -77,6 +78,21 @@ def test_srank_is_smallest_k_whose_top_singular_values_reach_the_threshold(thres
     value = srank(with_spectrum([10.0, 1.0, 1.0]), threshold)
     assert isinstance(value, int)
     assert value == expected
+
+
+@pytest.mark.parametrize("threshold, expected", [(0.98, 1), (0.99, 2), (1.0, 3)])
+def test_approximate_rank_is_smallest_k_whose_squared_singular_values_reach_the_threshold(threshold, expected):
+    # squared: 100, 1, 1 of 102: cumulative 0.98039, 0.99020, 1.0 (srank at 0.99 is 3 on the same matrix)
+    value = approximate_rank(with_spectrum([10.0, 1.0, 1.0], dtype=torch.float64), threshold)
+    assert isinstance(value, int)
+    assert value == expected
+    assert srank(with_spectrum([10.0, 1.0, 1.0], dtype=torch.float64), 0.99) == 3
+
+
+def test_spectral_ranks_reports_the_approximate_rank_beside_srank():
+    ranks = spectral_ranks(with_spectrum([10.0, 1.0, 1.0], dtype=torch.float64))
+    assert (ranks["srank"], ranks["approximate_rank"]) == (3.0, 2.0)
+    assert approximate_rank(torch.zeros(4, 3)) == 0
 
 
 def test_srank_counts_a_ratio_equal_to_the_threshold_up_to_round_off():
@@ -290,6 +306,7 @@ def test_spectral_ranks_from_one_svd_equal_the_separate_metrics():
     assert ranks == {
         "effective_rank": effective_rank(features),
         "srank": float(srank(features, 0.9)),
+        "approximate_rank": float(approximate_rank(features, 0.9)),
         "stable_rank": stable_rank(features),
     }
     assert ranks["srank"] < 6

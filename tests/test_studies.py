@@ -32,6 +32,8 @@ from postgres_server import (  # tests/ is on sys.path under pytest
 )
 
 import dst
+import studies.study
+import studies.trial
 from dst.errors import ConfigError
 from studies import (
     build_space,
@@ -43,6 +45,7 @@ from studies import (
     resolve,
 )
 from studies.cli import main
+from studies.sampler import make_sampler
 from studies.trial import StudySettings, TrialObjective
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,8 +208,8 @@ def test_objective_directions_follow_the_task_type_and_unknown_names_are_listed(
         parse_objectives("late_window,accuracy")
     with pytest.raises(ConfigError, match="needs the probe"):
         directions(["dead_fraction"], "bit-flipping", {"probe": "false"})
-    # a regression loss that rose from 1.0 to 1.5 lost plasticity: positive, whatever summarize's sign
-    summary = {"performance_metric": "loss", "plasticity_loss": 1.0 - 1.5, "late_window": 1.5}
+    # summarize orients plasticity loss (> 0: lost) for losses and accuracies alike; studies take it as it is
+    summary = {"performance_metric": "loss", "plasticity_loss": 0.5, "late_window": 1.5}
     assert objective_values(summary, ["plasticity_loss", "late_window"]) == [0.5, 1.5]
     assert objective_values({**summary, "performance_metric": "accuracy", "plasticity_loss": 0.2},
                             ["plasticity_loss"]) == [0.2]
@@ -349,6 +352,147 @@ def test_multi_objective_study_is_not_pruned_and_reports_a_pareto_front(tmp_path
     best = json.loads((tmp_path / "best.json").read_text())
     assert {r["number"] for r in best["pareto_front"]} == {t.number for t in study.best_trials}
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# -- a resumed seeded study continues its sampler's sequence ------------------------------------------------
+
+SEQUENCE = 5  # trials of the seeded studies below
+
+
+class QuickTPE(optuna.samplers.TPESampler):
+    """TPE that models the results from its third trial on (Optuna's default waits for 10)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(n_startup_trials=2, **kwargs)
+
+
+def quick_models(patch: pytest.MonkeyPatch) -> None:
+    """TPE proper and the median pruner both act within a few trials (the pruner from the second one)."""
+    patch.setattr(optuna.samplers, "TPESampler", QuickTPE)
+    patch.setattr(studies.study, "STARTUP_TRIALS", 1)
+
+
+def seeded(out: Path, sampler: str, *extra: str, trials: int = SEQUENCE) -> list[str]:
+    return tune(out, "--sampler", sampler, *extra, trials=trials, steps=300)
+
+
+def finished_trials(out: Path) -> list[tuple]:
+    """(params, state, value, intermediate values) of the finished trials in the order they were numbered."""
+    return [(t.params, t.state, t.value, t.intermediate_values) for t in load(str(out / "s.journal")).trials
+            if t.state in FINISHED]
+
+
+def distinct(params: list[dict]) -> bool:
+    return len({json.dumps(p, sort_keys=True) for p in params}) == len(params)
+
+
+def test_a_seeded_trial_draws_from_its_sample_index_whatever_the_runs_brackets_or_queued_trials():
+    def objective(trial: optuna.Trial) -> float:
+        value = trial.suggest_float("x", 0.0, 1.0) + trial.suggest_int("n", 1, 100)
+        trial.report(value, 1)
+        trial.should_prune()  # Hyperband's first judgement splits the trials into brackets
+        return value
+
+    def study(storage: optuna.storages.BaseStorage) -> optuna.Study:  # a new sampler, as in a new process
+        return optuna.create_study(storage=storage, study_name="t", load_if_exists=True,
+                                   sampler=make_sampler("random", 7, storage),
+                                   pruner=optuna.pruners.HyperbandPruner(1, 81))  # the sampler sees one bracket
+
+    one_go = optuna.storages.InMemoryStorage()
+    study(one_go).optimize(objective, n_trials=12)
+    in_parts = optuna.storages.InMemoryStorage()
+    study(in_parts).enqueue_trial({"x": 0.5, "n": 3})
+    study(in_parts).optimize(objective, n_trials=5)
+    study(in_parts).optimize(objective, n_trials=8)
+    trials = study(in_parts).trials
+    assert trials[0].params == {"x": 0.5, "n": 3}  # the queued trial took no index: the sampled ones are as in one go
+    assert [t.params for t in trials[1:]] == [t.params for t in study(one_go).trials]
+    assert distinct([t.params for t in trials])  # was: the second part replayed the first's draws
+
+
+@pytest.fixture(scope="module")
+def in_one_go(tmp_path_factory) -> Callable[[str], list[tuple]]:
+    """``finished_trials`` of the seeded study of SEQUENCE trials run in one go, per sampler (run once)."""
+    runs: dict[str, list[tuple]] = {}
+
+    def get(sampler: str) -> list[tuple]:
+        if sampler not in runs:
+            out = tmp_path_factory.mktemp(f"one-go-{sampler}")
+            with pytest.MonkeyPatch.context() as patch:
+                quick_models(patch)
+                assert main(seeded(out, sampler)) == 0
+            runs[sampler] = finished_trials(out)
+        return runs[sampler]
+
+    return get
+
+
+def stopping_at(number: int, stop: Callable[[], None]) -> Callable[..., pd.DataFrame]:
+    """``studies.trial.run`` that calls ``stop()`` when trial ``number`` starts its run (its settings sampled)."""
+    real = studies.trial.run
+
+    def run(spec, out_dir, **kwargs):
+        if Path(out_dir).name == f"trial-{number}":
+            stop()
+        return real(spec, out_dir, **kwargs)
+
+    return run
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_seeded_study_extended_in_a_later_run_ends_with_the_trials_of_one_run_in_one_go(
+        sampler, in_one_go, tmp_path, monkeypatch):
+    quick_models(monkeypatch)
+    # stopped after TPE's two random startup trials and its first modelled one, then extended
+    assert main(seeded(tmp_path, sampler, trials=3)) == 0
+    assert main(seeded(tmp_path, sampler)) == 0  # a new process would build a new sampler the same way
+    resumed, one_go = finished_trials(tmp_path), in_one_go(sampler)
+    assert [t[0] for t in resumed] == [t[0] for t in one_go]  # was: trials 3, 4 drew trial 0's and 1's (random)
+    assert resumed == one_go  # so the same states, values and pruning decisions
+    assert distinct([t[0] for t in resumed])
+    if sampler == "tpe":  # TPE proper (from trial 2) and the pruner were exercised
+        assert any(state == optuna.trial.TrialState.PRUNED for _, state, _, _ in resumed)
+
+
+def test_a_killed_trial_requeued_leaves_the_seeded_sequence_as_in_one_go(in_one_go, tmp_path, monkeypatch):
+    quick_models(monkeypatch)
+
+    def dies_at_trial_3() -> None:  # a worker killed mid-trial (forked: the patch stays in the child)
+        studies.trial.run = stopping_at(3, lambda: os._exit(9))
+        main(seeded(tmp_path, "tpe"))
+
+    process = multiprocessing.get_context("fork").Process(target=dies_at_trial_3)
+    process.start()
+    try:
+        process.join(timeout=60)
+    finally:
+        process.kill()
+        process.join()
+    assert process.exitcode == 9
+    killed = load(str(tmp_path / "s.journal")).trials[3]
+    assert killed.state == RUNNING and killed.params == in_one_go("tpe")[3][0]
+    assert main(seeded(tmp_path, "tpe", "--requeue-running")) == 0
+    trials = load(str(tmp_path / "s.journal")).trials
+    assert trials[4].system_attrs["failed_trial"] == 3 and trials[4].params == killed.params
+    assert finished_trials(tmp_path) == in_one_go("tpe")  # the retry took no place in the sampled sequence
+
+
+def test_a_seeded_study_interrupted_mid_trial_proposes_new_settings_on_rerun(in_one_go, tmp_path, monkeypatch):
+    quick_models(monkeypatch)
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(studies.trial, "run", stopping_at(1, interrupt))
+    assert main(seeded(tmp_path, "random", trials=SEQUENCE - 1)) == 130
+    monkeypatch.setattr(studies.trial, "run", dst.runner.run)
+    assert main(seeded(tmp_path, "random", trials=SEQUENCE - 1)) == 0
+    trials = load(str(tmp_path / "s.journal")).trials
+    assert trials[1].state == FAIL and distinct([t.params for t in trials])  # was: the rerun replayed trial 0
+    one_go = [t[0] for t in in_one_go("random")]
+    # random draws depend on the sampled trial's index alone: the interrupted trial's settings are not
+    # proposed again, the rerun goes on with those of the next indices
+    assert trials[1].params == one_go[1] and [t[0] for t in finished_trials(tmp_path)] == one_go[:1] + one_go[2:]
 
 
 # -- dead workers, parallel workers -------------------------------------------------------------------------
@@ -561,6 +705,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     assert "unknown strategy 'nope'; available: bp, cbp" in error_of(tune(tmp_path, "--strategy", "nope"), capsys)
     assert "unknown parameter 'nope'" in error_of(tune(tmp_path, "--param", "nope=1:2"), capsys)
     assert "valid objectives: late_window" in error_of(tune(tmp_path, "--objective", "late"), capsys)
+    assert "--sampler-seed must be a non-negative integer, got -1" in error_of(tune(tmp_path, "--sampler-seed", "-1"), capsys)
     assert "valid range of maturity_threshold, which is [0, inf]" in error_of(
         tune(tmp_path, "--param", "maturity_threshold=-5:10"), capsys)
     assert "SQLite takes one process at a time" in error_of(
