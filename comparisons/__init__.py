@@ -14,26 +14,31 @@ The command line is ``python -m comparisons`` (see :mod:`comparisons.cli`).
 
 from __future__ import annotations
 
-from .api import run_comparison
+from .api import Prepared, prepare_comparison, run_comparison, run_prepared
 from .presets import PRESETS, build_arms, describe_presets, free_form, preset
 from .report import format_summary, write_report
-from .spec import Arm, Comparison, validate
+from .spec import Arm, Comparison, ResolvedArm, UnexpectedError, resolve
 from .tables import bootstrap_interval, combined_table, run_summaries, summarize_runs
 
 __all__ = [
     "Arm",
     "Comparison",
     "PRESETS",
+    "Prepared",
+    "ResolvedArm",
+    "UnexpectedError",
     "bootstrap_interval",
     "build_arms",
     "combined_table",
     "describe_presets",
     "format_summary",
     "free_form",
+    "prepare_comparison",
     "preset",
+    "resolve",
     "run_comparison",
+    "run_prepared",
     "run_summaries",
     "summarize_runs",
-    "validate",
     "write_report",
 ]

@@ -12,6 +12,7 @@ per value (several --grid of one strategy: their cartesian product). Everything 
 run starts; bad input exits with status 2 and a one-line message. Rerunning a command skips finished runs
 and resumes unfinished ones from their checkpoints; a run that diverged (its ``failure.json``) stays failed
 unless ``--retry-failed`` is given. Exit status: 0, 1 when some run failed (``report`` too), 2 bad input,
+3 an unexpected error while resolving an arm (a bug: the message names the arm and asks to report it),
 130 interrupted.
 """
 
@@ -22,18 +23,18 @@ import logging
 import os
 import shlex
 import sys
+import traceback
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from dst.errors import ConfigError, DSTError
 
-from .api import prepare_comparison, run_comparison
-from .execute import CHECKPOINT, earlier_failure, is_finished, plan
+from .api import Prepared, prepare_comparison, run_prepared
+from .execute import CHECKPOINT, earlier_failure, is_finished
 from .presets import PRESETS, describe_presets, free_form, preset
 from .report import format_summary, write_report
-from .spec import Comparison
-from .tables import check_format
+from .spec import Comparison, UnexpectedError
 
 __all__ = ["main"]
 
@@ -124,32 +125,36 @@ def _comparisons(args: argparse.Namespace) -> list[Comparison]:
     return result
 
 
+def _start_line(prepared: Prepared, workers: int | None, retry_failed: bool) -> str:
+    """What is about to happen: runs already finished, to resume, failed before, and the worker count."""
+    comparison, jobs = prepared.comparison, prepared.jobs
+    done = [is_finished(job) for job in jobs]
+    failed_before = [not d and earlier_failure(job) is not None for job, d in zip(jobs, done)]
+    resumable = sum(not d and not f and (job.out_dir / CHECKPOINT).exists()
+                    for job, d, f in zip(jobs, done, failed_before))
+    kept = 0 if retry_failed else sum(failed_before)
+    note = ""
+    if any(failed_before):
+        note = f", {sum(failed_before)} failed before: " + (
+            "to redo" if retry_failed else "kept as failed, --retry-failed redoes them")
+    workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) - sum(done) - kept))
+    return (f"comparison {comparison.name} on {comparison.benchmark}: {len(prepared.arms)} arms x "
+            f"{len(comparison.seeds)} seeds = {len(jobs)} runs ({sum(done)} already finished, {resumable} "
+            f"to resume{note}), {workers} worker process(es) -> {prepared.out}")
+
+
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    check_format(args.fmt)
     comparisons = _comparisons(args)
     base = Path(args.out or f"results/{args.preset or args.benchmark or 'bit-flipping'}")
     outs = [base] if len(comparisons) == 1 else [base / c.name for c in comparisons]
-    resolved = [prepare_comparison(c, out) for c, out in zip(comparisons, outs)]  # all checks, no run yet
     command = "python -m comparisons " + shlex.join(argv)
+    prepared = [prepare_comparison(c, out, fmt=args.fmt, command=command)  # all checks, no run yet
+                for c, out in zip(comparisons, outs)]
     failed = 0
-    for comparison, out, arms in zip(comparisons, outs, resolved):
-        jobs = plan(comparison, out, arms)
-        done = [is_finished(job) for job in jobs]
-        failed_before = [not d and earlier_failure(job) is not None for job, d in zip(jobs, done)]
-        resumable = sum(not d and not f and (job.out_dir / CHECKPOINT).exists()
-                        for job, d, f in zip(jobs, done, failed_before))
-        kept = 0 if args.retry_failed else sum(failed_before)
-        note = ""
-        if any(failed_before):
-            note = f", {sum(failed_before)} failed before: " + (
-                "to redo" if args.retry_failed else "kept as failed, --retry-failed redoes them")
-        workers = args.workers or os.cpu_count() or 1
-        print(f"comparison {comparison.name} on {comparison.benchmark}: {len(comparison.arms)} arms x "
-              f"{len(comparison.seeds)} seeds = {len(jobs)} runs ({sum(done)} already finished, {resumable} "
-              f"to resume{note}), {min(workers, max(1, len(jobs) - sum(done) - kept))} worker process(es) "
-              f"-> {out}", flush=True)
-        result = run_comparison(comparison, out, workers=args.workers, progress=not args.no_progress,
-                                fmt=args.fmt, command=command, resolved=arms, retry_failed=args.retry_failed)
+    for item in prepared:
+        print(_start_line(item, args.workers, args.retry_failed), flush=True)
+        result = run_prepared(item, workers=args.workers, progress=not args.no_progress,
+                              retry_failed=args.retry_failed)
         bad = [o for o in result["outcomes"] if o.status == "failed"]
         failed += len(bad)
         for error in dict.fromkeys(o.error for o in bad):  # one line per distinct error
@@ -175,7 +180,8 @@ def _report(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 1 some runs failed, 2 bad input, 130 interrupted)."""
+    """Entry point; returns the exit status (0 ok, 1 some runs failed, 2 bad input, 3 an unexpected error
+    while resolving an arm, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -194,6 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DSTError, _UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except UnexpectedError as err:
+        if verbose:
+            traceback.print_exception(err.__cause__ or err)
+        print(f"error: {err}\nThis is not a setting dst checks, most likely a bug in dst or the strategy: "
+              "please report it with the command (-v shows the traceback). No run was started.", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted: finished runs are kept; rerun the same command to resume the others "
               "from their checkpoints", file=sys.stderr)

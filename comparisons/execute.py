@@ -15,13 +15,12 @@ from __future__ import annotations
 import concurrent.futures as futures
 import json
 import logging
-import math
 import multiprocessing
 import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,9 @@ from dst.errors import ConfigError
 from dst.rundir import FAILURE
 from dst.runner import RunSpec
 
-from .spec import Arm, Comparison, ResolvedArm, dir_name, jsonable, validate
+from .spec import Comparison, ResolvedArm, dir_name, jsonable
 
-__all__ = ["Job", "RunOutcome", "plan", "record_comparison", "run_jobs", "run_dir", "read_failure",
+__all__ = ["Job", "RunOutcome", "plan", "record_comparison", "write_record", "run_jobs", "run_dir", "read_failure",
            "earlier_failure", "COMPARISON_FILE"]
 
 log = logging.getLogger(__name__)
@@ -42,13 +41,20 @@ SUMMARY, CONFIG, CHECKPOINT, METRICS = "summary.json", "config.json", "checkpoin
 
 @dataclass(frozen=True)
 class Job:
-    """One run to do: the arm, the seed, where it goes and the dst spec."""
+    """One run to do: the arm's label, the seed, where it goes and the dst spec."""
 
-    arm: Arm
+    label: str
     seed: int
     out_dir: Path
     spec: RunSpec
-    expected: dict[str, Any]  # the config.json entries a finished run must have
+
+    @property
+    def expected(self) -> dict[str, Any]:
+        """The ``config.json`` entries a finished run of this job has (the spec's settings are resolved)."""
+        spec = self.spec
+        expected = {"benchmark": spec.benchmark, "strategy": spec.strategy, "seed": spec.seed,
+                    "bench": spec.bench, "settings": spec.settings}
+        return expected if spec.steps is None else {**expected, "steps": spec.steps}
 
 
 @dataclass(frozen=True)
@@ -64,16 +70,6 @@ class RunOutcome:
 
 def run_dir(out: str | os.PathLike, label: str, seed: int) -> Path:
     return Path(out) / "runs" / dir_name(label) / f"seed-{seed}"
-
-
-def _expected(comparison: Comparison, resolved: ResolvedArm, seed: int) -> dict[str, Any]:
-    expected: dict[str, Any] = {
-        "benchmark": comparison.benchmark, "strategy": resolved.arm.strategy, "seed": seed,
-        "bench": resolved.bench, "settings": resolved.settings,
-    }
-    if resolved.steps is not None:
-        expected["steps"] = resolved.steps
-    return expected
 
 
 def _config_differs(job: Job) -> list[str] | None:
@@ -96,7 +92,7 @@ def is_finished(job: Job) -> bool:
         return False  # a summary without a readable config: redo it
     if differ:
         raise ConfigError(
-            f"{str(job.out_dir)!r} holds a finished run with other {', '.join(differ)} than arm {job.arm.label!r} "
+            f"{str(job.out_dir)!r} holds a finished run with other {', '.join(differ)} than arm {job.label!r} "
             "asks for; move it away or choose a new --out (nothing was overwritten)"
         )
     return True
@@ -126,23 +122,10 @@ def earlier_failure(job: Job) -> str | None:
     return reason if reason is not None and _config_differs(job) == [] else None
 
 
-def plan(comparison: Comparison, out: str | os.PathLike, resolved: Sequence[ResolvedArm] | None = None) -> list[Job]:
-    """Every (arm, seed) job of ``comparison`` under ``out``, validated."""
-    resolved = list(resolved) if resolved is not None else validate(comparison)
-    jobs = []
-    for item in resolved:
-        for seed in comparison.seeds:
-            every = None  # checkpoints spread evenly over the run (dst rounds them up to whole bins)
-            if comparison.checkpoints and item.steps is not None:
-                every = max(1, math.ceil(item.steps / comparison.checkpoints))
-            spec = RunSpec(
-                benchmark=comparison.benchmark, strategy=item.arm.strategy, steps=item.steps, seed=seed,
-                bench=dict(item.arm.bench), settings=dict(item.arm.settings), device=comparison.device,
-                checkpoint_every=every,
-            )
-            jobs.append(Job(item.arm, seed, run_dir(out, item.arm.label, seed), spec,
-                            _expected(comparison, item, seed)))
-    return jobs
+def plan(arms: Sequence[ResolvedArm], seeds: Sequence[int], out: str | os.PathLike) -> tuple[Job, ...]:
+    """Every (arm, seed) job under ``out``, in arm then seed order: each arm's spec with the seed set."""
+    return tuple(Job(arm.label, seed, run_dir(out, arm.label, seed), replace(arm.spec, seed=seed))
+                 for arm in arms for seed in seeds)
 
 
 def _identity(arm: dict[str, Any]) -> dict[str, Any]:
@@ -160,15 +143,15 @@ def _differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     return changed
 
 
-def record_comparison(comparison: Comparison, resolved: Sequence[ResolvedArm], out: str | os.PathLike,
-                      command: str = "", *, dry_run: bool = False) -> dict[str, Any]:
-    """Merge ``comparison`` into ``OUT/comparison.json`` (new arms and seeds are added); a recorded arm
-    label with other settings, another benchmark or another run length is a :class:`ConfigError`.
-    ``dry_run`` only checks."""
+def record_comparison(comparison: Comparison, arms: Sequence[ResolvedArm], out: str | os.PathLike,
+                      command: str = "") -> dict[str, Any]:
+    """What ``OUT/comparison.json`` holds once ``comparison`` (its resolved ``arms``) ran with ``command``:
+    the recorded comparison, if any, with these arms, seeds and command added. A recorded arm label with
+    other settings, another benchmark or another run length is a :class:`ConfigError`. Writes nothing
+    (:func:`write_record` does), so that it is one of the checks before any run."""
     path = Path(out) / COMPARISON_FILE
-    record = comparison.to_dict()
-    for arm, item in zip(record["arms"], resolved):
-        arm.update(resolved_settings=item.settings, resolved_bench=item.bench)
+    record = {"name": comparison.name, "benchmark": comparison.benchmark, "steps": comparison.steps,
+              "seeds": list(comparison.seeds), "arms": [arm.record() for arm in arms]}
     if path.exists():
         old = json.loads(path.read_text())
         for key in ("benchmark", "steps"):
@@ -194,11 +177,12 @@ def record_comparison(comparison: Comparison, resolved: Sequence[ResolvedArm], o
         record["commands"] = commands + [command] if command and command not in commands else commands
     else:
         record["commands"] = [command] if command else []
-    if dry_run:
-        return record
-    Path(out).mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record
+
+
+def write_record(out: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Write ``record`` (:func:`record_comparison`) as ``OUT/comparison.json``."""
+    (Path(out) / COMPARISON_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
 def execute_job(job: Job) -> RunOutcome:
@@ -206,14 +190,14 @@ def execute_job(job: Job) -> RunOutcome:
     from dst import runner
 
     if is_finished(job):
-        return RunOutcome(job.arm.label, job.seed, "skipped")
+        return RunOutcome(job.label, job.seed, "skipped")
     start = time.perf_counter()
     resume = (job.out_dir / CHECKPOINT).exists()
     if not resume and job.out_dir.exists():
         log.info("clearing %s: unfinished and without a checkpoint", job.out_dir)
         shutil.rmtree(job.out_dir)
     runner.run(job.spec, job.out_dir, resume=resume, progress=False)
-    return RunOutcome(job.arm.label, job.seed, "finished", time.perf_counter() - start)
+    return RunOutcome(job.label, job.seed, "finished", time.perf_counter() - start)
 
 
 def _worker_init(level: int) -> None:
@@ -227,7 +211,7 @@ def _worker(job: Job) -> RunOutcome:
     try:
         return execute_job(job)
     except Exception as err:  # report and go on: one diverging run must not stop the others
-        return RunOutcome(job.arm.label, job.seed, "failed", error=f"{type(err).__name__}: {err}")
+        return RunOutcome(job.label, job.seed, "failed", error=f"{type(err).__name__}: {err}")
 
 
 def run_jobs(jobs: Sequence[Job], workers: int | None = None, progress: bool = True,
@@ -244,9 +228,9 @@ def run_jobs(jobs: Sequence[Job], workers: int | None = None, progress: bool = T
     todo: list[Job] = []
     for job in jobs:
         if is_finished(job):
-            done.append(RunOutcome(job.arm.label, job.seed, "skipped"))
+            done.append(RunOutcome(job.label, job.seed, "skipped"))
         elif (reason := earlier_failure(job)) is not None and not retry_failed:
-            done.append(RunOutcome(job.arm.label, job.seed, "failed", error=f"{reason} (an earlier run, not redone)"))
+            done.append(RunOutcome(job.label, job.seed, "failed", error=f"{reason} (an earlier run, not redone)"))
         else:
             if reason is not None:
                 log.info("clearing %s to retry it: it failed before (%s)", job.out_dir, reason)
@@ -298,7 +282,7 @@ def _run_pool(todo: Sequence[Job], workers: int, bar: Any) -> list[RunOutcome]:
             try:
                 outcomes.append(future.result())
             except futures.process.BrokenProcessPool:
-                outcomes.append(RunOutcome(job.arm.label, job.seed, "failed",
+                outcomes.append(RunOutcome(job.label, job.seed, "failed",
                                            error="its worker process died (killed, or out of memory)"))
             bar.update(1)
     except BaseException:  # Ctrl-C or an error here: stop the runs in flight now, keep what is finished

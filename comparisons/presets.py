@@ -1,34 +1,26 @@
-"""Named comparisons: ``quick`` (minutes on a laptop), ``permuted-mnist-cpu`` and the published scales.
+"""Named comparisons (``quick``: minutes on a laptop, ``permuted-mnist-cpu``, the published scales) and the
+parsing of ``--bench``/``--set``/``--grid`` into arms.
 
 A preset is a function returning :class:`~comparisons.spec.Comparison` objects (``paper`` returns two,
 one per benchmark, each written to ``OUT/<its name>/``). Arm templates carry a short name and the arm's
-own settings; :func:`build_arms` turns them into labelled arms and applies the command line's
-``--bench``/``--set``/``--grid`` on top.
+own settings; :func:`build_arms` applies the command line's ``--bench``/``--set``/``--grid`` on top and
+expands grids. Nothing here builds a benchmark: :func:`comparisons.spec.resolve` does, once per arm.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from dst import benchmarks, strategies
+from dst.config import parse_assignments
 from dst.errors import ConfigError
 
-from .spec import (
-    DEFAULT_SPARSE_DENSITY,
-    Arm,
-    Comparison,
-    arm_label,
-    expand_grid,
-    needs_sparse,
-    split_prefixed,
-)
+from .spec import Arm, Comparison, resolve
 
 __all__ = ["PRESETS", "preset", "free_form", "build_arms", "describe_presets"]
-
-log = logging.getLogger(__name__)
 
 _SPARSE = {"density": 0.5, "distribution": "erk"}
 
@@ -133,11 +125,11 @@ PRESETS: dict[str, Callable[[], list[Comparison]]] = {
 
 def preset(name: str, *, bench: Sequence[str] = (), sets: Sequence[str] = (),
            grids: Sequence[str] = ()) -> list[Comparison]:
-    """The comparisons of preset ``name`` with labelled arms and the ``--bench/--set/--grid`` overrides
-    applied (see :func:`build_arms`); an unknown name is an error listing the presets."""
+    """The comparisons of preset ``name`` with the ``--bench/--set/--grid`` overrides applied (see
+    :func:`build_arms`); an unknown name is an error listing the presets."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return [replace(c, arms=build_arms(c.benchmark, c.arms, bench, sets, grids)) for c in PRESETS[name]()]
+    return [replace(c, arms=build_arms(c.arms, bench, sets, grids)) for c in PRESETS[name]()]
 
 
 def free_form(benchmark: str, strategy_names: Sequence[str], *, seeds: Sequence[int] = (0, 1, 2),
@@ -150,74 +142,98 @@ def free_form(benchmark: str, strategy_names: Sequence[str], *, seeds: Sequence[
         raise ConfigError("--strategies: name at least one strategy, e.g. --strategies bp,cbp")
     for name in names:
         strategies.get(name)  # unknown strategy -> ConfigError listing the available ones
-    arms = build_arms(benchmark, [Arm(name, name) for name in names], bench, sets, grids)
+    arms = build_arms([Arm(name, name) for name in names], bench, sets, grids)
     return Comparison(benchmark, arms, tuple(seeds), steps)
 
 
 def describe_presets() -> str:
-    """One paragraph per preset: its docstring and its arms."""
+    """One paragraph per preset: its docstring and its arms (labelled when their settings resolve here)."""
     lines = []
     for name, make in PRESETS.items():
         doc = " ".join((make.__doc__ or "").split())
         lines.append(f"{name}: {doc}")
-        try:
-            comparisons = preset(name)
-        except ConfigError:  # e.g. a benchmark preset that this dst does not know yet: show the templates
-            comparisons = make()
-        for comparison in comparisons:
+        for comparison in make():
+            try:
+                arms = ", ".join(arm.label for arm in resolve(comparison, check_runs=False))
+            except ConfigError:  # e.g. a benchmark preset that this dst does not know yet: the names
+                arms = ", ".join(arm.title for arm in comparison.arms)
             steps = comparison.steps if comparison.steps is not None else "the benchmark's default"
-            arms = ", ".join(arm.label for arm in comparison.arms)
             lines.append(f"    {comparison.name}: {comparison.benchmark}, {len(comparison.seeds)} seeds, "
                          f"{steps} steps; arms: {arms}")
         lines.append("")
     return "\n".join(lines)
 
 
-def _density(benchmark: str, bench: Mapping[str, Any]) -> float:
-    return float(benchmarks.build(benchmark, **dict(bench)).config.density)
+def _by_target(items: Iterable[str], option: str, allowed: Sequence[str]) -> dict[str | None, dict[str, str]]:
+    """``key=value`` (target None: every arm) and ``NAME.key=value`` (target NAME: the arms of that
+    strategy or template name, which must be compared) assignments of ``option``, by target."""
+    targets: dict[str | None, dict[str, str]] = {}
+    for key, value in parse_assignments(items, f"{option} setting").items():
+        prefix, dot, name = key.partition(".")
+        if dot and prefix not in allowed:
+            known = "" if prefix in strategies.available() else " (no such strategy)"
+            raise ConfigError(f"{option} {key}={value}: strategy {prefix!r}{known} is not compared here; "
+                              f"compared: {', '.join(allowed)}")
+        target, setting = (prefix, name) if dot else (None, key)
+        targets.setdefault(target, {})[setting] = value
+    return targets
 
 
-def build_arms(
-    benchmark: str,
-    templates: Sequence[Arm],
-    bench: Sequence[str] = (),
-    sets: Sequence[str] = (),
-    grids: Sequence[str] = (),
-) -> tuple[Arm, ...]:
-    """Label the arm ``templates`` and apply ``--bench``, ``--set`` and ``--grid`` assignments.
+def _aimed_at(template: Arm, targets: Mapping[str | None, Mapping[str, str]]) -> dict[str, str]:
+    """The assignments aimed at ``template``: its strategy's, then its name's (which win)."""
+    return {k: v for n in dict.fromkeys((template.strategy, template.name)) for k, v in targets.get(n, {}).items()}
+
+
+def _grid_values(strategy: str, key: str, text: str) -> list[Any]:
+    """Parse one ``--grid STRATEGY.key=v1,v2`` value list (``;`` separates values of tuple fields)."""
+    config_cls = strategies.get(strategy).config
+    if key not in config_cls.field_names():
+        raise ConfigError(
+            f"--grid {strategy}.{key}: {config_cls.owner} has no setting {key!r}; "
+            f"accepted: {', '.join(config_cls.field_names()) or '(none: it has no settings)'}"
+        )
+    kind = next(f["type"] for f in config_cls.describe() if f["name"] == key)
+    separator = ";" if "tuple" in str(kind) else ","
+    values = [v.strip() for v in text.split(separator) if v.strip()]
+    if not values:
+        raise ConfigError(f"--grid {strategy}.{key}: give at least one value, e.g. {key}=1e-5,1e-4")
+    resolved = []
+    for value in values:  # coerce and range-check each point on its own, naming the bad one
+        try:
+            resolved.append(config_cls.from_dict({key: value}).to_dict()[key])
+        except ConfigError as err:
+            raise ConfigError(f"--grid {strategy}.{key}={value}: {err}") from None
+    return resolved
+
+
+def _expand_grid(arm: Arm, grid: Mapping[str, str]) -> list[Arm]:
+    """One arm per point of the cartesian product of ``grid`` (``{key: "v1,v2,..."}``) of ``arm.strategy``."""
+    if not grid:
+        return [arm]
+    axes = [_grid_values(arm.strategy, key, text) for key, text in grid.items()]
+    points = [dict(zip(grid, point)) for point in itertools.product(*axes)]
+    return [replace(arm, settings={**arm.settings, **point}, grid=point) for point in points]
+
+
+def build_arms(templates: Sequence[Arm], bench: Sequence[str] = (), sets: Sequence[str] = (),
+               grids: Sequence[str] = ()) -> tuple[Arm, ...]:
+    """Apply ``--bench``, ``--set`` and ``--grid`` assignments to the arm ``templates``.
 
     ``--bench key=value`` applies to every arm, ``--bench NAME.key=value`` / ``--set NAME.key=value`` /
-    ``--grid NAME.key=v1,v2`` to the arms whose strategy or template name is NAME. A sparse-only strategy
-    (SET, RigL, ...) given no density gets :data:`DEFAULT_SPARSE_DENSITY`; an explicit density 1 is an error
-    (at validation).
+    ``--grid NAME.key=v1,v2`` to the arms whose strategy or template name is NAME (the name's win over the
+    strategy's, and either over the shared ``--bench``). Grid values are checked one by one here; the
+    other settings when :func:`~comparisons.spec.resolve` resolves each arm.
     """
-    allowed = list(dict.fromkeys([t.strategy for t in templates] + [t.label for t in templates]))
-    shared_bench, arm_bench = split_prefixed(bench, "--bench", allowed)
-    loose_sets, arm_sets = split_prefixed(sets, "--set", allowed)
-    if loose_sets:
-        key = next(iter(loose_sets))
-        raise ConfigError(f"--set {key}={loose_sets[key]}: name the strategy, e.g. --set cbp.{key}=...")
-    loose_grids, arm_grids = split_prefixed(grids, "--grid", allowed)
-    if loose_grids:
-        key = next(iter(loose_grids))
-        raise ConfigError(f"--grid {key}={loose_grids[key]}: name the strategy, e.g. --grid cbp.{key}=1e-5,1e-4")
+    allowed = list(dict.fromkeys([t.strategy for t in templates] + [t.name for t in templates]))
+    bench_for = _by_target(bench, "--bench", allowed)
+    sets_for, grids_for = _by_target(sets, "--set", allowed), _by_target(grids, "--grid", allowed)
+    for option, targets, example in (("--set", sets_for, "..."), ("--grid", grids_for, "1e-5,1e-4")):
+        if None in targets:  # a strategy setting for every arm: the arms' strategies differ
+            key, value = next(iter(targets[None].items()))
+            raise ConfigError(f"{option} {key}={value}: name the strategy, e.g. {option} cbp.{key}={example}")
     arms: list[Arm] = []
     for template in templates:
-        names = (template.strategy, template.label)
-        arm_overrides = {k: v for n in dict.fromkeys(names) for k, v in arm_bench.get(n, {}).items()}
-        merged = {**template.bench, **shared_bench, **arm_overrides}
-        try:
-            density = _density(benchmark, merged)
-        except ConfigError as err:
-            raise ConfigError(f"arm {template.label!r}: {err}") from None
-        if density >= 1.0 and "density" not in merged and needs_sparse(template.strategy):
-            log.info("%s needs a sparse net: density %g", template.strategy, DEFAULT_SPARSE_DENSITY)
-            merged["density"] = density = DEFAULT_SPARSE_DENSITY
-        settings = {**template.settings}
-        grid: dict[str, str] = {}
-        for name in dict.fromkeys(names):
-            settings.update(arm_sets.get(name, {}))
-            grid.update(arm_grids.get(name, {}))
-        base = Arm(arm_label(template.strategy, density, name=template.label), template.strategy, settings, merged)
-        arms.extend(expand_grid(base, grid, density, name=template.label))
+        base = replace(template, settings={**template.settings, **_aimed_at(template, sets_for)},
+                       bench={**template.bench, **bench_for.get(None, {}), **_aimed_at(template, bench_for)})
+        arms.extend(_expand_grid(base, _aimed_at(template, grids_for)))
     return tuple(arms)

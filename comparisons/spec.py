@@ -1,56 +1,76 @@
-"""What a comparison is: arms (label, strategy, settings, benchmark overrides) x seeds on one benchmark.
+"""What a comparison is, and its one resolution: arms x seeds on one benchmark -> resolved arms.
 
-An *arm* is one configuration to compare. Grids expand one strategy's arm into one arm per grid point,
-whose label shows the values. :func:`validate` resolves every arm through dst's own config classes, so a
-bad key, a value out of range or a sparse-only strategy on a dense net is an error before any run starts.
-Named presets live in :mod:`comparisons.presets`.
+An :class:`Arm` is one configuration as given (by a preset, the command line or the library): a name,
+a strategy, its settings and benchmark overrides, and the grid point it is. :func:`resolve` turns each arm,
+exactly once, into a :class:`ResolvedArm` holding everything the runs and the report need: its label, the
+dst :class:`~dst.runner.RunSpec` with every setting resolved by dst's own config classes, and the record
+``comparison.json`` keeps. So a bad key, a value out of range or a sparse-only strategy on a dense net is an
+error naming the arm before any run starts. Named presets and the parsing of ``--bench``/``--set``/
+``--grid`` live in :mod:`comparisons.presets`.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
+import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dst import benchmarks, strategies
+from dst.benchmarks import Benchmark
 from dst.config import Config
 from dst.errors import ConfigError, DSTError
+from dst.runner import RunSpec
 
 __all__ = [
     "Arm",
     "Comparison",
     "ResolvedArm",
+    "UnexpectedError",
     "DEFAULT_SPARSE_DENSITY",
-    "arm_label",
     "needs_sparse",
-    "expand_grid",
-    "validate",
+    "resolve",
     "dir_name",
+    "jsonable",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Density given to a sparse-only strategy (SET, RigL, ...) in a free-form comparison that names none.
+#: Density given to a sparse-only strategy (SET, RigL, ...) whose arm names none.
 DEFAULT_SPARSE_DENSITY = 0.5
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (tuple, list)):
+        return ",".join(_format_value(v) for v in value)
+    return str(value)
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One configuration to compare: a labelled strategy with its settings and benchmark overrides.
+    """One configuration to compare, as given: a name, a strategy, its settings and benchmark overrides.
 
     ``bench`` holds this arm's full benchmark overrides (those shared by all arms included), so that an
-    arm alone says how to reproduce it.
+    arm alone says how to reproduce it; ``grid`` is the grid point it is (strategy settings, also in
+    ``settings``). Its label (:attr:`ResolvedArm.label`) needs the resolved density, so :func:`resolve`
+    makes it.
     """
 
-    label: str
+    name: str
     strategy: str
     settings: Mapping[str, Any] = field(default_factory=dict)
     bench: Mapping[str, Any] = field(default_factory=dict)
-    grid: Mapping[str, Any] = field(default_factory=dict)  # the grid point this arm is (strategy fields)
+    grid: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        """The name and grid point, ``cbp replacement_rate=1e-05``: how errors name the arm."""
+        return " ".join([self.name] + [f"{k}={_format_value(v)}" for k, v in self.grid.items()])
 
 
 @dataclass(frozen=True)
@@ -65,41 +85,33 @@ class Comparison:
     checkpoints: int = 10  # checkpoints per run, so an interrupted run loses at most a tenth of its work
     name: str = "custom"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "benchmark": self.benchmark,
-            "steps": self.steps,
-            "seeds": list(self.seeds),
-            "arms": [
-                {"label": a.label, "strategy": a.strategy, "settings": dict(a.settings), "bench": dict(a.bench),
-                 "grid": dict(a.grid)}
-                for a in self.arms
-            ],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Comparison":
-        arms = tuple(
-            Arm(a["label"], a["strategy"], a.get("settings", {}), a.get("bench", {}), a.get("grid", {}))
-            for a in data["arms"]
-        )
-        return cls(data["benchmark"], arms, tuple(data.get("seeds", ())), data.get("steps"),
-                   name=data.get("name", "custom"))
-
 
 @dataclass(frozen=True)
 class ResolvedArm:
-    """An arm with every setting resolved by dst's config classes (defaults included)."""
+    """An arm resolved once: its label, the arm as given, and the run it makes.
 
+    ``arm`` is the arm as given, with the default density of a sparse-only strategy that named none
+    added to its ``bench``. ``spec`` is its dst run for seed 0 (:func:`comparisons.execute.plan` sets each
+    seed): benchmark, strategy, resolved run length, device, checkpoint interval, and in ``spec.bench`` and
+    ``spec.settings`` every benchmark and strategy setting resolved (defaults included, as JSON reads them
+    back), which is also what a finished run's ``config.json`` must hold.
+    """
+
+    label: str
     arm: Arm
-    settings: dict[str, Any]
-    bench: dict[str, Any]
-    steps: int | None = None  # the run length, resolved (the benchmark's default when the spec has none)
+    spec: RunSpec
 
-    @property
-    def density(self) -> float:
-        return float(self.bench.get("density", 1.0))
+    def record(self) -> dict[str, Any]:
+        """The arm's entry in ``comparison.json``: label, strategy, settings as given and as resolved."""
+        return {"label": self.label, "strategy": self.arm.strategy, "settings": dict(self.arm.settings),
+                "bench": dict(self.arm.bench), "grid": dict(self.arm.grid),
+                "resolved_settings": self.spec.settings, "resolved_bench": self.spec.bench}
+
+
+class UnexpectedError(Exception):
+    """An exception dst does not raise on purpose (not a :class:`~dst.errors.DSTError`) met while resolving
+    an arm: no setting the user can fix, most likely a bug. The message names the arm and the exception;
+    the original is its ``__cause__``."""
 
 
 def jsonable(value: Any) -> Any:
@@ -117,21 +129,6 @@ def needs_sparse(strategy: str) -> bool:
     return any(needs_sparse(part) for part in getattr(cls, "part_names", ()))
 
 
-def _format_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (tuple, list)):
-        return ",".join(_format_value(v) for v in value)
-    return str(value)
-
-
-def arm_label(strategy: str, density: float, grid: Mapping[str, Any] | None = None, name: str | None = None) -> str:
-    """``cbp replacement_rate=1e-05 (dense)`` / ``rigl (sparse 0.5)``: what it is and whether it is sparse."""
-    parts = [name or strategy] + [f"{k}={_format_value(v)}" for k, v in (grid or {}).items()]
-    kind = "dense" if density >= 1.0 else f"sparse {density:g}"
-    return f"{' '.join(parts)} ({kind})"
-
-
 def dir_name(label: str) -> str:
     """A file-name-safe form of an arm label.
 
@@ -139,97 +136,8 @@ def dir_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]+", "_", label).strip("_") or "arm"
 
 
-def _grid_values(strategy: str, key: str, text: str) -> list[Any]:
-    """Parse one ``--grid STRATEGY.key=v1,v2`` value list (``;`` separates values of tuple fields)."""
-    config_cls = strategies.get(strategy).config
-    if key not in config_cls.field_names():
-        raise ConfigError(
-            f"--grid {strategy}.{key}: {config_cls.owner} has no setting {key!r}; "
-            f"accepted: {', '.join(config_cls.field_names()) or '(none: it has no settings)'}"
-        )
-    kind = next(f["type"] for f in config_cls.describe() if f["name"] == key)
-    separator = ";" if "tuple" in str(kind) else ","
-    values = [v.strip() for v in text.split(separator) if v.strip()]
-    if not values:
-        raise ConfigError(f"--grid {strategy}.{key}: give at least one value, e.g. {key}=1e-5,1e-4")
-    resolved = []
-    for value in values:  # coerce and range-check each point on its own, naming the bad one
-        try:
-            resolved.append(config_cls.from_dict({key: value}).to_dict()[key])
-        except ConfigError as err:
-            raise ConfigError(f"--grid {strategy}.{key}={value}: {err}") from None
-    return resolved
-
-
-def expand_grid(arm: Arm, grid: Mapping[str, str], density: float, name: str | None = None) -> list[Arm]:
-    """One arm per point of the cartesian product of ``grid`` (``{key: "v1,v2,..."}``) of ``arm.strategy``."""
-    if not grid:
-        return [arm]
-    keys = list(grid)
-    axes = [_grid_values(arm.strategy, key, grid[key]) for key in keys]
-    arms = []
-    for point in itertools.product(*axes):
-        values = dict(zip(keys, point))
-        arms.append(
-            Arm(arm_label(arm.strategy, density, values, name), arm.strategy, {**arm.settings, **values},
-                dict(arm.bench), values)
-        )
-    return arms
-
-
-def _resolve(benchmark: str, arm: Arm) -> ResolvedArm:
-    try:
-        bench_config: Config = benchmarks.build(benchmark, **dict(arm.bench)).config
-        settings_config: Config = strategies.config(arm.strategy, **dict(arm.settings))
-    except ConfigError as err:
-        raise ConfigError(f"arm {arm.label!r}: {err}") from None
-    resolved = ResolvedArm(arm, jsonable(settings_config.to_dict()), jsonable(bench_config.to_dict()))
-    if needs_sparse(arm.strategy) and resolved.density >= 1.0:
-        raise ConfigError(
-            f"arm {arm.label!r}: strategy {arm.strategy!r} refreshes connections and needs a sparse net; "
-            f"give it a density, e.g. --bench {arm.strategy}.density=0.5"
-        )
-    return resolved
-
-
-def _dry_build(benchmark: str, resolved: ResolvedArm) -> None:
-    """Build the arm's learner and strategy once (no data, no training) so that errors show before any run."""
-    import torch
-
-    from dst.masked import sparsify
-
-    arm = resolved.arm
-    bench = benchmarks.build(benchmark, **dict(arm.bench))
-    c = bench.config
-    try:
-        model = bench.make_model(torch.Generator().manual_seed(0))
-        sparsify(model, c.density, c.distribution, dense_first=c.dense_first, dense_last=c.dense_last, seed=0)
-        strategies.build(arm.strategy, model, bench.make_optimizer(model),
-                         config=strategies.config(arm.strategy, **dict(arm.settings)), seed=0)
-    except DSTError as err:
-        raise ConfigError(f"arm {arm.label!r}: {err}") from None
-    except Exception as err:  # noqa: BLE001 - the run itself will report anything dst does not name
-        log.debug("dry build of %r skipped: %s", arm.label, err)
-
-
-def _run_length(comparison: Comparison, resolved: ResolvedArm) -> int:
-    """Open the arm's stream once (data files present? task length fixed?) and resolve its run length."""
-    import torch
-
-    bench = benchmarks.build(comparison.benchmark, **dict(resolved.arm.bench))
-    try:
-        stream = bench.make_stream(comparison.seeds[0], torch.device("cpu"))
-        bench.bin_steps(stream)  # bin_size=0 (a row per task) needs tasks of fixed length
-        return comparison.steps if comparison.steps is not None else bench.default_steps(stream)
-    except DSTError as err:
-        raise ConfigError(f"arm {resolved.arm.label!r}: {err}") from None
-
-
-def validate(comparison: Comparison, *, dry_build: bool = True) -> list[ResolvedArm]:
-    """Resolve and check every arm; a :class:`ConfigError` names the first problem found.
-
-    With ``dry_build`` each distinct arm also builds its learner and strategy, and opens its stream once
-    (so missing data shows now, not in every worker), which resolves the run length."""
+def _check(comparison: Comparison) -> None:
+    """The checks of the comparison as a whole: benchmark, arms, steps, seeds, checkpoints."""
     benchmarks.get(comparison.benchmark)  # unknown benchmark -> ConfigError listing the available ones
     if not comparison.arms:
         raise ConfigError("a comparison needs at least one arm (strategy)")
@@ -241,53 +149,89 @@ def validate(comparison: Comparison, *, dry_build: bool = True) -> list[Resolved
         raise ConfigError(f"seeds must be distinct non-negative integers, got {list(comparison.seeds)}")
     if comparison.checkpoints < 0:
         raise ConfigError(f"checkpoints per run must be >= 0, got {comparison.checkpoints}")
-    labels: dict[str, str] = {}
+
+
+def _dry_build(bench: Benchmark, strategy: str, settings: Config) -> None:
+    """Build the arm's learner, optimizer and strategy once (no data, no training), so that a setting
+    only the strategy's constructor checks fails now, not in every run."""
+    import torch
+
+    from dst.masked import sparsify
+
+    c = bench.config
+    model = bench.make_model(torch.Generator().manual_seed(0))
+    sparsify(model, c.density, c.distribution, dense_first=c.dense_first, dense_last=c.dense_last, seed=0)
+    strategies.build(strategy, model, bench.make_optimizer(model), config=settings, seed=0)
+
+
+def _run_length(bench: Benchmark, values: dict[str, Any], comparison: Comparison, lengths: dict[str, int]) -> int:
+    """The run length of ``bench`` (whose resolved settings are ``values``): each distinct benchmark setting
+    opens its stream once (``lengths`` holds their run lengths), so missing data files show now, and a row
+    per task (``bin_size=0``) is checked to have tasks of fixed length."""
+    import torch
+
+    key = json.dumps(values, sort_keys=True)
+    if key not in lengths:
+        stream = bench.make_stream(comparison.seeds[0], torch.device("cpu"))
+        bench.bin_steps(stream)
+        lengths[key] = comparison.steps if comparison.steps is not None else bench.default_steps(stream)
+    return lengths[key]
+
+
+def _label(arm: Arm, density: float) -> str:
+    """``cbp replacement_rate=1e-05 (dense)`` / ``rigl (sparse 0.5)``: what it is and whether it is sparse."""
+    return f"{arm.title} ({'dense' if density >= 1.0 else f'sparse {density:g}'})"
+
+
+def _resolve_arm(comparison: Comparison, arm: Arm, lengths: dict[str, int] | None) -> ResolvedArm:
+    """:func:`resolve` for one arm; ``lengths`` (None: no dry build, no stream) as in :func:`_run_length`."""
+    bench = benchmarks.build(comparison.benchmark, **arm.bench)
+    if bench.config.density >= 1.0 and "density" not in arm.bench and needs_sparse(arm.strategy):
+        log.info("%s needs a sparse net: density %g", arm.strategy, DEFAULT_SPARSE_DENSITY)
+        arm = replace(arm, bench={**arm.bench, "density": DEFAULT_SPARSE_DENSITY})
+        bench = type(bench)(bench.config.replace(density=DEFAULT_SPARSE_DENSITY))
+    settings = strategies.config(arm.strategy, **arm.settings)
+    if needs_sparse(arm.strategy) and bench.config.density >= 1.0:
+        raise ConfigError(f"strategy {arm.strategy!r} refreshes connections and needs a sparse net; "
+                          f"give it a density, e.g. --bench {arm.strategy}.density=0.5")
+    values = jsonable(bench.config.to_dict())
+    steps = comparison.steps
+    if lengths is not None:
+        _dry_build(bench, arm.strategy, settings)
+        steps = _run_length(bench, values, comparison, lengths)
+    every = None  # checkpoints spread evenly over the run (dst rounds them up to whole bins)
+    if comparison.checkpoints and steps is not None:
+        every = max(1, math.ceil(steps / comparison.checkpoints))
+    spec = RunSpec(comparison.benchmark, arm.strategy, steps, bench=values, settings=jsonable(settings.to_dict()),
+                   device=comparison.device, checkpoint_every=every)
+    return ResolvedArm(_label(arm, bench.config.density), arm, spec)
+
+
+def resolve(comparison: Comparison, *, check_runs: bool = True) -> tuple[ResolvedArm, ...]:
+    """Resolve every arm of ``comparison`` once, through dst's config classes.
+
+    A problem the user can fix is a :class:`ConfigError` naming the arm (``arm 'cbp' (strategy cbp):
+    ...``); any other exception becomes an :class:`UnexpectedError` naming the arm and the exception,
+    never a silent skip. With ``check_runs`` each arm also builds its learner and strategy once, and each
+    distinct benchmark setting opens its stream once (missing data shows now, not in every worker),
+    which gives the run length; without, the run length is the comparison's ``steps``.
+    """
+    _check(comparison)
+    lengths: dict[str, int] | None = {} if check_runs else None
+    resolved = []
     for arm in comparison.arms:
-        strategies.get(arm.strategy)  # unknown strategy -> ConfigError listing the available ones
-        folder = dir_name(arm.label)
-        if folder in labels:
-            raise ConfigError(f"arms {labels[folder]!r} and {arm.label!r} would share the folder runs/{folder}; "
+        who = f"arm {arm.title!r} (strategy {arm.strategy})"
+        try:
+            resolved.append(_resolve_arm(comparison, arm, lengths))
+        except DSTError as err:
+            raise ConfigError(f"{who}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - shown with the arm's name, never skipped
+            raise UnexpectedError(f"{who}: {type(err).__name__}: {err}") from err
+    folders: dict[str, str] = {}
+    for item in resolved:
+        folder = dir_name(item.label)
+        if folder in folders:
+            raise ConfigError(f"arms {folders[folder]!r} and {item.label!r} would share the folder runs/{folder}; "
                               "give them distinct labels")
-        labels[folder] = arm.label
-    resolved = [_resolve(comparison.benchmark, arm) for arm in comparison.arms]
-    if not dry_build:
-        return [replace(item, steps=comparison.steps) for item in resolved]
-    built: set[str] = set()
-    lengths: dict[str, int] = {}
-    for index, item in enumerate(resolved):
-        key = json.dumps([item.arm.strategy, item.settings, item.bench], sort_keys=True)
-        if key not in built:
-            _dry_build(comparison.benchmark, item)
-            built.add(key)
-        bench_key = json.dumps(item.bench, sort_keys=True)
-        if bench_key not in lengths:
-            lengths[bench_key] = _run_length(comparison, item)
-        resolved[index] = replace(item, steps=lengths[bench_key])
-    return resolved
-
-
-def split_prefixed(
-    items: Iterable[str], option: str, allowed: Sequence[str]
-) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
-    """Split ``key=value`` (all arms) and ``STRATEGY.key=value`` (one strategy's arms) assignments."""
-    from dst.config import parse_assignments
-
-    shared: dict[str, str] = {}
-    per_strategy: dict[str, dict[str, str]] = {}
-    for key, value in parse_assignments(items, f"{option} setting").items():
-        prefix, dot, name = key.partition(".")
-        if not dot:
-            shared[key] = value
-            continue
-        check_strategy_prefix(prefix, f"{option} {key}={value}", allowed)
-        per_strategy.setdefault(prefix, {})[name] = value
-    return shared, per_strategy
-
-
-def check_strategy_prefix(strategy: str, what: str, allowed: Sequence[str]) -> None:
-    """``strategy`` must be one of the compared strategies; the message says which ones are."""
-    if strategy not in allowed:
-        known = "" if strategy in strategies.available() else " (no such strategy)"
-        raise ConfigError(
-            f"{what}: strategy {strategy!r}{known} is not compared here; compared: {', '.join(allowed)}"
-        )
+        folders[folder] = item.label
+    return tuple(resolved)

@@ -17,9 +17,13 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+import dst.benchmarks
 import dst.runner
+import dst.strategies
 from comparisons import api as comparisons_api
 from comparisons import bootstrap_interval
+from comparisons import cli as comparisons_cli
+from comparisons import execute as comparisons_execute
 from comparisons import plots as comparisons_plots
 from comparisons import report as comparisons_report
 from comparisons import tables as comparisons_tables
@@ -349,6 +353,81 @@ def test_bad_input_is_one_clear_line_and_starts_no_run(argv, expected, tmp_path,
     for text in expected:
         assert text in err
     assert not (out / "runs").exists()
+
+
+def _count_calls(monkeypatch, name: str, counts: dict[str, int]) -> None:
+    """Count the calls of ``comparisons.execute.<name>`` from wherever a comparisons module calls it."""
+    real = getattr(comparisons_execute, name)
+    counts[name] = 0
+
+    def counted(*args, **kwargs):
+        counts[name] += 1
+        return real(*args, **kwargs)
+
+    for module in (comparisons_execute, comparisons_api, comparisons_cli):
+        if getattr(module, name, None) is real:
+            monkeypatch.setattr(module, name, counted)
+
+
+def test_each_arm_is_resolved_once_before_the_runs(tmp_path, monkeypatch):
+    """Planning 3 arms builds each arm's benchmark exactly once, and plans and records the comparison once,
+    before the first run (dst.runner.run builds its own, not counted: it is replaced here)."""
+    real_build, built = dst.benchmarks.build, []
+
+    def counting_build(name, **overrides):
+        built.append(overrides.get("hidden"))  # each arm has its own width: which arm's benchmark this is
+        return real_build(name, **overrides)
+
+    at_runs = []
+    monkeypatch.setattr(dst.benchmarks, "build", counting_build)
+    monkeypatch.setattr(dst.runner, "run", lambda *a, **k: at_runs.append(list(built)) or pd.DataFrame())
+    monkeypatch.setattr(comparisons_api, "write_report", _no_report)
+    counts: dict[str, int] = {}
+    for name in ("plan", "record_comparison"):
+        _count_calls(monkeypatch, name, counts)
+    argv = ["--strategies", "bp,cbp,set", "--seeds", "2", "--workers", "1", *TINY, "--bench", "bp.hidden=6",
+            "--bench", "cbp.hidden=7", "--bench", "set.hidden=9", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert at_runs == [["6", "7", "9"]] * 6  # 3 arms x 2 seeds, each arm's benchmark built once before them
+    assert counts == {"plan": 1, "record_comparison": 1}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--strategies", "bp,cbp", "--grid", "cbp.maturity_threshold=10,20", "--set", "cbp.replacement_rate=2"],
+         "arm 'cbp maturity_threshold=10' (strategy cbp): strategy 'cbp': replacement_rate=2.0 is out of range; "
+         "it must be [0.0, 1.0]"),
+        (["--preset", "sparse-bit-flipping", "--bench", "static-sparse.lr=0"],
+         "arm 'static-sparse' (strategy bp): benchmark 'bit-flipping': lr=0.0 is out of range; it must be (0.0, inf]"),
+    ],
+)
+def test_a_bad_setting_names_its_arm_before_any_run_folder_exists(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(dst.runner, "run", lambda *a, **k: pytest.fail("a run started despite a bad setting"))
+    out = tmp_path / "out"
+    assert main([*argv, "--steps", "600", "--seeds", "1", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_an_unexpected_error_in_resolving_an_arm_is_shown_not_skipped(verbose, tmp_path, monkeypatch, capsys):
+    """A strategy whose constructor raises something dst does not raise on purpose (here a RuntimeError)
+    stops the comparison before any run, naming the arm and the exception and asking for a bug report;
+    -v adds the traceback."""
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(dst.strategies.get("cbp").cls, "__init__", broken)
+    monkeypatch.setattr(dst.runner, "run", lambda *a, **k: pytest.fail("a run started despite the error"))
+    out = tmp_path / "out"
+    assert main(["--strategies", "bp,cbp", *TINY, *(["-v"] if verbose else []), "--out", str(out)]) == 3
+    err = capsys.readouterr().err
+    error, hint = err.splitlines()[-2:]
+    assert error == "error: arm 'cbp' (strategy cbp): RuntimeError: boom"
+    assert "most likely a bug" in hint and "please report it" in hint
+    assert ("Traceback (most recent call last)" in err) == verbose
+    assert not out.exists()
 
 
 def test_changed_settings_under_a_recorded_label_are_a_conflict(grid_out, tmp_path, monkeypatch, capsys):
