@@ -498,20 +498,26 @@ def test_a_seeded_study_interrupted_mid_trial_proposes_new_settings_on_rerun(in_
 # -- dead workers, parallel workers -------------------------------------------------------------------------
 
 
+def kill_tune_mid_trial(storage: str, argv: list[str]) -> optuna.trial.FrozenTrial:
+    """Run ``studies tune argv`` in a forked process (it starts in milliseconds: the imports are done) and
+    kill it with SIGKILL in the middle of a trial; returns that trial as it was just before the kill."""
+    process = multiprocessing.get_context("fork").Process(target=main, args=(argv,))
+    process.start()
+    try:
+        killed = running_trial_with_a_bin(load(storage), {process.pid}, process.is_alive)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.join(timeout=30)
+    return killed
+
+
 def test_killed_trial_is_failed_requeued_and_the_study_reaches_its_target(tmp_path):
     url = f"sqlite:///{tmp_path / 'k.db'}"  # an RDB storage, so trials send heartbeats
     options = ("--storage", url, "--heartbeat-interval", "1", "--grace-period", "2")
     assert main(tune(tmp_path, *options, trials=1, steps=1000)) == 0  # one finished trial first
     first = load(url).trials[0]
-    # `studies tune` in a forked process (it starts in milliseconds: the imports are done), killed mid-trial
-    process = multiprocessing.get_context("fork").Process(target=main, args=(tune(tmp_path, *options, trials=2, steps=1000),))
-    process.start()
-    try:
-        killed = running_trial_with_a_bin(load(url), {process.pid}, process.is_alive)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.kill()
-        process.join(timeout=30)
+    killed = kill_tune_mid_trial(url, tune(tmp_path, *options, trials=2, steps=1000))
     assert load(url).trials[killed.number].state == optuna.trial.TrialState.RUNNING  # left behind by the kill
     assert main(tune(tmp_path, *options, trials=2, steps=1000)) == 0  # fails the dead trial, runs it again
     trials = load(url).trials
@@ -526,14 +532,7 @@ def test_tune_fails_and_names_the_fix_while_a_killed_worker_holds_a_trial_on_jou
         journal_study, tmp_path, capsys):
     out = copy_study(journal_study, tmp_path)
     journal = str(out / "s.journal")
-    process = multiprocessing.get_context("fork").Process(target=main, args=(tune(out, trials=4),))
-    process.start()
-    try:
-        killed = running_trial_with_a_bin(load(journal), {process.pid}, process.is_alive)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.kill()
-        process.join(timeout=30)
+    killed = kill_tune_mid_trial(journal, tune(out, trials=4))
     before = load(journal).trials
     assert before[killed.number].state == RUNNING  # journal storage has no heartbeat to free it
     capsys.readouterr()
