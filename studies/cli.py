@@ -258,8 +258,21 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _NoTracebackForUserErrors(logging.Filter):
+    """Optuna logs a failed trial's exception with its traceback; for a DSTError (a setting the user can
+    fix, said in one line by ``main``) the traceback is noise, so the record keeps only its message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], DSTError):
+            record.exc_info = None
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    optimize_log = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _NoTracebackForUserErrors) for f in optimize_log.filters):
+        optimize_log.addFilter(_NoTracebackForUserErrors())
     args = _parser().parse_args(argv)
     try:
         return {"tune": _tune, "worker": _worker, "report": _report}[args.command](args)

@@ -123,7 +123,13 @@ class TrialObjective:
         trial.set_user_attr("summary", _mean_summary(summaries))
         if any(math.isnan(v) for v in values):
             missing = [n for n, v in zip(s.objectives, values) if math.isnan(v)]
-            raise DSTError(f"trial {trial.number}: the runs give no value for {', '.join(missing)} (see {directory})")
+            why = ""
+            if "plasticity_loss" in missing and any(m.get("windows_overlap") for m in summaries):
+                why = ("; plasticity_loss needs an early and a late window that do not overlap: give more --steps "
+                       "or smaller bins (--bench bin_size=...), so that several rows follow the first task")
+            raise DSTError(
+                f"trial {trial.number}: the runs give no value for {', '.join(missing)} (see {directory}){why}"
+            )
         return values[0] if len(values) == 1 else values
 
     def _reporter(self, trial: optuna.Trial, index: int):

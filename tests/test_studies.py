@@ -716,3 +716,12 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     assert "cannot open study storage postgresql://nobody@127.0.0.1:1/x" in message and "server is running" in message
     assert "no study storage at" in error_of(["worker", "--study", "s", "--out", str(tmp_path / "none")], capsys)
     assert not list(tmp_path.glob("*.journal"))  # no failed command left a storage behind
+
+
+def test_a_plasticity_loss_study_on_runs_too_short_for_two_windows_says_why_without_a_traceback(tmp_path):
+    # 300 steps in bins of 100 with tasks of 200: one row after the first task, so the windows coincide
+    process = python_m_studies(*tune(tmp_path, "--objective", "plasticity_loss", trials=1, steps=300))
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 2, output
+    assert "no value for plasticity_loss" in output and "a late window that do not overlap" in output
+    assert "Traceback" not in output  # optuna's failed-trial warning keeps its message, not its traceback
