@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dst.errors import ConfigError
-from dst.rundir import FAILURE
+from dst.rundir import CHECKPOINT, CONFIG, FAILURE, METRICS, SUMMARY
 from dst.runner import RunSpec
 
 from .spec import Comparison, ResolvedArm, dir_name, jsonable
@@ -36,7 +36,6 @@ __all__ = ["Job", "RunOutcome", "plan", "record_comparison", "write_record", "ru
 log = logging.getLogger(__name__)
 
 COMPARISON_FILE = "comparison.json"
-SUMMARY, CONFIG, CHECKPOINT, METRICS = "summary.json", "config.json", "checkpoint.pt", "metrics.csv"
 
 
 @dataclass(frozen=True)

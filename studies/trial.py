@@ -20,6 +20,7 @@ import optuna
 import pandas as pd
 
 from dst.errors import ConfigError, DSTError, NonFiniteLossError
+from dst.rundir import METRICS
 from dst.runner import RunSpec, run
 from dst.summary import summarize
 
@@ -158,7 +159,7 @@ class TrialObjective:
 def _check_unused(directory: Path, study_name: str) -> None:
     """Refuse a trial directory that already holds runs: they belong to another study of the same name (a
     deleted or other storage: trial numbers start again at 0), and a trial never overwrites them."""
-    if directory.exists() and any(directory.rglob("metrics.csv")):
+    if directory.exists() and any(directory.rglob(METRICS)):
         raise ConfigError(
             f"{str(directory)!r} already holds a run of an earlier study named {study_name!r} (from another or "
             "a deleted storage: trial numbers start at 0 in each); give another --out or --study, or move "
