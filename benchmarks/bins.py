@@ -4,9 +4,10 @@
     python benchmarks/bins.py results/sbf --every 5        # also the mean per bin, every 5th bin
     python benchmarks/bins.py results/sbf --windows 1-5,26-50,46-50
 
-Reads every finished run under OUT (the layout ``python -m comparisons`` writes) and prints, per arm,
-the mean over seeds of the per-bin loss in each window of bins (1-based, inclusive) with a 95% Student
-t half-width across seeds, each seed's window means, and optionally the per-bin means themselves.
+Reads every finished run under OUT (the layout ``python -m comparisons`` writes, ``runs/<arm>/seed-<s>/``)
+and prints, per arm, the mean over seeds of the per-bin loss in each window of bins (1-based, inclusive)
+with its 95% interval over seeds (``comparisons.tables.INTERVAL``, a percentile bootstrap), each seed's
+window means, and optionally the per-bin means themselves.
 """
 
 from __future__ import annotations

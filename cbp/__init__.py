@@ -1,13 +1,20 @@
 """Continual backpropagation and its unit-level relatives, as dst refresh strategies.
 
-Importing this package registers ``cbp``, ``redo``, ``cbp-rigl``, ``cbp-set`` and ``rigl-utility`` in ``dst.strategies``; installed, the package
-is also found through the ``dst.strategies`` entry-point group, like any third-party strategy.
+Importing this package registers ``cbp``, ``redo``, ``cbp-rigl``, ``cbp-set`` and ``rigl-utility`` in
+``dst.strategies``; installed, the package is also found through the ``dst.strategies`` entry-point group,
+like any third-party strategy.
+
+Every strategy here refreshes a population (S members, 1 for a plain torch model) in one pass: per-unit
+statistics are (S, units) tensors, per-member counts host arrays (S,), and each member may have its own
+value of every numeric setting.
 """
 
-from .strategy import CBPConfig, ContinualBackprop, ReDo, ReDoConfig, redraw_fan_in  # noqa: I001 (registers cbp first)
+from .strategy import CBPConfig, ContinualBackprop, redraw_fan_in  # noqa: I001 (registers cbp first)
+from .redo import ReDo, ReDoConfig
 from .compositions import CBPSET, CBPRigL, RigLUtility, RigLUtilityConfig
+from .turnover import Turnover
 from .utility import UTILITIES, UnitUtility
-from .weights import incoming_magnitude, outgoing_magnitude
+from .weights import WeightFactors, weight_factors
 
 __all__ = [
     "CBPRigL",
@@ -18,9 +25,10 @@ __all__ = [
     "ContinualBackprop",
     "ReDo",
     "ReDoConfig",
+    "Turnover",
     "UTILITIES",
     "UnitUtility",
-    "incoming_magnitude",
-    "outgoing_magnitude",
+    "WeightFactors",
     "redraw_fan_in",
+    "weight_factors",
 ]

@@ -1,21 +1,28 @@
-"""Strategies built from shared pieces: CBP on a RigL/SET-sparse net, and RigL with a utility drop score."""
+"""Strategies built from shared pieces: CBP on a RigL/SET-sparse net, and RigL with a utility drop score.
+
+Member layout as everywhere: the composed parts refresh every member of a population at once, and
+RigL-utility's unit utilities are (S, units) tensors (:mod:`cbp.utility`); its drop scores are shaped
+like the updating members' weights, (M, *one member's weight shape).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from dst import strategies
 from dst.config import setting
+from dst.population import member_view
 from dst.prune_regrow import RigL, RigLConfig
 from dst.refresh import compose
 
 from . import strategy as _registers_cbp  # noqa: F401  (cbp must be registered before composing it)
 from .utility import UTILITIES, UnitUtility
-from .weights import weight_factors
+from .weights import WeightFactors
 
 __all__ = ["CBPRigL", "CBPSET", "RigLUtilityConfig", "RigLUtility"]
 
@@ -45,36 +52,37 @@ class RigLUtility(RigL):
         super().__init__(model, optimizer, config, seed=seed)
         c = self.config
         self.layers = self.topology.hidden_layers
-        self.utilities = [UnitUtility(layer, c.utility, c.decay_rate, self.device) for layer in self.layers]
+        first_draw = 2 * len(self.masked)  # after RigL's draws (2 per masked layer)
+        self.utilities = [
+            UnitUtility(layer, c.utility, self.per_member("decay_rate"), random=self.random, draw=first_draw + index)
+            for index, layer in enumerate(self.layers)
+        ]
+        self.factors = WeightFactors(self.layers, c.utility)
         self.by_consumer = {id(layer.consumer): i for i, layer in enumerate(self.layers)}
         self.by_producer = {id(layer.producer): i for i, layer in enumerate(self.layers)}
         self.topology.start_capture()
 
     def after_step(self):
-        factors = weight_factors(self.layers, self.config.utility)
-        for layer, utility, factor in zip(self.layers, self.utilities, factors):
-            utility.update(layer.output, factor, self.generator)
+        for layer, utility, factor in zip(self.layers, self.utilities, self.factors()):
+            utility.update(layer.member_output, factor)
         return super().after_step()
 
-    def drop_scores(self, index: int, layer: nn.Module, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """A connection's share of its unit's corrected utility (see the class docstring)."""
-        scores = self._utility_shares(index, layer)
-        return scores if positions is None else scores.reshape(-1)[positions]
-
-    def _utility_shares(self, index: int, layer: nn.Module) -> torch.Tensor:
-        magnitude = layer.weight.detach().abs()
+    def drop_scores(self, index: int, layer: nn.Module, members: np.ndarray) -> torch.Tensor:
+        """A connection's share of its unit's corrected utility (see the class docstring), (M, ...)."""
+        magnitude = self.rows(member_view(layer, layer.weight).detach(), members).abs()
+        rows = torch.as_tensor(members, device=magnitude.device)
         tiny = torch.finfo(magnitude.dtype).tiny
         if id(layer) in self.by_consumer:  # source units are hidden: columns (blocks) belong to units
-            hidden = self.layers[self.by_consumer[id(layer)]]
-            utility = self.utilities[self.by_consumer[id(layer)]].corrected_utility()
-            per_unit = magnitude.reshape(magnitude.shape[0], hidden.n_units, -1)
-            share = per_unit / per_unit.sum((0, 2), keepdim=True).clamp_min(tiny)
-            return (share * utility.view(1, -1, 1)).reshape(magnitude.shape)
+            hidden = self.by_consumer[id(layer)]
+            utility = self.utilities[hidden].corrected_utility(rows)  # (M, units)
+            per_unit = magnitude.reshape(magnitude.shape[0], magnitude.shape[1], self.layers[hidden].n_units, -1)
+            share = per_unit / per_unit.sum((1, 3), keepdim=True).clamp_min(tiny)
+            return (share * utility[:, None, :, None]).reshape(magnitude.shape)
         if id(layer) in self.by_producer:  # destination units are hidden: rows belong to units
-            utility = self.utilities[self.by_producer[id(layer)]].corrected_utility()
-            rows = magnitude.reshape(magnitude.shape[0], -1)
-            share = rows / rows.sum(1, keepdim=True).clamp_min(tiny)
-            return (share * utility.view(-1, 1)).reshape(magnitude.shape)
+            utility = self.utilities[self.by_producer[id(layer)]].corrected_utility(rows)
+            per_row = magnitude.reshape(magnitude.shape[0], magnitude.shape[1], -1)
+            share = per_row / per_row.sum(2, keepdim=True).clamp_min(tiny)
+            return (share * utility[:, :, None]).reshape(magnitude.shape)
         return magnitude
 
     def state_dict(self) -> dict[str, Any]:

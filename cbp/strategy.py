@@ -1,33 +1,45 @@
-"""Continual backpropagation (``cbp``) and ReDo (``redo``) as dst refresh strategies.
+"""Continual backpropagation (``cbp``) as a dst refresh strategy, on the member layout.
 
-Both register into ``dst.strategies`` through the entry-point group, exactly as a third-party package
-would, and both use dst's shared surgery (``dst.refresh.replace_units``); neither copies it.
+It registers into ``dst.strategies`` through the entry-point group, exactly as a third-party package
+would, and uses dst's shared surgery (``dst.refresh.replace_units``); it copies none of it.
+
+A population of S members is refreshed in one pass: utilities are (S, units) tensors
+(:mod:`cbp.utility`, :mod:`cbp.weights`), and the replacement counts are host integers per member
+(:mod:`cbp.turnover`). Members may differ in ``replacement_rate``, ``maturity_threshold`` and
+``decay_rate``; ``magnitude_every`` is structural and shared. On a step where some member replaces
+units, each replacing member's eligible units are ranked by utility (ties to the lower unit index) and
+its own count of the lowest is replaced, all members of a layer at once (``UnitSelection``); the new
+weights come from the member's own random numbers, so member s does exactly what a population of one
+with its seed and settings does.
 """
 
 from __future__ import annotations
 
-import random
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from dst import strategies
 from dst.config import setting
-from dst.errors import TopologyError
+from dst.errors import ConfigError, TopologyError
 from dst.init import INIT_SCHEMES, module_gain
-from dst.refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig, replace_units
+from dst.population import MemberRandom
+from dst.refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig, UnitSelection, replace_units
 from dst.topology import HiddenLayer, Topology
 
+from .arrays import Arrays
+from .turnover import Turnover
 from .utility import UTILITIES, UnitUtility
-from .weights import HostWeightFactors, WeightFactors
+from .weights import WeightFactors
 
-__all__ = ["CBPConfig", "ContinualBackprop", "ReDoConfig", "ReDo", "redraw_fan_in"]
+__all__ = ["CBPConfig", "ContinualBackprop", "redraw_fan_in"]
 
-
-HOST_MAX_WEIGHTS = 1 << 15  # producer + consumer weights per layer up to which CPU updates use numpy
+#: purposes of a step's random draws: draw id = 4 * layer index + purpose
+_REINIT, _FAN_IN, _UTILITY, _ROUNDING = range(4)
 
 
 @dataclass(frozen=True)
@@ -56,21 +68,31 @@ class CBPConfig(StrategyConfig):
     magnitude_every: int = setting(
         1, low=1,
         help="steps between recomputing the |w| sums of large weight matrices (1: every step, exact; "
-        "larger amortises the reads of every weight on wide nets; matrices under 65,536 entries and the "
-        "replaced units' own sums stay exact)",
+        "larger amortises the reads of every weight on wide nets; matrices under 65,536 entries per member "
+        "and the replaced units' own sums stay exact); one value for all members of a population",
     )
 
 
-def redraw_fan_in(layer: HiddenLayer, units: torch.Tensor, generator: torch.Generator | None) -> None:
-    """Give each unit a new random incoming mask row with as many connections as it had."""
-    mask = getattr(layer.producer, "mask", None)
+@torch.no_grad()
+def redraw_fan_in(layer: HiddenLayer, selection: UnitSelection, random: MemberRandom, *, step: int, draw: int) -> None:
+    """Give each selected unit a new random incoming mask row with as many connections as it had.
+
+    The positions are the unit's row's lowest ranks of a uniform draw (member ``members[p]``'s row
+    ``slots[p]`` of draw ``draw`` at ``step``), ties to the lower position."""
+    mask = layer.incoming_mask()
     if mask is None:
         return
-    rows = mask[units].reshape(units.numel(), -1)
+    index = (selection.members, selection.units)
+    rows = mask[index].reshape(len(selection), -1)
     counts = rows.sum(1, keepdim=True)
-    scores = torch.rand(rows.shape, device=rows.device, generator=generator)
-    ranks = scores.argsort(1).argsort(1)
-    mask[units] = (ranks < counts).reshape(mask[units].shape)
+    scores = random.uniform(rows.shape[1:], step=step, draw=draw, members=selection.members, rows=selection.slots)
+    ranks = scores.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
+    mask[index] = (ranks < counts).reshape(len(selection), *mask.shape[2:])
+
+
+def _uniforms(random: MemberRandom, draw: int) -> Callable[[int], np.ndarray]:
+    """step -> one U[0, 1) draw per member (S,), on the host."""
+    return lambda step: random.uniform((), step=step, draw=draw, dtype=torch.float64).numpy()
 
 
 @strategies.register("cbp")
@@ -82,112 +104,93 @@ class ContinualBackprop(RefreshStrategy):
     def __init__(
         self,
         model: nn.Module | Topology,
-        optimizer: torch.optim.Optimizer,
-        config: CBPConfig | None = None,
+        optimizer: torch.optim.Optimizer | None,
+        config: CBPConfig | list[CBPConfig] | None = None,
         *,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
     ) -> None:
         super().__init__(model, optimizer, config, seed=seed)
         c = self.config
         self.layers = self.topology.hidden_layers
         if not self.layers:
             raise TopologyError("cbp needs hidden layers, and the model has none")
-        self.utilities = [UnitUtility(layer, c.utility, c.decay_rate, self.device) for layer in self.layers]
-        self.gains = [module_gain(layer.activation) for layer in self.layers]
-        # Host-side bookkeeping, so steps that replace nothing never synchronise with the device:
-        # how many units are eligible (age > maturity), and when the immature ones mature.
-        self.eligible = [0] * len(self.layers)
-        self.maturing: list[deque[list[int]]] = [
-            deque([[c.maturity_threshold + 1, layer.n_units]]) for layer in self.layers
+        if not self.shared("magnitude_every"):
+            raise ConfigError(
+                f"cbp: members differ in magnitude_every ({sorted(set(self.per_member('magnitude_every').tolist()))}), "
+                "which sets when the weight sums of the whole population are read; give every member one value"
+            )
+        # small layers on the CPU: the per-step update in numpy on the tensors' memory (cbp.arrays)
+        self.arrays = Arrays(host=c.magnitude_every == 1 and Arrays.suits(self.layers, self.device))
+        decay = self.per_member("decay_rate")
+        self.utilities = [
+            UnitUtility(layer, c.utility, decay, random=self.random, draw=4 * index + _UTILITY, arrays=self.arrays)
+            for index, layer in enumerate(self.layers)
         ]
-        self.accumulated = [0.0] * len(self.layers)
-        self.host_random = random.Random(self.generator.initial_seed())  # probabilistic rounding
-        self.factors: list[Any] = []
-        # Small layers on the CPU: the per-step arithmetic in numpy on the tensors' memory, because
-        # torch's per-op dispatch there costs more than the arithmetic (same formulas, same state).
-        self._factors = WeightFactors(self.layers, c.utility, c.magnitude_every)
-        self.host = self.device.type == "cpu" and c.utility != "random" and not self._factors.amortises and all(
-            layer.producer.weight.numel() + layer.consumer.weight.numel() <= HOST_MAX_WEIGHTS
-            for layer in self.layers
-        )
-        self._host_factors = HostWeightFactors(self.layers, c.utility) if self.host else None
+        self.gains = [module_gain(layer.activation) for layer in self.layers]
+        rate, maturity = self.per_member("replacement_rate"), self.per_member("maturity_threshold")
+        self.maturity = torch.as_tensor(maturity, device=self.device)[:, None]  # (S, 1)
+        host_random = self.random.to("cpu")  # the same keys: each member's draws for probabilistic rounding
+        self.turnover = [
+            Turnover(layer.n_units, rate, maturity,
+                     uniform=None if c.accumulate == "exact" else _uniforms(host_random, 4 * index + _ROUNDING))
+            for index, layer in enumerate(self.layers)
+        ]
+        self.next_change = min(turnover.next_change for turnover in self.turnover)
+        self.factors = WeightFactors(self.layers, c.utility, c.magnitude_every, arrays=self.arrays)
         self.topology.start_capture()
-
-    def _count_to_replace(self, index: int) -> int:
-        """How many units of layer ``index`` to replace this step (the accumulator rule)."""
-        queue = self.maturing[index]
-        while queue and queue[0][0] <= self.step:
-            self.eligible[index] += queue.popleft()[1]
-        eligible = self.eligible[index]
-        if eligible == 0:
-            return 0
-        expected = self.config.replacement_rate * eligible
-        if self.config.accumulate == "exact":
-            self.accumulated[index] += expected
-            count = min(int(self.accumulated[index]), eligible)
-            self.accumulated[index] -= count
-            return count
-        if expected < 1:  # the released code's probabilistic rounding
-            return 1 if self.host_random.random() <= expected else 0
-        return int(expected)
 
     def after_step(self) -> RefreshStats:
         super().after_step()
-        if self.host:
-            self.factors = self._host_factors()
-        else:
-            self.factors = self._factors(self.step % self.config.magnitude_every == 0)
-        for layer, utility, factor in zip(self.layers, self.utilities, self.factors):
-            h = layer.output
-            if h is None:
-                raise RuntimeError(
-                    f"cbp saw no activation of {layer.name!r}: call after_step() after a forward and "
-                    "optimizer step of the model it was built on"
-                )
-            if self.host:
-                utility._update_host(h.numpy(), factor)
-            else:
-                utility.update(h, factor, self.generator)
-        replaced = 0
-        threshold = self.config.maturity_threshold
+        step = self.step
+        factors = self.factors(step % self.config.magnitude_every == 0)
+        for layer, utility, factor in zip(self.layers, self.utilities, factors):
+            utility.update(self.arrays.output(layer), factor)
+        if step < self.next_change:
+            return NO_REFRESH
+        replaced = None
         # Deepest layer first: a unit replaced in layer l + 1 gets fresh incoming weights, and the zeroed
         # outgoing columns of a unit replaced in layer l are written after that, so they stay zero.
         for index in reversed(range(len(self.layers))):
-            layer, utility = self.layers[index], self.utilities[index]
-            count = self._count_to_replace(index)
-            if count == 0:
-                continue
-            scores = torch.where(utility.age > threshold, utility.corrected_utility(), torch.inf)
-            units = torch.topk(scores, count, largest=False).indices
-            self.eligible[index] -= count
-            self.maturing[index].append([self.step + threshold + 1, count])
-            amortised = self._factors.neighbour_shares(index, units) if self._factors.amortises else None
-            if self.config.refresh_fan_in == "redraw":
-                redraw_fan_in(layer, units, self.generator)
-            replace_units(
-                layer,
-                units,
-                self.optimizer,
-                init=self.config.init,
-                gain=self.gains[index],
-                generator=self.generator,
-                mean_activation=utility.corrected_mean(units) if self.config.bias_correction else None,
-            )
-            utility.reset(units)
-            if amortised is not None:
-                self._factors.patch(index, units, amortised)
-            replaced += count
-        return RefreshStats(units_replaced=replaced) if replaced else NO_REFRESH
+            counts = self.turnover[index].take(step)
+            if counts is not None:
+                self._replace(index, counts)
+                replaced = counts if replaced is None else replaced + counts
+        self.next_change = min(turnover.next_change for turnover in self.turnover)
+        return NO_REFRESH if replaced is None else RefreshStats(units_replaced=replaced)
+
+    def _replace(self, index: int, counts: np.ndarray) -> None:
+        """Replace ``counts[s]`` of the lowest-utility eligible units of member s, in layer ``index``."""
+        c, layer, utility = self.config, self.layers[index], self.utilities[index]
+        replacing = np.flatnonzero(counts)
+        members = torch.as_tensor(replacing, device=self.device)
+        eligible = utility.age[members] > self.maturity[members]
+        scores = torch.where(eligible, utility.corrected_utility(members), torch.inf)
+        ranked = torch.sort(scores, dim=1, stable=True).indices[:, : int(counts[replacing].max())]
+        selection = UnitSelection.from_ranked(members, ranked, torch.as_tensor(counts[replacing], device=self.device))
+        before = self.factors.neighbour_shares(index, selection) if self.factors.amortises else None
+        if c.refresh_fan_in == "redraw":
+            redraw_fan_in(layer, selection, self.random, step=self.step, draw=4 * index + _FAN_IN)
+        replace_units(
+            layer,
+            selection,
+            self.optimizer,
+            self.random,
+            step=self.step,
+            draw=4 * index + _REINIT,
+            init=c.init,
+            gain=self.gains[index],
+            mean_activation=utility.corrected_mean(selection) if c.bias_correction else None,
+        )
+        utility.reset(selection)
+        if before is not None:
+            self.factors.patch(index, selection, before)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update(
-            utilities=[u.state_dict() for u in self.utilities],
-            eligible=list(self.eligible),
-            maturing=[[list(item) for item in queue] for queue in self.maturing],
-            accumulated=list(self.accumulated),
-            host_random=self.host_random.getstate(),
-            weight_sums=self._factors.state_dict(),
+            utilities=[utility.state_dict() for utility in self.utilities],
+            turnover=[turnover.state_dict() for turnover in self.turnover],
+            weight_sums=self.factors.state_dict(),
         )
         return state
 
@@ -195,113 +198,7 @@ class ContinualBackprop(RefreshStrategy):
         super().load_state_dict(state)
         for utility, saved in zip(self.utilities, state["utilities"]):
             utility.load_state_dict(saved)
-        self.eligible = list(state["eligible"])
-        self.maturing = [deque([list(item) for item in queue]) for queue in state["maturing"]]
-        self.accumulated = list(state["accumulated"])
-        self.host_random.setstate(state["host_random"])
-        if "weight_sums" in state:  # absent from earlier versions' state: the sums are taken afresh
-            self._factors.load_state_dict(state["weight_sums"])
-
-
-@dataclass(frozen=True)
-class ReDoConfig(StrategyConfig):
-    """ReDo (Sokar et al. 2023): recycle tau-dormant units every ``period`` steps."""
-
-    period: int = setting(1000, low=1, search=(100, 10_000), log=True, help="steps between dormancy checks")
-    tau: float = setting(0.1, low=0.0, search=(0.0, 0.5), help="a unit with score <= tau is reset")
-    window: int = setting(
-        1, low=1, help="steps whose activations are averaged for a check (1: the current batch)"
-    )
-    init: str = setting("kaiming", choices=INIT_SCHEMES, help="bound of re-initialised incoming weights")
-
-
-@strategies.register("redo")
-class ReDo(RefreshStrategy):
-    """ReDo: every period steps reset units whose score E|h_i| / mean_k E|h_k| is at most tau."""
-
-    Config = ReDoConfig
-
-    def __init__(self, model, optimizer, config: ReDoConfig | None = None, *, seed: int | None = None) -> None:
-        super().__init__(model, optimizer, config, seed=seed)
-        self.layers = self.topology.hidden_layers
-        if not self.layers:
-            raise TopologyError("redo needs hidden layers, and the model has none")
-        self.gains = [module_gain(layer.activation) for layer in self.layers]
-        self.sums = [torch.zeros(layer.n_units, device=self.device) for layer in self.layers]
-        self.seen = 0
-        self.probe: torch.Tensor | None = None
-        if self._captures(1):
-            self.topology.start_capture()
-
-    def set_probe(self, inputs: torch.Tensor | None) -> None:
-        """Score units on this fixed batch at each check instead of the last ``window`` training batches."""
-        self.probe = inputs
-        if inputs is not None:
-            self.topology.stop_capture()
-
-    def _captures(self, step: int) -> bool:
-        """Whether training step ``step`` (1-based) feeds the next check's activation averages."""
-        if self.probe is not None:
-            return False
-        period, window = self.config.period, self.config.window
-        return (-step) % period < window
-
-    @staticmethod
-    def scores(mean_abs_activation: torch.Tensor) -> torch.Tensor:
-        """s_i = E|h_i| / mean_k E|h_k| (0 for a layer whose units are all silent)."""
-        return mean_abs_activation / mean_abs_activation.mean().clamp_min(torch.finfo(mean_abs_activation.dtype).tiny)
-
-    def after_step(self) -> RefreshStats:
-        super().after_step()
-        step = self.step
-        if self.topology.capturing:
-            for layer, total in zip(self.layers, self.sums):
-                h = layer.output
-                total.add_(h.abs().mean((0, *range(2, h.dim()))))
-            self.seen += 1
-        replaced = 0
-        if step % self.config.period == 0:
-            replaced = self._recycle()
-        if self._captures(step + 1):
-            self.topology.start_capture()
-        else:
-            self.topology.stop_capture()
-        return RefreshStats(units_replaced=replaced) if replaced else NO_REFRESH
-
-    @torch.no_grad()
-    def _recycle(self) -> int:
-        if self.probe is not None:
-            with self.topology.capture():
-                self.model(self.probe)
-            activity = [layer.output.abs().mean((0, *range(2, layer.output.dim()))) for layer in self.layers]
-        else:
-            if self.seen == 0:
-                return 0
-            activity = [total / self.seen for total in self.sums]
-        replaced = 0
-        for index, (layer, mean_abs) in enumerate(zip(self.layers, activity)):
-            units = torch.nonzero(self.scores(mean_abs) <= self.config.tau).flatten()
-            if units.numel():
-                replace_units(layer, units, self.optimizer, init=self.config.init,
-                              gain=self.gains[index], generator=self.generator)
-                replaced += units.numel()
-        for total in self.sums:
-            total.zero_()
-        self.seen = 0
-        return replaced
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(sums=[s.clone() for s in self.sums], seen=self.seen,
-                     probe=None if self.probe is None else self.probe.clone())
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        for total, saved in zip(self.sums, state["sums"]):
-            total.copy_(saved)
-        self.seen = int(state["seen"])
-        probe = state.get("probe")  # checkpoints written before the probe was saved have none
-        self.set_probe(None if probe is None else probe.to(self.device))
-        if self._captures(self.step + 1):
-            self.topology.start_capture()
+        for turnover, saved in zip(self.turnover, state["turnover"]):
+            turnover.load_state_dict(saved)
+        self.factors.load_state_dict(state["weight_sums"])
+        self.next_change = min(turnover.next_change for turnover in self.turnover)

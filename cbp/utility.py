@@ -1,29 +1,43 @@
-"""Unit utilities of continual backpropagation (Dohare et al. 2024), as per-layer tensors.
+"""Unit utilities of continual backpropagation (Dohare et al. 2024), for every member of a population.
 
-For hidden unit i with activation h_i (averaged over the batch, and over positions for a conv
-channel), running mean f_i, outgoing weights w_out[:, i] and incoming weights w_in[i, :]:
+Member layout: a hidden layer's statistics are (S, units) tensors on the model's device, S the number of
+members (1 for a plain torch model); a per-member setting (the decay rate eta) is an (S, 1) column that
+broadcasts over the units. An activation h (S, batch, units[, H, W]) is averaged over the batch (and a
+conv channel's positions) within each member.
 
-    contribution            y_i = mean|w_out| * |h_i|
+For hidden unit i with activation h_i, bias-corrected running mean f_hat_i, outgoing weights w_out[:, i]
+and incoming weights w_in[i, :], the instantaneous utility y_i is
+
+    contribution            y_i = |h_i| * mean|w_out|
     adaptation              y_i = 1 / mean|w_in|
-    zero_contribution       y_i = mean|w_out| * |h_i - f_hat_i|
-    adaptable_contribution  y_i = mean|w_out| * |h_i - f_hat_i| / mean|w_in|     (the paper's overall utility)
+    zero_contribution       y_i = |h_i - f_hat_i| * mean|w_out|
+    adaptable_contribution  y_i = |h_i - f_hat_i| * mean|w_out| / mean|w_in|   (the paper's overall utility)
     weight                  y_i = mean|w_out|
-    random                  a fresh uniform draw at every step
+    random                  a fresh uniform draw at every step (from the strategy's member-keyed random numbers)
 
-Every step: age_i += 1; f_i <- eta f_i + (1 - eta) mean(h_i); u_i <- eta u_i + (1 - eta) y_i. Units are
-ranked by the bias-corrected u_hat_i = u_i / (1 - eta^age_i) (and f_hat_i = f_i / (1 - eta^age_i)).
-Means of |w| run over every entry of the row / column, masked zeros included, so on a sparse layer
-they rank units like the paper's sums over connections.
+(the weight part comes from :mod:`cbp.weights`). Every step, the paper's recursions:
+
+    age_i += 1
+    f_i <- eta f_i + (1 - eta) h_i          f_hat_i = f_i / (1 - eta^age_i)
+    u_i <- eta u_i + (1 - eta) y_i          u_hat_i = u_i / (1 - eta^age_i)
+
+and units are ranked by the bias-corrected u_hat (ranking by the raw u would re-replace just-matured units).
+The update is written once and runs on torch tensors or, for small CPU layers, on numpy views of the same
+memory (:mod:`cbp.arrays`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
+from dst.population import MemberRandom
+from dst.refresh import UnitSelection
 from dst.topology import HiddenLayer
 
-from .weights import numpy_view
+from .arrays import Arrays
 
 __all__ = ["UTILITIES", "UnitUtility"]
 
@@ -36,152 +50,123 @@ UTILITIES = (
     "random",
 )
 
-_STATE = ("born", "norm", "mean_sum", "utility_sum")
+Array = torch.Tensor | np.ndarray
+
+
+def _batch_mean(h: Array) -> Array:
+    """(S, batch, units[, H, W]) -> (S, units): the mean over the batch and a channel's positions."""
+    axes = (1, *range(3, h.ndim))
+    count = 1
+    for axis in axes:
+        count *= h.shape[axis]
+    return h.sum(axes) / count
+
+
+def _corrected(running: Array, decay_power: Array) -> Array:
+    """running / (1 - eta^age): the bias correction of a running average that started at 0."""
+    return running / (1 - decay_power)
 
 
 class UnitUtility:
-    """Age, running utility and running mean activation of one hidden layer's units.
+    """Age, running mean f and running utility u of one hidden layer's units, for every member.
 
-    The bias-corrected running averages are kept as decayed sums over the unit's life (age a):
-
-        norm         n = sum_{s=1..a} eta^(a-s)      = (1 - eta^a) / (1 - eta)
-        mean_sum     m = sum_{s=1..a} eta^(a-s) h_s  so  f = (1 - eta) m,  f_hat = m / n
-        utility_sum  v = sum_{s=1..a} eta^(a-s) y_s  so  u = (1 - eta) v,  u_hat = v / n
-
-    which is the paper's f <- eta f + (1 - eta) h with f_hat = f / (1 - eta^a), rearranged so that one
-    step is: scale the three sums by eta (one (3, units) block), add 1, mean(h) and y.
+    ``decay_rate`` is eta, one value per member (or one for all). f, u and eta^age sit in one
+    (3, S, units) tensor ``block`` (views ``mean``, ``utility``, ``decay_power``), so one multiplication
+    decays all three and a reset writes them at once; ``age`` is a host step counter minus each unit's
+    birth step. ``random`` (the strategy's member-keyed random numbers) and ``draw`` feed the ``random``
+    utility. With ``arrays`` on the host, :meth:`update` takes numpy arrays and writes numpy views of
+    the same tensors.
     """
 
-    def __init__(self, layer: HiddenLayer, kind: str, decay_rate: float, device: torch.device) -> None:
+    def __init__(
+        self,
+        layer: HiddenLayer,
+        kind: str,
+        decay_rate: float | Sequence[float],
+        *,
+        random: MemberRandom | None = None,
+        draw: int = 0,
+        arrays: Arrays | None = None,
+    ) -> None:
         if kind not in UTILITIES:
             raise ValueError(f"unknown utility {kind!r}; use one of {', '.join(UTILITIES)}")
-        self.layer, self.kind, self.decay_rate = layer, kind, decay_rate
-        units = layer.n_units
-        # age = steps - born: one host counter instead of a per-step increment of a device tensor
+        if kind == "random" and random is None:
+            raise ValueError("the random utility needs the strategy's random numbers (random=...)")
+        weight = layer.incoming()
+        members, units = weight.shape[:2]
+        self.layer, self.kind, self.random, self.draw = layer, kind, random, draw
         self.steps = 0
-        self.born = torch.zeros(units, device=device)
-        self._block = torch.zeros(3, units, device=device)
-        self.norm, self.mean_sum, self.utility_sum = self._block.unbind(0)
-        self._random: torch.Tensor | None = None
-        # On the CPU, numpy views of the same memory for the per-step update (see HostWeightFactors)
-        self._host = None
-        if torch.device(device).type == "cpu":
-            block = numpy_view(self._block)
-            self._host = (block, block[0], block[1], block[2], np.empty(units, dtype=block.dtype))
+        self.born = torch.zeros(members, units, dtype=torch.long, device=weight.device)
+        self.block = torch.zeros(3, members, units, dtype=weight.dtype, device=weight.device)
+        self.mean, self.utility, self.decay_power = self.block.unbind(0)
+        self.decay_power.fill_(1)
+        eta = torch.as_tensor(decay_rate, dtype=weight.dtype, device=weight.device).reshape(-1, 1)
+        self.eta = eta.expand(members, 1).contiguous()  # (S, 1)
+        self.rate = 1 - self.eta  # the weight 1 - eta of this step's value
+        arrays = arrays or Arrays(host=False)
+        block = arrays.state(self.block)
+        self._arrays = (block, block[0], block[1], block[2], arrays.state(self.eta), arrays.state(self.rate))
+        self._fresh = torch.tensor([0.0, 0.0, 1.0], dtype=weight.dtype, device=weight.device)[:, None]
 
     @property
     def age(self) -> torch.Tensor:
-        """Steps since each unit was (re)initialised."""
+        """(S, units): steps since each unit was (re)initialised."""
         return self.steps - self.born
 
-    @property
-    def mean(self) -> torch.Tensor:
-        """The running mean activation f (not bias-corrected)."""
-        return self.mean_sum * (1 - self.decay_rate)
-
-    @property
-    def utility(self) -> torch.Tensor:
-        """The running utility u (not bias-corrected)."""
-        return self.utility_sum * (1 - self.decay_rate)
-
-    @property
-    def decay_power(self) -> torch.Tensor:
-        """eta^age; 1 - eta^age is the bias correction."""
-        return 1 - self.norm * (1 - self.decay_rate)
-
-    def update(
-        self, h: torch.Tensor, weight_factor: torch.Tensor | None, generator: torch.Generator | None = None
-    ) -> None:
-        """One step of the running statistics from this step's activation ``h`` (batch, units, ...)
-        and the layer's ``weight_factor`` (from :func:`weight_factors`). Neither may require grad: ``h``
-        is a captured (detached) activation, so no autograd graph is built."""
-        if isinstance(weight_factor, np.ndarray):
-            self._update_host(h.numpy(), weight_factor)
-            return
-        single = h.dim() == 2 and h.shape[0] == 1  # batch 1, MLP: no reductions needed
-        reduce = (0, *range(2, h.dim()))
+    def update(self, h: Array, weight_factor: Array | None) -> None:
+        """One step from this step's activation ``h`` (S, batch, units[, H, W], detached) and the layer's
+        weight factor (S, units) from :class:`cbp.weights.WeightFactors` (None for ``random``): torch
+        tensors, or numpy arrays on the host (see :class:`cbp.arrays.Arrays`)."""
+        block, mean, utility, decay_power, eta, rate = self._arrays
+        single = h.ndim == 3 and h.shape[1] == 1  # batch 1, MLP: nothing to average
+        if single:
+            h = h[:, 0]
         self.steps += 1
-        self._block.mul_(self.decay_rate)
-        self.norm.add_(1)
-        self.mean_sum.add_(h[0] if single else h.mean(reduce))
+        block *= eta  # f, u and eta^age all decay by eta, so that with the next lines
+        mean += rate * (h if single else _batch_mean(h))  # f <- eta f + (1 - eta) h
         kind = self.kind
         if kind == "random":
-            self._random = torch.rand(self.norm.shape, device=self.norm.device, generator=generator)
             return
         if kind in ("adaptation", "weight"):
-            instant = weight_factor
+            y = weight_factor
         elif kind == "contribution":
-            instant = weight_factor * (h[0].abs() if single else h.abs().mean(reduce))
-        else:  # zero_contribution, adaptable_contribution: |h - f_hat|
-            mean = self.mean_sum / self.norm
+            y = (abs(h) if single else _batch_mean(abs(h))) * weight_factor  # |h| mean|w_out|
+        else:  # zero_contribution, adaptable_contribution: |h - f_hat| times the weight factor
+            f_hat = _corrected(mean, decay_power)
             if single:
-                deviation = (h[0] - mean).abs_()
+                deviation = abs(h - f_hat)
             else:
-                deviation = (h - mean.view((1, -1) + (1,) * (h.dim() - 2))).abs_().mean(reduce)
-            instant = weight_factor * deviation
-        self.utility_sum.add_(instant)
+                deviation = _batch_mean(abs(h - f_hat.reshape(*f_hat.shape[:1], 1, -1, *(1,) * (h.ndim - 3))))
+            y = deviation * weight_factor
+        utility += rate * y  # u <- eta u + (1 - eta) y
 
-    def _update_host(self, h: np.ndarray, weight_factor: np.ndarray) -> None:
-        """The same update as :meth:`update`, in numpy on the state tensors' memory."""
-        if self._host is None:
-            raise ValueError("host (numpy) weight factors given for state that is not on the CPU")
-        block, norm, mean_sum, utility_sum, scratch = self._host
-        self.steps += 1
-        block *= self.decay_rate
-        norm += 1
-        kind = self.kind
-        if h.ndim == 2 and h.shape[0] == 1:  # batch 1, MLP: no reductions needed
-            h = h[0]
-            mean_sum += h
-            if kind in ("adaptation", "weight"):
-                utility_sum += weight_factor
-                return
-            if kind == "contribution":
-                np.abs(h, out=scratch)
-            else:  # |h - f_hat|
-                np.divide(mean_sum, norm, out=scratch)
-                np.subtract(h, scratch, out=scratch)
-                np.abs(scratch, out=scratch)
-            scratch *= weight_factor
-            utility_sum += scratch
-            return
-        reduce = (0, *range(2, h.ndim))
-        scale = h.shape[0] * (h[0, 0].size if h.ndim > 2 else 1)
-        mean_sum += np.add.reduce(h, reduce) / scale
-        if kind in ("adaptation", "weight"):
-            utility_sum += weight_factor
-            return
-        if kind == "contribution":
-            deviation = np.abs(h)
-        else:
-            corrected = (mean_sum / norm).reshape((1, -1) + (1,) * (h.ndim - 2))
-            deviation = np.abs(h - corrected)
-        utility_sum += weight_factor * (np.add.reduce(deviation, reduce) / scale)
-
-    def corrected_utility(self) -> torch.Tensor:
-        """u_hat = u / (1 - eta^age): what units are ranked by (a fresh draw for ``random``)."""
+    def corrected_utility(self, members: torch.Tensor | None = None) -> torch.Tensor:
+        """u_hat, what units are ranked by: (S, units), or (M, units) for ``members``. For the ``random``
+        utility, this step's fresh uniform draws."""
         if self.kind == "random":
-            return self._random if self._random is not None else torch.zeros_like(self.utility)
-        return self.utility_sum / self.norm
+            units = self.block.shape[2]
+            return self.random.uniform((units,), step=self.steps, draw=self.draw, members=members)
+        if members is None:
+            return _corrected(self.utility, self.decay_power)
+        return _corrected(self.utility[members], self.decay_power[members])
 
-    def corrected_mean(self, units: torch.Tensor | None = None) -> torch.Tensor:
-        """f_hat = f / (1 - eta^age), the bias-corrected mean activation."""
-        if units is None:
-            return self.mean_sum / self.norm
-        return self.mean_sum[units] / self.norm[units]
+    def corrected_mean(self, selection: UnitSelection | None = None) -> torch.Tensor:
+        """f_hat, the bias-corrected mean activation: (S, units), or one value per selected unit."""
+        if selection is None:
+            return _corrected(self.mean, self.decay_power)
+        index = (selection.members, selection.units)
+        return _corrected(self.mean[index], self.decay_power[index])
 
-    def reset(self, units: torch.Tensor) -> None:
-        self.born[units] = float(self.steps)
-        self._block[:, units] = 0
+    @torch.no_grad()
+    def reset(self, selection: UnitSelection) -> None:
+        """The selected units start afresh: age 0, f = u = 0 (and eta^0 = 1)."""
+        self.born[selection.members, selection.units] = self.steps
+        self.block[:, selection.members, selection.units] = self._fresh
 
     def state_dict(self) -> dict[str, torch.Tensor | int]:
-        return {"steps": self.steps, **{key: getattr(self, key) for key in _STATE}}
+        return {"steps": self.steps, "born": self.born.clone(), "block": self.block.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor | int]) -> None:
         self.steps = int(state["steps"])
-        if "decay_power" in state:  # saved by an earlier version: f, u and eta^age instead of the sums
-            rate = 1 - self.decay_rate
-            state = {"born": state["born"], "norm": (1 - state["decay_power"]) / rate,
-                     "mean_sum": state["mean"] / rate, "utility_sum": state["utility"] / rate}
-        for key in _STATE:
-            getattr(self, key).copy_(state[key])
+        self.born.copy_(state["born"])
+        self.block.copy_(state["block"])

@@ -1,11 +1,17 @@
-"""The weight factors of CBP's unit utilities: mean |w_out| (a unit's outgoing weights), 1 / mean |w_in|
-(its incoming weights) and their ratio, for every hidden layer, from the weights the optimizer just wrote.
+"""The weight factors of CBP's unit utilities: mean |w_out| (a unit's outgoing weights), 1 / mean |w_in| (its
+incoming weights) and their ratio, for every hidden layer, from the weights the optimizer just wrote.
 
-``WeightFactors`` computes them with torch (a large weight's |w| row and column sums in one pass, a
-cache-sized block of rows at a time on the CPU; with ``every=N`` the sums of matrices of 65,536+ entries
-are refreshed every N steps and patched exactly around each replacement). ``HostWeightFactors`` computes
-the same formulas with numpy on the CPU tensors' memory, for small layers where torch's per-call cost
-dominates. :mod:`cbp.utility` turns the factors and the activations into utilities.
+Member layout: weights are read through the hidden layer's member views (``HiddenLayer.incoming()``
+(S, units, fan_in[, kh, kw]), ``outgoing()`` (S, consumer_out, consumer_in[, kh, kw])), and a layer's
+factor is an (S, units) tensor: each member's units are measured on that member's weights only.
+
+Means of |w| run over every entry of the row / column, masked zeros included, so on a sparse layer they
+rank units like the paper's sums over connections. ``WeightFactors`` computes each weight matrix's |w|
+once a step, and both sums a matrix serves (its rows are the units it produces, its columns the units it
+consumes) from that; a matrix of 65,536+ entries per member that serves both is read a cache-sized block
+of rows at a time on the CPU. With ``every=N`` the sums of matrices that large are refreshed every N steps
+and patched exactly around each replacement. The per-step sums and factors are written once and run on
+torch tensors or, for small CPU layers, on numpy views of the same weights (:mod:`cbp.arrays`).
 """
 
 from __future__ import annotations
@@ -13,275 +19,206 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dst.population import member_view
+from dst.refresh import UnitSelection
 from dst.topology import HiddenLayer
 
-__all__ = [
-    "HostWeightFactors",
-    "WeightFactors",
-    "incoming_magnitude",
-    "numpy_view",
-    "outgoing_magnitude",
-    "weight_factors",
-    "MIN_INCOMING",
-]
+from .arrays import Arrays
 
-#: mean |w_in| is clamped here: a unit with no incoming weight (an empty sparse row) gets a large finite
-#: factor, so its utility is 0 x large = 0 (replaced first) instead of 0 x inf = NaN (never replaced).
+__all__ = ["WeightFactors", "weight_factors", "MIN_INCOMING"]
+
+#: added to mean |w_in|: a unit with no incoming weight (an empty sparse row) gets a large finite factor, so
+#: its utility is 0 x large = 0 (replaced first) instead of 0 x inf = NaN (never replaced). (Below float32's
+#: resolution for any mean |w_in| above about 1e-5, where it changes nothing.)
 MIN_INCOMING = 1e-12
-_FUSED_BELOW = 1 << 16  # a weight this small: |w|-sums per use; a larger one: one blocked pass
+_FUSED_BELOW = 1 << 16  # entries per member from which a matrix giving both sums is read in one blocked pass
 _CHUNK = 1 << 18  # entries of |W| per block of rows on the CPU (1 MiB of float32: stays in cache)
-
-
-def _abs_sums(weight: torch.Tensor, shape: tuple[int, ...], dims: tuple[int, ...]) -> torch.Tensor:
-    """sum |w| over ``dims`` of ``weight`` viewed as ``shape`` (``abs().sum()``: torch's CPU
-    ``vector_norm(ord=1)`` is several times slower)."""
-    return weight.reshape(shape).abs().sum(dims)
-
-
-def _outgoing_sums(layer: HiddenLayer) -> tuple[torch.Tensor, int]:
-    weight = layer.consumer.weight
-    shape = (weight.shape[0], layer.n_units, -1)  # (out, units, block * kernel)
-    return _abs_sums(weight, shape, (0, 2)), weight.numel() // layer.n_units
-
-
-def _incoming_sums(layer: HiddenLayer) -> tuple[torch.Tensor, int]:
-    weight = layer.producer.weight
-    return _abs_sums(weight, (layer.n_units, -1), (1,)), weight.numel() // layer.n_units
-
-
-@torch.no_grad()
-def outgoing_magnitude(layer: HiddenLayer) -> torch.Tensor:
-    """mean |w_out| per unit over consumer rows (and the unit's block columns / kernel taps)."""
-    sums, count = _outgoing_sums(layer)
-    return sums / count
-
-
-@torch.no_grad()
-def incoming_magnitude(layer: HiddenLayer) -> torch.Tensor:
-    """mean |w_in| per unit over its incoming row (a conv filter: in_channels * kernel)."""
-    sums, count = _incoming_sums(layer)
-    return sums / count
-
-
-def numpy_view(tensor: torch.Tensor) -> np.ndarray:
-    """A numpy array sharing ``tensor``'s memory (CPU only): no copy, no torch dispatch."""
-    return tensor.detach().numpy()
-
-
-class _WeightViews:
-    """numpy views of one hidden layer's producer and consumer weights (and scratch for their |w|),
-    re-made only when a weight's memory moves (a ``.data`` assignment, a new Parameter, ``.to()``)."""
-
-    def __init__(self, layer: HiddenLayer) -> None:
-        self.layer = layer
-        self.key: tuple[int, int] | None = None
-        units = layer.n_units
-        self.in_count = layer.producer.weight.numel() // units
-        self.ratio = self.in_count / (layer.consumer.weight.numel() // units)  # fan_in / out count
-        self.floor = MIN_INCOMING * self.in_count
-        # the outgoing view is (out, units) for an MLP, (out, units, block * kernel) otherwise
-        self.out_axes: int | tuple[int, int] = 0 if layer.consumer.weight.numel() == (
-            layer.consumer.weight.shape[0] * units) else (0, 2)
-
-    @staticmethod
-    def _weight(module: torch.nn.Module) -> torch.Tensor:
-        # the module's own parameter dict: cheaper than nn.Module.__getattr__ on every step
-        weight = module._parameters.get("weight")
-        return module.weight if weight is None else weight
-
-    def get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """incoming (units, fan_in), outgoing (out, units[, block]) and scratch arrays of their shapes."""
-        producer, consumer = self._weight(self.layer.producer), self._weight(self.layer.consumer)
-        key = (producer.data_ptr(), consumer.data_ptr())
-        if key != self.key:
-            units = self.layer.n_units
-            self.incoming = numpy_view(producer).reshape(units, -1)
-            shape = (consumer.shape[0], units) + (() if self.out_axes == 0 else (-1,))
-            self.outgoing = numpy_view(consumer).reshape(shape)
-            self.scratch = (np.empty_like(self.incoming), np.empty_like(self.outgoing))
-            self.key = key
-        return self.incoming, self.outgoing, *self.scratch
-
-
-class HostWeightFactors:
-    """:func:`weight_factors` computed with numpy on CPU tensors' memory, for small layers where
-    torch's per-op dispatch costs more than the arithmetic. Same formulas; call it for the factors."""
-
-    def __init__(self, layers: list[HiddenLayer], kind: str) -> None:
-        self.kind = kind
-        self.views = [_WeightViews(layer) for layer in layers]
-
-    def __call__(self) -> list[np.ndarray | None]:
-        kind = self.kind
-        if kind == "random":
-            return [None] * len(self.views)
-        factors = []
-        add, absolute = np.add.reduce, np.abs
-        for views in self.views:
-            incoming, outgoing, abs_in, abs_out = views.get()
-            in_sums = None
-            if kind in ("adaptation", "adaptable_contribution"):
-                in_sums = add(absolute(incoming, out=abs_in), 1)
-                np.maximum(in_sums, views.floor, out=in_sums)
-            if kind == "adaptation":
-                factors.append(np.divide(views.in_count, in_sums, out=in_sums))
-                continue
-            factor = add(absolute(outgoing, out=abs_out), views.out_axes)
-            if kind == "adaptable_contribution":
-                factor /= in_sums
-                factor *= views.ratio
-            else:
-                factor *= views.ratio / views.in_count
-            factors.append(factor)
-        return factors
-
-
-#: weight matrices with at least this many entries are "large": ``magnitude_every`` spaces out their
+#: weight matrices with at least this many entries per member are "large": ``every`` spaces out their
 #: |w| sums. Smaller ones (an output layer, a narrow net) cost little and are summed every step.
 AMORTISE_FROM = 1 << 16
 
 
-class WeightFactors:
-    """The weight part of each layer's utility: mean|w_out|, 1/mean|w_in|, or their ratio.
+Array = torch.Tensor | np.ndarray
 
-    ``factors = WeightFactors(layers, kind, every=N)``, then ``factors(refresh)`` once per step: the
-    |w| sums of every weight matrix below :data:`AMORTISE_FROM` entries are recomputed at each call, and
-    those of larger matrices only when ``refresh`` is true (the caller's every-N-steps schedule) or
-    ``every`` is 1. A large weight's row sums (it produces a layer) and column sums (it feeds one) come
-    from one pass over it. Around a replacement, :meth:`neighbour_shares` (before) and :meth:`patch`
+
+def _row_sums(magnitude: Array, ones: Array) -> Array:
+    """(S, rows, ...) -> (S, rows): sum over each row (a producer's unit), as a product with ``ones`` (one
+    per entry of a row): numpy reduces short rows several times slower than it multiplies them."""
+    if magnitude.ndim != 3:
+        magnitude = magnitude.reshape(*magnitude.shape[:2], -1)
+    return magnitude @ ones
+
+
+def _column_sums(magnitude: Array, units: int) -> Array:
+    """(S, out, units * block[, kh, kw]) -> (S, units): sum over each unit's consumer columns."""
+    if magnitude.ndim == 3 and magnitude.shape[2] == units:
+        return magnitude.sum(1)
+    return magnitude.reshape(*magnitude.shape[:2], units, -1).sum((1, 3))
+
+
+def _per_member(weight: torch.Tensor) -> int:
+    return weight[0].numel()
+
+
+class _Matrix:
+    """One weight matrix of the unit graph, with the sums it gives: its rows are the units of layer
+    ``rows_of`` (it produces them), its columns those of layer ``columns_of`` (it consumes them)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.rows_of: int | None = None
+        self.columns_of: int | None = None
+        self.units: int | None = None  # units of layer ``columns_of``
+        weight = member_view(module, module.weight)
+        self.size = _per_member(weight)
+        self.ones = torch.ones(weight[0, 0].numel(), dtype=weight.dtype, device=weight.device)  # see _row_sums
+
+
+class WeightFactors:
+    """The weight part of each layer's utility: mean|w_out|, 1/mean|w_in|, or their ratio, (S, units).
+
+    ``factors = WeightFactors(layers, kind, every=N)``, then ``factors(refresh)`` once per step: the |w|
+    sums of every weight matrix below :data:`AMORTISE_FROM` entries per member are recomputed at each
+    call, and those of larger matrices only when ``refresh`` is true (the caller's every-N-steps
+    schedule) or ``every`` is 1. Around a replacement, :meth:`neighbour_shares` (before) and :meth:`patch`
     (after) update the cached sums by exactly what the replacement changed, so a fresh unit never
-    inherits the old unit's factor.
+    inherits the old unit's factor. ``arrays`` (:class:`cbp.arrays.Arrays`) says whether the per-step
+    sums run in torch or numpy.
     """
 
-    def __init__(self, layers: list[HiddenLayer], kind: str, every: int = 1) -> None:
+    def __init__(self, layers: list[HiddenLayer], kind: str, every: int = 1, *, arrays: Arrays | None = None) -> None:
         self.layers, self.kind = list(layers), kind
-        self.amortise_from = AMORTISE_FROM if every > 1 else None
-        self.need_in = kind in ("adaptation", "adaptable_contribution")
-        self.need_out = kind not in ("adaptation", "random")
-        self.in_sums: list[torch.Tensor | None] = [None] * len(self.layers)
-        self.out_sums: list[torch.Tensor | None] = [None] * len(self.layers)
-        self._scratch: torch.Tensor | None = None  # |W| of one block of rows (see _row_column_sums)
+        self.arrays = arrays or Arrays(host=False)
+        need_in = kind in ("adaptation", "adaptable_contribution")
+        need_out = kind not in ("adaptation", "random")
+        matrices: dict[int, _Matrix] = {}
+        for index, layer in enumerate(self.layers):
+            if need_in:
+                matrices.setdefault(id(layer.producer), _Matrix(layer.producer)).rows_of = index
+            if need_out:
+                matrix = matrices.setdefault(id(layer.consumer), _Matrix(layer.consumer))
+                matrix.columns_of, matrix.units = index, layer.n_units
+        self.matrices = list(matrices.values())
+        for matrix in self.matrices:
+            matrix.ones = self.arrays.state(matrix.ones)
+        self.in_counts = [layer.incoming()[0, 0].numel() for layer in self.layers]
+        self.out_counts = [_per_member(layer.outgoing()) // layer.n_units for layer in self.layers]
+        self.in_sums: list[Array | None] = [None] * len(self.layers)
+        self.out_sums: list[Array | None] = [None] * len(self.layers)
+        self._scratch: torch.Tensor | None = None  # |W| of one block of rows (see _blocked_sums)
         #: whether some weight matrix's sums are reused across steps (``every`` > 1 and a large one)
-        self.amortises = self.amortise_from is not None and any(
-            module.weight.numel() >= self.amortise_from
-            for layer in self.layers for module in (layer.producer, layer.consumer))
+        self.amortises = every > 1 and any(matrix.size >= AMORTISE_FROM for matrix in self.matrices)
+        if self.arrays.host and (self.amortises or any(m.size >= _FUSED_BELOW for m in self.matrices)):
+            raise ValueError("host (numpy) weight factors are for small layers summed every step")
 
-    def _row_column_sums(self, weight: torch.Tensor, rows: bool, consumer_of: HiddenLayer | None):
-        """(sum |w| over each row, sum |w| over each of ``consumer_of``'s unit columns) of a large weight.
+    def _blocked_sums(self, weight: torch.Tensor, units: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row sums, column sums per unit of the consumed layer) of a large weight, from one pass.
 
         On the CPU the rows go through |.| a cache-sized block at a time, into a scratch block that the
         sums then read from cache: one pass over W in memory instead of three (|W|, rows, columns)."""
-        flat = weight.reshape(weight.shape[0], -1)
-        count, width = flat.shape
-        block = count if weight.device.type != "cpu" else max(1, _CHUNK // width)
+        members, count = weight.shape[:2]
+        flat = weight.reshape(members, count, -1)
+        width = flat.shape[2]
+        block = count if weight.device.type != "cpu" else max(1, _CHUNK // (members * width))
+        size = members * min(count, block) * width
         scratch = self._scratch
-        if scratch is None or scratch.numel() < block * width or scratch.device != weight.device or (
-                scratch.dtype != weight.dtype):
-            scratch = self._scratch = weight.new_empty(min(count, block) * width)
-        row_sums = weight.new_empty(count) if rows else None
-        units = consumer_of.n_units if consumer_of is not None else 0
-        column_sums = weight.new_zeros(units) if consumer_of is not None else None
+        if scratch is None or scratch.numel() < size or (scratch.device, scratch.dtype) != (weight.device, weight.dtype):
+            scratch = self._scratch = weight.new_empty(size)
+        row_sums = weight.new_empty(members, count)
+        column_sums = weight.new_zeros(members, units)
         for start in range(0, count, block):
-            part = flat[start:start + block]
+            part = flat[:, start:start + block]
             magnitude = scratch[: part.numel()].view(part.shape)
             torch.abs(part, out=magnitude)
-            if row_sums is not None:
-                torch.sum(magnitude, 1, out=row_sums[start:start + block])
-            if column_sums is not None:
-                column_sums.add_(magnitude.view(part.shape[0], units, -1).sum((0, 2)))
+            row_sums[:, start:start + block] = magnitude.sum(2)
+            column_sums.add_(magnitude.view(members, part.shape[1], units, -1).sum((1, 3)))
         return row_sums, column_sums
 
-    def _stale_ok(self, weight: torch.Tensor, cached: torch.Tensor | None, refresh: bool) -> bool:
-        return (cached is not None and not refresh and self.amortise_from is not None
-                and weight.numel() >= self.amortise_from)
-
-    @torch.no_grad()
-    def __call__(self, refresh: bool = True) -> list[torch.Tensor | None]:
+    def __call__(self, refresh: bool = True) -> list[Array | None]:
+        """Each layer's weight factor (S, units) from the current weights (None for ``random``); numpy
+        arrays on the host."""
         if self.kind == "random":
             return [None] * len(self.layers)
-        layers = self.layers
-        memo: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-
-        def sums(weight: torch.Tensor, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-            """Row sums of |W| (W as layer ``index``'s producer or the next layer's) and column sums
-            per unit (W as a consumer), both from one pass over a large W."""
-            if id(weight) not in memo:
-                producer = self.need_in and any(layer.producer.weight is weight for layer in layers[index:index + 2])
-                consumer_of = next((layer for layer in layers[max(index - 1, 0):index + 1]
-                                    if layer.consumer.weight is weight), None) if self.need_out else None
-                memo[id(weight)] = self._row_column_sums(weight, producer, consumer_of)
-            return memo[id(weight)]
-
-        factors = []
-        for index, layer in enumerate(layers):
-            in_count = layer.producer.weight.numel() // layer.n_units
-            out_count = layer.consumer.weight.numel() // layer.n_units
-            if self.need_in and not self._stale_ok(layer.producer.weight, self.in_sums[index], refresh):
-                if layer.producer.weight.numel() < _FUSED_BELOW:
-                    in_sums = _incoming_sums(layer)[0]
-                else:
-                    in_sums = sums(layer.producer.weight, index)[0]
-                self.in_sums[index] = in_sums.clamp_min_(MIN_INCOMING * in_count)
-            if self.need_out and not self._stale_ok(layer.consumer.weight, self.out_sums[index], refresh):
-                if layer.consumer.weight.numel() < _FUSED_BELOW:
-                    self.out_sums[index] = _outgoing_sums(layer)[0]
-                else:
-                    self.out_sums[index] = sums(layer.consumer.weight, index)[1]
-            if self.kind == "adaptation":
-                factors.append(in_count / self.in_sums[index])
-            elif self.kind == "adaptable_contribution":
-                factors.append(self.out_sums[index] / self.in_sums[index] * (in_count / out_count))
+        in_sums, out_sums = self.in_sums, self.out_sums
+        for matrix in self.matrices:
+            rows_of, columns_of = matrix.rows_of, matrix.columns_of
+            if self.amortises and not refresh and matrix.size >= AMORTISE_FROM:  # keep what is cached
+                rows_of = None if rows_of is None or in_sums[rows_of] is not None else rows_of
+                columns_of = None if columns_of is None or out_sums[columns_of] is not None else columns_of
+                if rows_of is None and columns_of is None:
+                    continue
+            weight = self.arrays.parameter(matrix.module)
+            if matrix.size >= _FUSED_BELOW and rows_of is not None and columns_of is not None:
+                row_sums, column_sums = self._blocked_sums(weight, matrix.units)
             else:
-                factors.append(self.out_sums[index] / out_count)
+                magnitude = abs(weight)
+                row_sums = None if rows_of is None else _row_sums(magnitude, matrix.ones)
+                column_sums = None if columns_of is None else _column_sums(magnitude, matrix.units)
+            if rows_of is not None:
+                in_sums[rows_of] = row_sums
+            if columns_of is not None:
+                out_sums[columns_of] = column_sums
+        factors = []
+        for index, (in_count, out_count) in enumerate(zip(self.in_counts, self.out_counts)):
+            mean_in = None if in_sums[index] is None else in_sums[index] / in_count + MIN_INCOMING  # mean|w_in|
+            mean_out = None if out_sums[index] is None else out_sums[index] / out_count  # mean|w_out|
+            if self.kind == "adaptation":
+                factors.append(1 / mean_in)
+            elif self.kind == "adaptable_contribution":
+                factors.append(mean_out / mean_in)
+            else:
+                factors.append(mean_out)
         return factors
 
     @torch.no_grad()
-    def neighbour_shares(self, index: int, units: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """What ``units``' incoming rows add to the previous layer's outgoing sums, and what their
-        outgoing columns add to the next layer's incoming sums (None where nothing is cached). Take it
-        before replacing ``units`` and hand it to :meth:`patch`."""
+    def neighbour_shares(self, index: int, selection: UnitSelection) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What the selected units' incoming rows add to the previous layer's outgoing sums, and what
+        their outgoing columns add to the next layer's incoming sums, one row per selected unit (None
+        where nothing is cached). Take it before replacing the units and hand it to :meth:`patch`."""
         layer = self.layers[index]
+        index_pair = (selection.members, selection.units)
         to_previous = to_next = None
-        previous = self.layers[index - 1] if index > 0 else None
+        if index > 0 and self.layers[index - 1].consumer is layer.producer and self.out_sums[index - 1] is not None:
+            rows = layer.incoming()[index_pair]  # (P, previous units, ...): the previous layer's columns
+            to_previous = rows.reshape(rows.shape[0], self.layers[index - 1].n_units, -1).abs().sum(2)
         following = self.layers[index + 1] if index + 1 < len(self.layers) else None
-        if previous is not None and previous.consumer is layer.producer and self.out_sums[index - 1] is not None:
-            weight = layer.producer.weight  # the previous layer's consumer: (units, previous units, ...)
-            rows = weight.reshape(layer.n_units, self.layers[index - 1].n_units, -1)[units]
-            to_previous = rows.abs().sum((0, 2))
         if following is not None and following.producer is layer.consumer and self.in_sums[index + 1] is not None:
-            weight = layer.consumer.weight  # the next layer's producer: (next units, units, ...)
-            columns = weight.reshape(weight.shape[0], layer.n_units, -1)[:, units]
-            to_next = columns.abs().sum((1, 2))
+            columns = layer.outgoing_weights()[selection.members, :, selection.units]  # (P, next units, ...)
+            to_next = columns.abs().sum(2)
         return to_previous, to_next
 
     @torch.no_grad()
-    def patch(self, index: int, units: torch.Tensor, before) -> None:
-        """Bring the cached sums up to date with a replacement of layer ``index``'s ``units``: their
+    def patch(self, index: int, selection: UnitSelection, before) -> None:
+        """Bring the cached sums up to date with a replacement of layer ``index``'s selected units: their
         own sums from their new rows and columns, and the neighbouring layers' sums by what the
         replaced rows and columns changed. Only the optimizer's changes wait for the next refresh."""
         layer = self.layers[index]
+        members, units = selection.members, selection.units
         if self.in_sums[index] is not None:
-            rows = layer.producer.weight.reshape(layer.n_units, -1)[units]
-            self.in_sums[index][units] = rows.abs().sum(1).clamp_min_(MIN_INCOMING * rows.shape[1])
+            rows = layer.incoming()[members, units].reshape(len(selection), -1)
+            self.in_sums[index][members, units] = rows.abs().sum(1)
         if self.out_sums[index] is not None:
-            weight = layer.consumer.weight
-            columns = weight.reshape(weight.shape[0], layer.n_units, -1)[:, units]
-            self.out_sums[index][units] = columns.abs().sum((0, 2))
-        after = self.neighbour_shares(index, units)
+            columns = layer.outgoing_weights()[members, :, units]
+            self.out_sums[index][members, units] = columns.abs().sum((1, 2))
+        after = self.neighbour_shares(index, selection)
         if after[0] is not None:
-            self.out_sums[index - 1].add_(after[0] - before[0]).clamp_min_(0)
+            self.out_sums[index - 1].index_add_(0, members, after[0] - before[0]).clamp_min_(0)
         if after[1] is not None:
-            count = self.layers[index + 1].producer.weight.numel() // self.layers[index + 1].n_units
-            self.in_sums[index + 1].add_(after[1] - before[1]).clamp_min_(MIN_INCOMING * count)
+            self.in_sums[index + 1].index_add_(0, members, after[1] - before[1]).clamp_min_(0)
 
     def state_dict(self) -> dict[str, list[torch.Tensor | None]]:
-        return {"in_sums": list(self.in_sums), "out_sums": list(self.out_sums)}
+        """The cached sums when they are reused across steps (otherwise every call takes them afresh)."""
+        if not self.amortises:
+            return {}
+        return {"in_sums": [None if t is None else t.clone() for t in self.in_sums],
+                "out_sums": [None if t is None else t.clone() for t in self.out_sums]}
 
     def load_state_dict(self, state: dict[str, list[torch.Tensor | None]]) -> None:
-        self.in_sums = [None if t is None else t.clone() for t in state["in_sums"]]
-        self.out_sums = [None if t is None else t.clone() for t in state["out_sums"]]
+        if self.amortises:
+            self.in_sums = [None if t is None else t.clone() for t in state["in_sums"]]
+            self.out_sums = [None if t is None else t.clone() for t in state["out_sums"]]
 
 
 def weight_factors(layers: list[HiddenLayer], kind: str) -> list[torch.Tensor | None]:
-    """Each layer's weight factor from the current weights (see :class:`WeightFactors`)."""
+    """Each layer's weight factor (S, units) from the current weights (see :class:`WeightFactors`)."""
     return WeightFactors(layers, kind)()

@@ -159,7 +159,7 @@ def _dry_build(bench: Benchmark, strategy: str, settings: Config) -> None:
     from dst.masked import sparsify
 
     c = bench.config
-    model = bench.make_model(torch.Generator().manual_seed(0))
+    model = bench.make_model([torch.Generator().manual_seed(0)])
     sparsify(model, c.density, c.distribution, dense_first=c.dense_first, dense_last=c.dense_last, seed=0)
     strategies.build(strategy, model, bench.make_optimizer(model), config=settings, seed=0)
 
@@ -172,7 +172,7 @@ def _run_length(bench: Benchmark, values: dict[str, Any], comparison: Comparison
 
     key = json.dumps(values, sort_keys=True)
     if key not in lengths:
-        stream = bench.make_stream(comparison.seeds[0], torch.device("cpu"))
+        stream = bench.make_stream((comparison.seeds[0],), torch.device("cpu"))
         bench.bin_steps(stream)
         lengths[key] = comparison.steps if comparison.steps is not None else bench.default_steps(stream)
     return lengths[key]

@@ -1,16 +1,20 @@
 """dst: topology refresh for continual learning.
 
 Continual backpropagation (unit-level) and dynamic sparse training (connection-level) are two refresh
-strategies over one masked-layer abstraction, one strategy registry and one experiment loop.
+strategies over one masked-layer abstraction, one strategy registry and one experiment loop, all on the
+member layout of populations (``dst.population``): S learners in one batched pass.
 """
 
-from . import baselines, benchmarks, init, metrics, nets, optim, prune_regrow, runner, sparsity, strategies, streams
+from . import (
+    baselines, benchmarks, init, metrics, nets, optim, population, prune_regrow, runner, sparsity, strategies, streams,
+)
 from .config import Config, setting
 from .experiment import Experiment
 from .errors import ConfigError, DataError, DSTError, NonFiniteLossError, TopologyError
 from .masked import MaskedConv2d, MaskedLinear, apply_masks, mask_gradients, masked_layers, sparsify
 from .optim import ElementwiseAdam, build_optimizer, reset_optimizer_state
-from .refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig, replace_units
+from .population import MemberRandom, forward
+from .refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig, UnitSelection, replace_units
 from .runner import RunSpec
 from .topology import HiddenLayer, Topology
 
@@ -31,6 +35,7 @@ __all__ = [
     "HiddenLayer",
     "MaskedConv2d",
     "MaskedLinear",
+    "MemberRandom",
     "NO_REFRESH",
     "NonFiniteLossError",
     "RefreshStats",
@@ -38,6 +43,7 @@ __all__ = [
     "StrategyConfig",
     "Topology",
     "TopologyError",
+    "UnitSelection",
     "apply_masks",
     "build_optimizer",
     "init",
@@ -46,6 +52,8 @@ __all__ = [
     "metrics",
     "nets",
     "optim",
+    "forward",
+    "population",
     "prune_regrow",
     "replace_units",
     "reset_optimizer_state",

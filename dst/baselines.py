@@ -6,6 +6,10 @@
 - ``head-reset``: re-initialises the output layer (and its optimizer state) at every task boundary.
 
 Plain L2 is the benchmark's ``weight_decay`` setting, and backprop with Adam its ``optimizer=adam``.
+
+In a population every member may have its own ``weight_decay``, ``noise_std`` and ``strength`` (and its
+own learning rate, where the optimizer holds one per member); parameters are read member-first
+(``dst.population.member_view``), and the noise and the fresh head weights are each member's own draws.
 """
 
 from __future__ import annotations
@@ -13,15 +17,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
 from . import strategies
 from .config import setting
-from .init import INIT_SCHEMES, fans, uniform_
+from .init import INIT_SCHEMES, fans, init_bound
 from .optim import reset_optimizer_state
+from .population import member_view
 from .refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig
 
 __all__ = ["ShrinkPerturbConfig", "ShrinkPerturb", "L2InitConfig", "L2Init", "HeadResetConfig", "HeadReset"]
+
+
+def _owners(model: nn.Module) -> dict[int, nn.Module]:
+    """The module that holds each parameter of ``model``, by the parameter's id."""
+    return {id(param): module for module in model.modules() for param in module.parameters(recurse=False)}
+
+
+def _per_member(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """(S,) host values as a tensor that broadcasts over a member-first tensor shaped like ``like``."""
+    return torch.as_tensor(values, dtype=like.dtype, device=like.device).view(-1, *[1] * (like.dim() - 1))
 
 
 @dataclass(frozen=True)
@@ -32,25 +49,38 @@ class ShrinkPerturbConfig(StrategyConfig):
 
 @strategies.register("shrink-perturb")
 class ShrinkPerturb(RefreshStrategy):
-    """Shrink & Perturb: decay every parameter and add Gaussian noise after every step."""
+    """Shrink & Perturb: decay every parameter and add Gaussian noise after every step.
+
+    The learning rate of each parameter is its optimizer group's at construction (one value, or one per
+    member).
+    """
 
     Config = ShrinkPerturbConfig
 
     def __init__(self, model, optimizer, config=None, *, seed=None) -> None:
         super().__init__(model, optimizer, config, seed=seed)
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.lrs = [group["lr"] for group in optimizer.param_groups for _ in group["params"]]
+        owners = _owners(self.model)
+        decay, noise = self.per_member("weight_decay"), self.per_member("noise_std")
+        self.shrink, self.perturb = bool(decay.any()), bool(noise.any())
+        # (parameter, its module, shrink factor 1 - lr * wd, sigma), the last two per member
+        self.params: list[tuple[torch.Tensor, nn.Module, torch.Tensor, torch.Tensor]] = []
+        for group in optimizer.param_groups:
+            lr = np.broadcast_to(torch.as_tensor(group["lr"], dtype=torch.float64).cpu().numpy(), (self.members,))
+            for param in group["params"]:
+                module = owners[id(param)]
+                view = member_view(module, param)
+                self.params.append((param, module, _per_member(1 - lr * decay, view), _per_member(noise, view)))
 
     @torch.no_grad()
     def after_step(self) -> RefreshStats:
         super().after_step()
-        c = self.config
-        for param, lr in zip(self.params, self.lrs):
-            if c.weight_decay:
-                param.mul_(1 - lr * c.weight_decay)
-            if c.noise_std:
-                param.add_(torch.randn(param.shape, device=param.device, dtype=param.dtype,
-                                       generator=self.generator), alpha=c.noise_std)
+        for draw, (param, module, factor, sigma) in enumerate(self.params):
+            param = member_view(module, param)
+            if self.shrink:
+                param.mul_(factor)
+            if self.perturb:
+                noise = self.random.normal(param.shape[1:], step=self.step, draw=draw, dtype=param.dtype)
+                param.add_(noise.mul_(sigma))
         for layer in self.masked:
             layer.apply_mask()
         return NO_REFRESH
@@ -63,20 +93,25 @@ class L2InitConfig(StrategyConfig):
 
 @strategies.register("l2-init")
 class L2Init(RefreshStrategy):
-    """L2 Init: regularise toward the initial parameters, lambda * ||theta - theta_0||^2."""
+    """L2 Init: regularise toward the initial parameters, lambda * ||theta - theta_0||^2 (theta_0: each
+    member's own parameters when the strategy is built)."""
 
     Config = L2InitConfig
 
     def __init__(self, model, optimizer, config=None, *, seed=None) -> None:
         super().__init__(model, optimizer, config, seed=seed)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.initial = [p.detach().clone() for p in self.params]
+        owners = _owners(self.model)
+        self.params = [(p, owners[id(p)]) for p in self.model.parameters() if p.requires_grad]
+        self.initial = [p.detach().clone() for p, _ in self.params]
+        strength = self.per_member("strength")
+        self.coefficients = [_per_member(2 * strength, member_view(m, p)) for p, m in self.params]  # 2 lambda
 
     @torch.no_grad()
     def before_step(self) -> None:
-        for param, start in zip(self.params, self.initial):
+        for (param, module), start, coefficient in zip(self.params, self.initial, self.coefficients):
             if param.grad is not None:
-                param.grad.add_(param - start, alpha=2 * self.config.strength)
+                pull = member_view(module, param - start).mul_(coefficient)  # 2 lambda (theta - theta_0)
+                member_view(module, param.grad).add_(pull)
         super().before_step()
 
     def state_dict(self) -> dict[str, Any]:
@@ -95,7 +130,8 @@ class HeadResetConfig(StrategyConfig):
 
 @strategies.register("head-reset")
 class HeadReset(RefreshStrategy):
-    """Re-initialise the output layer at every task boundary (task 0 excluded)."""
+    """Re-initialise the output layer at every task boundary (task 0 excluded): weights U(-b, b) with the
+    ``init`` scheme's bound at gain 1 (masked entries stay 0), bias 0, their optimizer state zeroed."""
 
     Config = HeadResetConfig
 
@@ -111,16 +147,21 @@ class HeadReset(RefreshStrategy):
     def on_task_start(self, task: int) -> None:
         if task == 0:
             return
-        weight = self.head.weight
-        fan_in, fan_out = fans(weight.shape)
-        uniform_(weight, self.config.init, fan_in, fan_out, 1.0, self.generator)
-        mask = getattr(self.head, "mask", None)
+        head = self.head
+        weight = member_view(head, head.weight)
+        fan_in, fan_out = fans(weight.shape[1:])
+        bound = init_bound(self.config.init, fan_in, fan_out, 1.0)
+        uniform = self.random.uniform(weight.shape[1:], step=self.step, dtype=torch.float64)
+        weight.copy_((2 * uniform - 1) * bound)
+        mask = getattr(head, "mask", None)
         if mask is not None:
-            weight.mul_(mask)
-        reset_optimizer_state(self.optimizer, weight, (slice(None),))
-        if self.head.bias is not None:
-            self.head.bias.zero_()
-            reset_optimizer_state(self.optimizer, self.head.bias, (slice(None),))
+            head.weight.mul_(mask)
+        if self.optimizer is not None:
+            reset_optimizer_state(self.optimizer, head.weight, (slice(None),))
+        if head.bias is not None:
+            head.bias.zero_()
+            if self.optimizer is not None:
+                reset_optimizer_state(self.optimizer, head.bias, (slice(None),))
         self.resets += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -13,8 +13,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from collections.abc import Sequence
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import Config, setting
@@ -23,6 +24,7 @@ from .init import INIT_SCHEMES
 from .masked import sparsify
 from .nets import ACTIVATION_MODULES, convnet, mlp
 from .optim import OPTIMIZERS, build_optimizer
+from .population import check_seeds, cross_entropy_per_member, mse_per_member
 from .registry import Registry
 from .sparsity import DISTRIBUTIONS
 from .streams import BitFlippingStream, Stream
@@ -94,6 +96,8 @@ class Benchmark(ABC):
 
     #: Named override sets, e.g. the published scale: ``--bench preset=paper``.
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: Whether several members train in one batched pass (population layers); else one member per run.
+    batchable: ClassVar[bool] = True
 
     def __init__(self, config: BenchmarkConfig | None = None) -> None:
         self.config = config if config is not None else type(self).Config()
@@ -114,36 +118,50 @@ class Benchmark(ABC):
         return stream.steps_per_task
 
     @abstractmethod
-    def make_stream(self, seed: int, device: torch.device) -> Stream:
-        """The stream of ``(x, y, task)`` batches for ``seed``."""
+    def make_stream(self, seeds: tuple[int, ...], device: torch.device) -> Stream:
+        """The stream of member-first ``(x, y, task)`` batches, one member per seed."""
 
     @abstractmethod
-    def make_model(self, generator: torch.Generator) -> nn.Module:
-        """The dense learner, initialised from ``generator``."""
+    def make_model(self, generators: list[torch.Generator]) -> nn.Module:
+        """The dense learner, one member per generator (member s initialised from ``generators[s]``)."""
 
     def loss_fn(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """One loss per member, shape (S,)."""
         if self.task_type == "classification":
-            return F.cross_entropy(output, target)
-        return F.mse_loss(output, target)
+            return cross_entropy_per_member(output, target)
+        return mse_per_member(output, target)
 
     def make_probe(self) -> "Probe | None":
         from .probe import Probe
 
         return Probe(every=self.config.probe_every) if self.config.probe else None
 
-    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+    def make_optimizer(self, model: nn.Module, lr: float | Sequence[float] | None = None) -> torch.optim.Optimizer:
+        """The benchmark's optimizer; ``lr`` (one per member, or one for all) overrides the config's."""
         c = self.config
         kwargs: dict[str, Any] = dict(weight_decay=c.weight_decay)
         if c.optimizer == "sgd":
             kwargs["momentum"] = c.momentum
         else:
             kwargs["betas"] = tuple(c.betas)
-        return build_optimizer(c.optimizer, model.parameters(), c.lr, **kwargs)
+        return build_optimizer(c.optimizer, model.parameters(), c.lr if lr is None else lr, **kwargs)
 
-    def build(self, seed: int, device: torch.device | str) -> tuple[Stream, nn.Module, torch.optim.Optimizer]:
-        """Stream, (sparsified) learner on ``device`` and its optimizer, all determined by ``seed``."""
+    def build(
+        self,
+        seeds: int | Sequence[int],
+        device: torch.device | str,
+        lr: float | Sequence[float] | None = None,
+    ) -> tuple[Stream, nn.Module, torch.optim.Optimizer]:
+        """Stream, (sparsified) learner on ``device`` and its optimizer for one member per seed: member s is
+        determined by ``seeds[s]`` alone, exactly as the population of that one seed."""
+        seeds = check_seeds(seeds)
+        if len(seeds) > 1 and not self.batchable:
+            raise ConfigError(
+                f"{self.config.owner} trains one member at a time (its net is not batched over members); "
+                f"run its {len(seeds)} seeds as separate runs (--seed N), e.g. with python -m comparisons"
+            )
         device = torch.device(device)
-        model = self.make_model(torch.Generator().manual_seed(derive_seed(seed, _MODEL)))
+        model = self.make_model([torch.Generator().manual_seed(derive_seed(seed, _MODEL)) for seed in seeds])
         c = self.config
         sparsify(
             model,
@@ -151,10 +169,10 @@ class Benchmark(ABC):
             c.distribution,
             dense_first=c.dense_first,
             dense_last=c.dense_last,
-            seed=derive_seed(seed, _MASK),
+            seed=[derive_seed(seed, _MASK) for seed in seeds],
         )
         model.to(device)
-        return self.make_stream(seed, device), model, self.make_optimizer(model)
+        return self.make_stream(seeds, device), model, self.make_optimizer(model, lr)
 
 
 def build(name: str, **overrides: Any) -> Benchmark:
@@ -209,10 +227,10 @@ class BitFlipping(Benchmark):
     Config = BitFlippingConfig
     task_type = "regression"
 
-    def make_stream(self, seed: int, device: torch.device) -> Stream:
+    def make_stream(self, seeds: tuple[int, ...], device: torch.device) -> Stream:
         c = self.config
         return BitFlippingStream(
-            seed,
+            seeds,
             n_bits=c.n_bits,
             n_flipping=c.n_flipping,
             change_every=c.change_every,
@@ -224,9 +242,9 @@ class BitFlipping(Benchmark):
             device=device,
         )
 
-    def make_model(self, generator: torch.Generator) -> nn.Module:
+    def make_model(self, generators: list[torch.Generator]) -> nn.Module:
         c = self.config
-        return mlp(c.n_bits, c.hidden, 1, c.activation, init=c.init, generator=generator)
+        return mlp(c.n_bits, c.hidden, 1, c.activation, init=c.init, generators=generators)
 
 
 # -- MNIST benchmarks ----------------------------------------------------------------------------
@@ -255,9 +273,9 @@ class MNISTBenchmark(Benchmark):
 
         return load_mnist(self.config.data_dir or None, train=True)
 
-    def make_model(self, generator: torch.Generator) -> nn.Module:
+    def make_model(self, generators: list[torch.Generator]) -> nn.Module:
         c = self.config
-        return mlp(784, c.hidden, 10, c.activation, init=c.init, generator=generator)
+        return mlp(784, c.hidden, 10, c.activation, init=c.init, generators=generators)
 
 
 @dataclass(frozen=True)
@@ -281,12 +299,12 @@ class PermutedMNIST(MNISTBenchmark):
         "cpu": dict(tasks=100, examples_per_task=60_000, batch_size=16, hidden=(100, 100, 100), lr=0.03),
     }
 
-    def make_stream(self, seed: int, device: torch.device) -> Stream:
+    def make_stream(self, seeds: tuple[int, ...], device: torch.device) -> Stream:
         from .streams.mnist_tasks import PermutedMNISTStream
 
         c = self.config
         images, labels = self._data()
-        return PermutedMNISTStream(images, labels, seed, examples_per_task=c.examples_per_task,
+        return PermutedMNISTStream(images, labels, seeds, examples_per_task=c.examples_per_task,
                                    batch_size=c.batch_size, probe_size=c.probe_size, device=device)
 
 
@@ -306,12 +324,12 @@ class RandomLabelMNIST(MNISTBenchmark):
 
     Config = RandomLabelMNISTConfig
 
-    def make_stream(self, seed: int, device: torch.device) -> Stream:
+    def make_stream(self, seeds: tuple[int, ...], device: torch.device) -> Stream:
         from .streams.mnist_tasks import RandomLabelMNISTStream
 
         c = self.config
         images, labels = self._data()
-        return RandomLabelMNISTStream(images, labels, seed, subset=c.subset, epochs=c.epochs,
+        return RandomLabelMNISTStream(images, labels, seeds, subset=c.subset, epochs=c.epochs,
                                       batch_size=c.batch_size, probe_size=c.probe_size, device=device)
 
 
@@ -365,6 +383,7 @@ class ContinualImageNet(Benchmark):
 
     Config = ContinualImageNetConfig
     task_type = "classification"
+    batchable = False  # a plain ConvNet: a population of one (docs/architecture.md says why)
     presets = {
         "paper": dict(tasks=5000, epochs=250, batch_size=100, lr=0.01, momentum=0.9),
         "released": dict(pixels="raw", init="default"),
@@ -382,15 +401,16 @@ class ContinualImageNet(Benchmark):
             )
         return directory
 
-    def make_stream(self, seed: int, device: torch.device) -> Stream:
+    def make_stream(self, seeds: tuple[int, ...], device: torch.device) -> Stream:
         from .streams.imagenet_tasks import ContinualImageNetStream
 
         c = self.config
         return ContinualImageNetStream(
-            self.data_dir(), seed, epochs=c.epochs, batch_size=c.batch_size, probe_size=c.probe_size,
+            self.data_dir(), seeds, epochs=c.epochs, batch_size=c.batch_size, probe_size=c.probe_size,
             pixel_scale=1 / 255 if c.pixels == "unit" else 1.0, device=device,
         )
 
-    def make_model(self, generator: torch.Generator) -> nn.Module:
+    def make_model(self, generators: list[torch.Generator]) -> nn.Module:
+        (generator,) = generators  # not batchable: one member
         c = self.config
         return convnet(3, 32, 2, c.channels, c.kernel_sizes, c.hidden, c.activation, init=c.init, generator=generator)

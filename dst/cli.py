@@ -3,6 +3,8 @@
     python -m dst run --benchmark bit-flipping --strategy bp --steps 100000 --seed 0 --out runs/x
     python -m dst run --strategy cbp --set replacement_rate=1e-5 --bench hidden=100 --bench density=0.1
     python -m dst run --out runs/x --steps 1000000 --resume
+    python -m dst run --strategy cbp --seeds 0:100 --steps 1000000 --out runs/pop
+    python -m dst run --strategy cbp --seeds 0:3 --set replacement_rate=1e-5,1e-4,1e-3
     python -m dst strategies
     python -m dst benchmarks
 """
@@ -18,9 +20,10 @@ import pandas as pd
 
 from . import benchmarks, strategies
 from .config import Config, parse_assignments
-from .errors import DSTError, NonFiniteLossError
-from .rundir import FAILURE, METRICS, read_config
-from .runner import RunSpec, run
+from .errors import ConfigError, DSTError, NonFiniteLossError
+from .population import check_seeds
+from .rundir import FAILURE, METRICS, read_config, read_population
+from .runner import RunSpec, member_dir, run
 
 __all__ = ["main"]
 
@@ -49,7 +52,16 @@ def _parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=None,
         help=f"seed of stream, net, masks and strategy (default: {DEFAULTS['seed']}; with --resume the run's own)",
     )
-    run_parser.add_argument("--out", default=None, help="output directory (default: runs/BENCHMARK-STRATEGY-sSEED)")
+    run_parser.add_argument(
+        "--seeds", default=None, metavar="A:B|A,B,C",
+        help="train a population, one member per seed, in one batched pass: A:B is seeds A..B-1, or list "
+        "them; member s writes OUT/seed-<s>/. A numeric --set value (and --bench lr) may then hold one "
+        "comma-separated value per member",
+    )
+    run_parser.add_argument(
+        "--out", default=None,
+        help="output directory (default: runs/BENCHMARK-STRATEGY-sSEED, or -seedsA-B for a population)",
+    )
     run_parser.add_argument(
         "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
         help="strategy setting, repeatable (see `python -m dst strategies`)",
@@ -97,17 +109,42 @@ def _describe(registry_module) -> str:
 
 
 def _table(df: pd.DataFrame) -> str:
-    columns = [c for c in ("step", "task", "loss", "accuracy", "test_accuracy", "units_replaced",
+    columns = [c for c in ("seed", "step", "task", "loss", "accuracy", "test_accuracy", "units_replaced",
                            "connections_regrown", "seconds_per_step") if c in df.columns]
     formats = {"loss": "{:.4f}".format, "accuracy": "{:.4f}".format, "test_accuracy": "{:.4f}".format,
                "seconds_per_step": "{:.2e}".format}
     return df[columns].to_string(index=False, formatters=formats)
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``A:B`` (seeds A..B-1), ``A,B,C`` or ``A`` -> the seeds."""
+    try:
+        if ":" in text:
+            low, high = (int(part) for part in text.split(":"))
+            if high <= low:
+                raise ConfigError(
+                    f"--seeds {text}: the range {low}:{high} is empty (A:B means seeds A..B-1, so B must exceed A)"
+                )
+            return tuple(range(low, high))
+        return check_seeds([int(part) for part in text.split(",")])
+    except ValueError as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"--seeds {text!r}: give a range A:B (seeds A..B-1) or a list A,B,C of integers") from None
+
+
 def _spec(args: argparse.Namespace) -> RunSpec:
-    """The run the flags ask for; with --resume, flags not given come from the run's config.json (so that
-    ``--resume --out X`` alone continues any run), and flags given must agree with it (checked on start)."""
+    """The run the flags ask for; with --resume, flags not given come from the run's config.json (or a
+    population's population.json), so that ``--resume --out X`` alone continues any run, and flags given
+    must agree with it (checked on start)."""
+    if args.seed is not None and args.seeds is not None:
+        raise ConfigError("give --seed N (one run) or --seeds A:B (a population), not both")
+    population = read_population(args.out) if args.resume and args.out else {}
+    if population:
+        return _population_spec(args, population)
     saved = read_config(args.out) if args.resume and args.out else {}
+    if args.seeds is not None:
+        return _population_spec(args, {})
 
     def pick(name):
         given = getattr(args, name)
@@ -129,16 +166,64 @@ def _spec(args: argparse.Namespace) -> RunSpec:
     )
 
 
+def _population_spec(args: argparse.Namespace, saved: dict) -> RunSpec:
+    """A population's spec: flags over its population.json (settings as given, per-member lists included)."""
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else tuple(saved["seeds"])
+    if saved and list(seeds) != list(saved["seeds"]):
+        raise ConfigError(
+            f"--resume: the population in {args.out!r} has seeds {saved['seeds']}, not {list(seeds)}; leave "
+            "--seeds out to resume it, or start a new --out"
+        )
+
+    def pick(name):
+        given = getattr(args, name)
+        return given if given is not None else saved.get(name, DEFAULTS.get(name))
+
+    return RunSpec(
+        benchmark=pick("benchmark"),
+        strategy=pick("strategy"),
+        steps=pick("steps"),
+        seeds=seeds,
+        bench={**saved.get("bench", {}), **parse_assignments(args.bench, "--bench setting")},
+        settings={**saved.get("settings", {}), **parse_assignments(args.settings, "--set setting")},
+        device=args.device,
+        checkpoint_every=args.checkpoint_every or None,
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
     spec = _spec(args)
-    out = args.out or f"runs/{spec.benchmark}-{spec.strategy}-s{spec.seed}"
+    if spec.seeds is None:
+        out = args.out or f"runs/{spec.benchmark}-{spec.strategy}-s{spec.seed}"
+    else:
+        out = args.out or f"runs/{spec.benchmark}-{spec.strategy}-seeds{spec.seeds[0]}-{spec.seeds[-1]}"
     try:
-        df = run(spec, out, resume=args.resume, progress=not args.no_progress)
+        result = run(spec, out, resume=args.resume, progress=not args.no_progress)
     except NonFiniteLossError as err:
-        print(f"error: {err} ({out}/{METRICS}, {out}/{FAILURE})", file=sys.stderr)
+        where = f"{out}/{METRICS}, {out}/{FAILURE}" if spec.seeds is None else f"{out}/seed-*/{FAILURE}"
+        print(f"error: {err} ({where})", file=sys.stderr)
         return 3
-    print(_table(df))
-    print(f"\nwrote {out}/{METRICS} ({len(df)} rows) and {out}/config.json")
+    if spec.seeds is None:
+        print(_table(result))
+        print(f"\nwrote {out}/{METRICS} ({len(result)} rows) and {out}/config.json")
+        return 0
+    return _report_population(spec, out, result)
+
+
+def _report_population(spec: RunSpec, out: str, frames: list[pd.DataFrame]) -> int:
+    """Each member's last row in one table; the members stopped by a non-finite loss, named."""
+    failed = [seed for seed in spec.seeds or () if (member_dir(out, seed) / FAILURE).exists()]
+    last = [frame.iloc[[-1]].assign(seed=seed) for seed, frame in zip(spec.seeds or (), frames)
+            if len(frame) and seed not in failed]
+    if last:
+        print(_table(pd.concat(last, ignore_index=True)))
+    print(f"\nwrote {len(frames)} member runs under {out}/seed-<s>/ ({METRICS}, config.json, summary.json) "
+          f"and {out}/checkpoint.pt")
+    if failed:
+        for seed in failed:
+            print(f"error: seed {seed} stopped on a non-finite loss ({member_dir(out, seed) / FAILURE})",
+                  file=sys.stderr)
+        return 3
     return 0
 
 

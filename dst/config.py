@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from .errors import ConfigError
 
-__all__ = ["Config", "setting", "parse_assignments"]
+__all__ = ["Config", "setting", "parse_assignments", "is_numeric_setting"]
 
 _MISSING = dataclasses.MISSING
 
@@ -50,6 +50,11 @@ def setting(
         "help": help,
     }
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def is_numeric_setting(value: Any) -> bool:
+    """Whether a setting's value is a number (members of a population may differ only in these)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _describe_range(meta: Mapping[str, Any]) -> str:

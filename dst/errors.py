@@ -24,10 +24,12 @@ class DataError(DSTError, OSError):
 class NonFiniteLossError(DSTError, FloatingPointError):
     """Training produced a NaN or infinite loss."""
 
-    def __init__(self, step: int, value: float):
+    def __init__(self, step: int, value: float, member: str = ""):
         self.step = step
         self.value = value
+        self.member = member
+        who = f"{member}: " if member else ""
         super().__init__(
-            f"the loss became {value} at step {step}; the run stopped and the metrics written so far "
+            f"{who}the loss became {value} at step {step}; the run stopped and the metrics written so far "
             "are kept. Lower the learning rate, or check the data and the strategy settings."
         )

@@ -1,22 +1,27 @@
-"""The one training loop: stream -> model -> optimizer -> strategy -> metrics rows.
+"""The one training loop: stream -> model -> optimizer -> strategy -> metrics rows, for S members at once.
 
-Online: each batch is predicted (loss, accuracy) before the model learns from it. Every ``bin_size``
-steps (and at the end) one row goes to ``metrics.csv``: step, task, mean loss [and accuracy] over the
-bin, units replaced and connections regrown in the bin, and the bin's wall time. The hot path does no
-device synchronisation: per-step losses are kept as device tensors and reduced once per bin; the NaN
-check runs every ``check_every`` steps on the same tensors and names the exact step.
+Online: each batch is predicted (loss, accuracy) before the model learns from it. The stream yields
+member-first batches (S, batch, ...); the model (a population, or a plain model: a population of one)
+predicts every member's batch in one pass, ``loss_fn`` gives one loss per member (S,), and their sum is
+backpropagated, which gives each member exactly its own gradient. Every ``bin_size`` steps (and at the
+end) each member gets one row in its own ``metrics.csv``: step, task, mean loss [and accuracy] over the
+bin, units replaced and connections regrown in the bin, and the bin's wall time (shared by the members).
+The hot path does no device synchronisation: per-step losses are kept as device tensors and reduced once
+per bin; the NaN check runs every ``check_every`` steps on the same tensors and names the exact step.
 
 A stream with held-out data (a ``test_batch(task)`` method) is tested at the end of every task, in eval
 mode without gradients: ``test_loss`` [and ``test_accuracy``] of the task that ended go into that bin's
 row (NaN in rows whose bin saw no task end; with several task ends in one bin, the last one's).
 
 Checkpoints are taken at bin ends (``checkpoint_every`` is rounded up to whole bins) and hold the
-model, optimizer, strategy and RNG states. Because streams are pure functions of (seed, step), a
-resumed run produces exactly the rows an uninterrupted run produces (all but the timing columns); a
-resumed run with no checkpoint yet starts again from step 0 and rewrites the same rows.
+model, optimizer, strategy and RNG states of the whole population. Because streams are pure functions
+of (seed, step), a resumed run produces exactly the rows an uninterrupted run produces (all but the
+timing columns); a resumed run with no checkpoint yet starts again from step 0 and rewrites the same rows.
 
-A run that stops on a NaN or infinite loss keeps its rows (``metrics.csv`` has at least its header)
-and writes ``failure.json``: ``kind``, ``error`` (the message) and ``step``.
+A member whose loss becomes NaN or infinite stops: its rows so far are kept (``metrics.csv`` has at
+least its header), ``failure.json`` in its directory says ``kind``, ``error`` and ``step``, its
+parameters and optimizer state are zeroed so that it cannot disturb a batched operation, and the other
+members go on. When no member is left, the run raises :class:`~dst.errors.NonFiniteLossError`.
 """
 
 from __future__ import annotations
@@ -26,16 +31,18 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, NonFiniteLossError
+from .population import forward, is_population, member_view
 from .refresh import NO_REFRESH, RefreshStrategy
 from .rundir import CHECKPOINT, FAILURE, METRICS, check_config, check_output_dir, write_failure
 from .streams import Stream
@@ -52,29 +59,37 @@ TIMING_COLUMNS = ("seconds", "seconds_per_step", "probe_seconds")
 
 
 class Experiment:
-    """Runs a strategy on a stream online and logs one row per bin.
+    """Runs a strategy on a stream online, for every member of a population, and logs one row per bin.
 
     Parameters
     ----------
     stream, model, optimizer, strategy:
-        The parts; ``model`` must already be on ``stream.device``.
+        The parts; ``model`` must already be on ``stream.device``, and stream, model and strategy must
+        have the same number of members.
     steps:
         Total training steps (batches).
     loss_fn:
-        ``loss_fn(output, target)`` -> scalar tensor.
+        ``loss_fn(output, target)`` -> one loss per member, shape (S,) (``dst.population.mse_per_member``,
+        ``cross_entropy_per_member``).
     task_type:
         ``"classification"`` adds an online ``accuracy`` column.
     bin_size:
         Steps per metrics row.
     out_dir:
-        Where ``metrics.csv`` (and ``checkpoint.pt``, ``config.json``) go; ``None`` keeps rows in memory.
+        Where the checkpoint goes, and for a population of one its ``metrics.csv`` and ``config.json``;
+        ``None`` keeps rows in memory.
+    member_dirs:
+        One directory per member for its ``metrics.csv``, ``config.json`` (and ``failure.json``); by
+        default ``[out_dir]`` for a population of one. Needed for a larger population with an ``out_dir``.
     checkpoint_every:
         Steps between checkpoints (rounded up to whole bins); ``None`` or 0 disables them.
     metadata:
-        Resolved settings written to ``config.json``; a resume must find the same ones.
+        Resolved settings written to each member's ``config.json`` (one dict for all, or one per member);
+        a resume must find the same ones.
     on_row:
-        Called with each metrics row right after it is written (studies report intermediate values
-        from it); an exception it raises (e.g. ``optuna.TrialPruned``) stops the run, rows kept.
+        Called with the list of the members' rows (one per member still running) right after they are
+        written (studies report intermediate values from it); an exception it raises (e.g.
+        ``optuna.TrialPruned``) stops the run, rows kept.
     """
 
     def __init__(
@@ -89,12 +104,13 @@ class Experiment:
         task_type: str = "regression",
         bin_size: int = 1000,
         out_dir: str | os.PathLike | None = None,
+        member_dirs: Sequence[str | os.PathLike] | None = None,
         checkpoint_every: int | None = None,
         check_every: int = 1000,
-        metadata: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
         progress: bool = True,
         probe: "Probe | None" = None,
-        on_row: Callable[[dict[str, Any]], None] | None = None,
+        on_row: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         if not isinstance(steps, int) or steps <= 0:
             raise ConfigError(f"steps must be a positive integer, got {steps!r}")
@@ -103,35 +119,61 @@ class Experiment:
         if task_type not in ("regression", "classification"):
             raise ConfigError(f"task_type must be 'regression' or 'classification', got {task_type!r}")
         self.stream, self.model, self.optimizer, self.strategy = stream, model, optimizer, strategy
+        self.members = strategy.members
+        stream_members = getattr(stream, "members", 1)
+        if stream_members != self.members:
+            raise ConfigError(
+                f"the stream has {stream_members} members but the model and strategy {self.members}; "
+                "build them from the same seeds"
+            )
+        self.population = is_population(model)
         self.steps, self.loss_fn, self.task_type = steps, loss_fn, task_type
         self.bin_size = bin_size
         self.check_every = max(1, min(check_every, bin_size))
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        if member_dirs is None and self.out_dir is not None:
+            if self.members != 1:
+                raise ConfigError(f"a population of {self.members} members needs member_dirs: one directory each")
+            member_dirs = [self.out_dir]
+        self.member_dirs = [Path(d) for d in member_dirs] if member_dirs is not None else None
+        if self.member_dirs is not None and len(self.member_dirs) != self.members:
+            raise ConfigError(f"{len(self.member_dirs)} member_dirs for a population of {self.members} members")
         self.checkpoint_every = 0
         if checkpoint_every:
             self.checkpoint_every = math.ceil(checkpoint_every / bin_size) * bin_size
             if self.checkpoint_every != checkpoint_every:
                 log.info("checkpoint_every %d rounded up to %d (whole bins)", checkpoint_every, self.checkpoint_every)
-        self.metadata = metadata
+        if metadata is None or isinstance(metadata, dict):
+            metadata = [metadata] * self.members  # type: ignore[list-item]
+        if len(metadata) != self.members:
+            raise ConfigError(f"{len(metadata)} metadata dicts for a population of {self.members} members")
+        self.metadata = list(metadata)
         self.progress = progress
         self.probe = probe
         self.on_row = on_row
         if probe is not None and not hasattr(stream, "probe_batch"):
             raise ConfigError(f"{type(stream).__name__} has no probe_batch(task): it cannot be probed")
-        self.rows: list[dict[str, Any]] = []
-        self._probed: dict[str, Any] = {}
+        self.rows: list[list[dict[str, Any]]] = [[] for _ in range(self.members)]
+        #: member -> (step, message) of members stopped by a non-finite loss
+        self.failed: dict[int, tuple[int, str]] = {}
+        self._probed: list[dict[str, Any]] = [{} for _ in range(self.members)]
         # streams with held-out data per task (test_batch) are tested at the end of every task
         self.evaluate = hasattr(stream, "test_batch")
         if self.evaluate and not stream.steps_per_task:
             raise ConfigError(f"{type(stream).__name__} has test_batch(task) but no fixed task length")
-        self._tested: dict[str, Any] = {}
+        self._tested: list[dict[str, Any]] = [{} for _ in range(self.members)]
+
+    def member_name(self, member: int) -> str:
+        seeds = getattr(self.stream, "seeds", None)
+        return f"member {member} (seed {seeds[member]})" if seeds else f"member {member}"
 
     # -- checkpoints ------------------------------------------------------------------------
     def _checkpoint_state(self, step: int, task: int) -> dict[str, Any]:
         state = {
             "step": step,
             "task": task,
-            "rows": len(self.rows),
+            "rows": [len(rows) for rows in self.rows],
+            "failed": dict(self.failed),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "strategy": self.strategy.state_dict(),
@@ -148,13 +190,12 @@ class Experiment:
         os.replace(tmp, self.out_dir / CHECKPOINT)  # atomic: a crash never leaves half a checkpoint
 
     def _load_checkpoint(self) -> tuple[int, int]:
-        assert self.out_dir is not None
+        assert self.out_dir is not None and self.member_dirs is not None
         path = self.out_dir / CHECKPOINT
         if not path.exists():
-            written = self.out_dir / METRICS
-            if written.exists() and written.stat().st_size:
+            if any((d / METRICS).exists() and (d / METRICS).stat().st_size for d in self.member_dirs):
                 log.warning("%s has no %s yet: running it again from step 0 (the run is deterministic, so "
-                            "the rows already in %s are recomputed)", self.out_dir, CHECKPOINT, METRICS)
+                            "the rows already written are recomputed)", self.out_dir, CHECKPOINT)
             return 0, -1
         state = torch.load(path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
@@ -163,67 +204,81 @@ class Experiment:
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        rows = pd.read_csv(self.out_dir / METRICS).to_dict("records") if (self.out_dir / METRICS).exists() else []
-        self.rows = rows[: state["rows"]]
+        counts = state["rows"] if isinstance(state["rows"], list) else [state["rows"]]
+        self.failed = {int(k): tuple(v) for k, v in state.get("failed", {}).items()}  # type: ignore[misc]
+        for member, (directory, count) in enumerate(zip(self.member_dirs, counts)):
+            written = directory / METRICS
+            rows = pd.read_csv(written).to_dict("records") if written.exists() and written.stat().st_size else []
+            self.rows[member] = rows[:count]
         return int(state["step"]), int(state["task"])
 
     # -- output -----------------------------------------------------------------------------
-    def _open_csv(self) -> Any:
-        assert self.out_dir is not None
-        path = self.out_dir / METRICS
-        handle = path.open("w", newline="")
-        if self.rows:
-            writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]), lineterminator="\n", restval="")
-            writer.writeheader()
-            writer.writerows(self.rows)
-            handle.flush()
-        return handle
+    def _start_files(self) -> None:
+        """Each member's ``metrics.csv`` holds exactly its rows so far (none for a fresh run)."""
+        assert self.member_dirs is not None
+        for directory, rows in zip(self.member_dirs, self.rows):
+            with (directory / METRICS).open("w", newline="") as handle:
+                if rows:
+                    writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n", restval="")
+                    writer.writeheader()
+                    writer.writerows(rows)
 
-    def _emit(self, handle: Any, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        if handle is None:
+    def _emit(self, member: int, row: dict[str, Any]) -> None:
+        rows = self.rows[member]
+        rows.append(row)
+        if self.member_dirs is None:
             return
-        if handle.tell() == 0:
-            csv.DictWriter(handle, fieldnames=list(row), lineterminator="\n").writeheader()
-        csv.DictWriter(handle, fieldnames=list(self.rows[0]), lineterminator="\n", restval="").writerow(row)
-        handle.flush()
+        with (self.member_dirs[member] / METRICS).open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n", restval="")
+            if handle.tell() == 0:
+                writer.writeheader()
+            writer.writerow(row)
 
-    # -- the loop ---------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> pd.DataFrame:
-        """Train for ``steps`` steps (continuing from the checkpoint with ``resume``); return the rows."""
+    def _columns(self) -> list[str]:
+        return ["step", "task", "loss", *(["accuracy"] if self.task_type == "classification" else []),
+                "units_replaced", "connections_regrown", "seconds", "seconds_per_step"]
+
+    def _record_failure(self, member: int, step: int, value: float) -> NonFiniteLossError:
+        """Stop ``member``: keep its rows (at least a header), write its ``failure.json``, zero its parameters
+        and optimizer state so that its non-finite values stay out of every batched operation."""
+        error = NonFiniteLossError(step, value, self.member_name(member) if self.members > 1 else "")
+        self.failed[member] = (step, str(error))
+        log.warning("%s", error)
+        if self.member_dirs is not None:
+            directory = self.member_dirs[member]
+            if not self.rows[member] and not (directory / METRICS).stat().st_size:
+                (directory / METRICS).write_text(",".join(self._columns()) + "\n")
+            write_failure(directory, "non-finite-loss", str(error), step)
+        with torch.no_grad():
+            for module in self.model.modules():
+                for param in module.parameters(recurse=False):
+                    member_view(module, param)[member] = 0
+                    for value in self.optimizer.state.get(param, {}).values():
+                        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                            member_view(module, value)[member] = 0
+        return error
+
+    def run(self, resume: bool = False) -> list[pd.DataFrame]:
+        """Train for ``steps`` steps (continuing from the checkpoint with ``resume``); return each member's rows."""
         if self.out_dir is not None:
             check_output_dir(self.out_dir, resume=resume)
+            for directory, metadata in zip(self.member_dirs or (), self.metadata):
+                check_output_dir(directory, resume=resume)
+                if metadata is not None:
+                    check_config(directory, metadata, resume=resume)
         elif resume:
             raise ConfigError("resume needs an out_dir holding a checkpoint")
-        if self.out_dir is not None and self.metadata is not None:
-            check_config(self.out_dir, self.metadata, resume=resume)
         step, task = (self._load_checkpoint() if resume else (0, -1))
-        if step >= self.steps:
+        if step < self.steps:
+            if self.member_dirs is not None:
+                self._start_files()
+                for member, directory in enumerate(self.member_dirs):
+                    if member not in self.failed:  # a failure of an earlier attempt no longer holds
+                        (directory / FAILURE).unlink(missing_ok=True)
+            self._loop(step, task)
+        else:
             log.info("run already has %d of %d steps", step, self.steps)
-            return pd.DataFrame(self.rows)
-        handle = self._open_csv() if self.out_dir is not None else None
-        if self.out_dir is not None:
-            (self.out_dir / FAILURE).unlink(missing_ok=True)  # a failure of an earlier attempt no longer holds
-        try:
-            self._loop(step, task, handle)
-        except NonFiniteLossError as err:
-            if handle is not None:
-                self._record_failure(handle, err)
-            raise
-        finally:
-            if handle is not None:
-                handle.close()
-        return pd.DataFrame(self.rows)
-
-    def _record_failure(self, handle: Any, err: NonFiniteLossError) -> None:
-        """Leave a header in an empty ``metrics.csv`` and say in ``failure.json`` why and where the run stopped."""
-        assert self.out_dir is not None
-        if handle.tell() == 0:
-            columns = ["step", "task", "loss", *(["accuracy"] if self.task_type == "classification" else []),
-                       "units_replaced", "connections_regrown", "seconds", "seconds_per_step"]
-            csv.writer(handle, lineterminator="\n").writerow(columns)
-            handle.flush()
-        write_failure(self.out_dir, "non-finite-loss", str(err), err.step)
+        return [pd.DataFrame(rows) for rows in self.rows]
 
     def _next_event(self, step: int, in_bin: int) -> int:
         """The next step at which the loop leaves its hot path (check, bin end, probe, end)."""
@@ -247,20 +302,69 @@ class Experiment:
         was_training = self.model.training
         self.model.eval()
         try:
-            output = self.model(inputs)
+            output = forward(self.model, inputs, self.population)
         finally:
             self.model.train(was_training)
-        self._tested = {"test_loss": float(self.loss_fn(output, targets))}
-        if self.task_type == "classification":
-            self._tested["test_accuracy"] = float((output.argmax(1) == targets).float().mean())
+        losses = self.loss_fn(output, targets).tolist()
+        accuracies = (output.argmax(-1) == targets).float().mean(1).tolist() if self.task_type == "classification" else None
+        self._tested = [
+            {"test_loss": loss, **({"test_accuracy": accuracies[m]} if accuracies is not None else {})}
+            for m, loss in enumerate(losses)
+        ]
 
-    def _loop(self, step: int, task: int, handle: Any) -> None:
+    def _check(self, recent: torch.Tensor, step: int) -> None:
+        """Stop every running member with a non-finite loss among ``recent`` (steps, S) ending at ``step``."""
+        finite = torch.isfinite(recent)
+        if bool(finite.all()):
+            return
+        error = None
+        for member in (~finite.all(0)).nonzero().flatten().tolist():
+            if member in self.failed:
+                continue
+            bad = int((~finite[:, member]).nonzero()[0, 0])
+            error = self._record_failure(member, step - len(recent) + bad + 1, float(recent[bad, member]))
+        if len(self.failed) == self.members and error is not None:
+            if self.members == 1:
+                raise error
+            first = min(step for step, _ in self.failed.values())
+            raise NonFiniteLossError(first, math.nan, f"every one of the {self.members} members")
+
+    def _bin_rows(
+        self, step: int, task: int, losses, corrects, examples, units, connections, elapsed
+    ) -> list[dict[str, Any]]:
+        loss = torch.stack(losses).mean(0).tolist()
+        accuracy = (torch.stack(corrects).sum(0) / examples).tolist() if corrects else None
+        rows = []
+        for member in range(self.members):
+            if member in self.failed:
+                continue
+            row: dict[str, Any] = {"step": step, "task": task, "loss": loss[member]}
+            if accuracy is not None:
+                row["accuracy"] = accuracy[member]
+            row.update(
+                units_replaced=int(units[member]),
+                connections_regrown=int(connections[member]),
+                seconds=elapsed,
+                seconds_per_step=elapsed / len(losses),
+            )
+            row.update(self._probed[member])
+            if self.evaluate:  # test columns in every row, NaN where no task ended in the bin
+                columns = ("test_loss", "test_accuracy") if self.task_type == "classification" else ("test_loss",)
+                row.update({column: self._tested[member].get(column, math.nan) for column in columns})
+            self._emit(member, row)
+            rows.append(row)
+        self._probed = [{} for _ in range(self.members)]
+        self._tested = [{} for _ in range(self.members)]
+        return rows
+
+    def _loop(self, step: int, task: int) -> None:
         model, optimizer, strategy, loss_fn = self.model, self.optimizer, self.strategy, self.loss_fn
-        classify = self.task_type == "classification"
+        population, classify = self.population, self.task_type == "classification"
         losses: list[torch.Tensor] = []
         corrects: list[torch.Tensor] = []
         examples = 0
-        units = connections = 0
+        units = np.zeros(self.members, dtype=np.int64)
+        connections = np.zeros(self.members, dtype=np.int64)
         checked = 0
         bin_start_time = time.perf_counter()
         bar = tqdm(
@@ -277,14 +381,14 @@ class Experiment:
                     strategy.on_task_start(task)
                     if self.probe is not None:
                         self._run_probe(task)
-                output = model(x)
+                output = forward(model, x, population)
                 loss = loss_fn(output, y)
                 losses.append(loss.detach())
                 if classify:
-                    corrects.append((output.detach().argmax(1) == y).sum())
-                examples += y.shape[0]
+                    corrects.append((output.detach().argmax(-1) == y).sum(1))
+                examples += y.shape[1]
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.sum().backward()
                 strategy.before_step()
                 optimizer.step()
                 stats = strategy.after_step()
@@ -295,11 +399,7 @@ class Experiment:
                 if step < next_check and step < self.steps:
                     continue
                 # -- once per check_every steps: NaN check, progress; bin rows; checkpoints -------
-                recent = torch.stack(losses[checked:])
-                if not bool(torch.isfinite(recent).all()):
-                    bad = int((~torch.isfinite(recent)).nonzero()[0, 0])
-                    bad_step = step - len(recent) + bad + 1
-                    raise NonFiniteLossError(bad_step, float(recent[bad]))
+                self._check(torch.stack(losses[checked:]), step)
                 checked = len(losses)
                 bar.update(step - bar.n)
                 if self.probe is not None and self.probe.every and step % self.probe.every == 0:
@@ -307,31 +407,19 @@ class Experiment:
                 if self.evaluate and step % self.stream.steps_per_task == 0:  # type: ignore[operator]
                     self._run_test(task)  # the task just ended
                 if len(losses) == self.bin_size or step == self.steps:
-                    elapsed = time.perf_counter() - bin_start_time
-                    row: dict[str, Any] = {"step": step, "task": task, "loss": float(torch.stack(losses).mean())}
-                    if classify:
-                        row["accuracy"] = float(torch.stack(corrects).sum()) / examples
-                    row.update(
-                        units_replaced=units,
-                        connections_regrown=connections,
-                        seconds=elapsed,
-                        seconds_per_step=elapsed / len(losses),
-                    )
-                    row.update(self._probed)
-                    self._probed = {}
-                    if self.evaluate:  # test columns in every row, NaN where no task ended in the bin
-                        columns = ("test_loss", "test_accuracy") if classify else ("test_loss",)
-                        row.update({column: self._tested.get(column, math.nan) for column in columns})
-                        self._tested = {}
-                    self._emit(handle, row)
-                    bar.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
-                    losses, corrects, examples, units, connections, checked = [], [], 0, 0, 0, 0
+                    rows = self._bin_rows(step, task, losses, corrects, examples, units, connections,
+                                          time.perf_counter() - bin_start_time)
+                    if self.members == 1:
+                        bar.set_postfix(loss=f"{self.rows[0][-1]['loss']:.4g}", refresh=False)
+                    losses, corrects, examples, checked = [], [], 0, 0
+                    units[:] = 0
+                    connections[:] = 0
                     if self.checkpoint_every and self.out_dir is not None and (
                         step % self.checkpoint_every == 0 or step == self.steps
                     ):
                         self._save_checkpoint(step, task)
-                    if self.on_row is not None:
-                        self.on_row(row)
+                    if self.on_row is not None and rows:
+                        self.on_row(rows)
                     bin_start_time = time.perf_counter()
                 if step >= self.steps:
                     break

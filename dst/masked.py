@@ -10,10 +10,12 @@ optimizer state at a masked position stays zero for SGD (momentum, weight decay)
 
 from __future__ import annotations
 
+import math
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -50,6 +52,8 @@ class MaskedMixin:
 
     weight: nn.Parameter
     mask: torch.Tensor | None
+    #: S for a population layer (weight (S, out, in)); None for a plain layer.
+    members: int | None = None
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
         """Install (or remove, with ``None``) the mask and zero the masked weights."""
@@ -105,7 +109,12 @@ class MaskedMixin:
 
 
 class MaskedLinear(MaskedMixin, nn.Linear):
-    """``nn.Linear`` with an optional boolean connection mask."""
+    """``nn.Linear`` with an optional boolean connection mask.
+
+    With ``members=S`` it is a population layer: weight (S, out, in), bias (S, out), mask (S, out, in),
+    input (S, batch, in) -> output (S, batch, out), one batched matmul for all members. Each member
+    starts from PyTorch's default initialisation, drawn from ``generators[s]`` when given.
+    """
 
     def __init__(
         self,
@@ -115,11 +124,50 @@ class MaskedLinear(MaskedMixin, nn.Linear):
         mask: torch.Tensor | None = None,
         device=None,
         dtype=None,
+        *,
+        members: int | None = None,
+        generators: Sequence[torch.Generator] | None = None,
     ) -> None:
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if members is None:
+            super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        else:
+            if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+                raise ConfigError(f"members must be a positive integer, got {members!r}")
+            super().__init__(in_features, out_features, bias=bias, device="meta", dtype=dtype)
+            factory = dict(device=device, dtype=dtype)
+            self.weight = nn.Parameter(torch.empty(members, out_features, in_features, **factory))
+            self.bias = nn.Parameter(torch.empty(members, out_features, **factory)) if bias else None
+        self.members = members
+        if members is not None:
+            self.reset_members(generators)
         self.register_buffer("mask", None)
         if mask is not None:
             self.set_mask(mask)
+
+    @torch.no_grad()
+    def reset_members(self, generators: Sequence[torch.Generator] | None = None) -> None:
+        """PyTorch's default initialisation, U(-1/sqrt(in), 1/sqrt(in)), per member from its generator."""
+        assert self.members is not None
+        if generators is not None and len(generators) != self.members:
+            raise ConfigError(f"{len(generators)} generators for a layer of {self.members} members")
+        bound = 1.0 / math.sqrt(self.in_features)
+        for s in range(self.members):
+            generator = None if generators is None else generators[s]
+            self.weight[s].uniform_(-bound, bound, generator=generator)
+            if self.bias is not None:
+                self.bias[s].uniform_(-bound, bound, generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.members is None:
+            return F.linear(x, self.weight, self.bias)
+        if x.dim() != 3 or x.shape[0] != self.members or x.shape[2] != self.in_features:
+            raise ConfigError(
+                f"a population layer of {self.members} members takes inputs shaped (members, batch, "
+                f"{self.in_features}), got {tuple(x.shape)}"
+            )
+        if self.bias is None:
+            return torch.bmm(x, self.weight.transpose(1, 2))
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
 
     @classmethod
     def from_dense(cls, layer: nn.Linear, mask: torch.Tensor | None = None) -> "MaskedLinear":
@@ -131,7 +179,8 @@ class MaskedLinear(MaskedMixin, nn.Linear):
         return new
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + self._mask_repr()
+        members = "" if self.members is None else f", members={self.members}"
+        return super().extra_repr() + members + self._mask_repr()
 
 
 class MaskedConv2d(MaskedMixin, nn.Conv2d):
@@ -191,7 +240,7 @@ def sparsify(
     dense_first: bool = False,
     dense_last: bool = False,
     skip: tuple[str, ...] = (),
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
 ) -> nn.Module:
     """Convert ``model``'s Linear/Conv2d layers to masked layers in place and return ``model``.
@@ -202,7 +251,11 @@ def sparsify(
     the budget. Each layer gets exactly ``round(density_l * numel)`` active weights at random positions
     drawn from ``generator`` (or a fresh one seeded with ``seed``, or the global RNG). Density 1.0 leaves
     the model untouched.
+
+    In a population, member s's masks come from a generator seeded with ``seed[s]`` (one seed per member),
+    drawn layer by layer exactly as a population of one with that seed draws them.
     """
+    from .population import check_seeds, is_population_module, members
     from .sparsity import layer_densities, random_mask
 
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
@@ -230,11 +283,24 @@ def sparsify(
     targets = [(name, module) for name, module in layers if name not in keep_dense]
     if not targets:
         raise ConfigError("sparsify: every layer is kept dense; nothing to sparsify")
-    densities = layer_densities([m.weight.shape for _, m in targets], float(density), distribution)
-    if generator is None and seed is not None:
-        generator = torch.Generator().manual_seed(seed)
-    for (name, module), layer_density in zip(targets, densities):
-        mask = random_mask(module.weight.shape, layer_density, generator)
+    size = members(model)
+    shapes = [m.weight.shape[1:] if is_population_module(m) else m.weight.shape for _, m in targets]
+    densities = layer_densities(shapes, float(density), distribution)
+    if generator is not None:
+        if size != 1:
+            raise ConfigError("sparsify: a population draws its masks from one seed per member; pass seed=[...]")
+        generators = [generator]
+    else:
+        seeds = [None] * size if seed is None else list(check_seeds(seed))
+        if len(seeds) != size:
+            raise ConfigError(f"sparsify: {len(seeds)} seeds for a population of {size} members")
+        generators = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+    masks: list[list[torch.Tensor]] = [[] for _ in targets]
+    for member_generator in generators:  # member by member, each drawing its layers in order
+        for layer_masks, shape, layer_density in zip(masks, shapes, densities):
+            layer_masks.append(random_mask(shape, layer_density, member_generator))
+    for (name, module), layer_masks in zip(targets, masks):
+        mask = torch.stack(layer_masks) if is_population_module(module) else layer_masks[0]
         if isinstance(module, MaskedMixin):
             module.set_mask(mask)
             continue

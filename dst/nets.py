@@ -1,12 +1,18 @@
-"""Network builders used by the benchmarks: plain ``nn.Sequential`` of Linear/Conv2d and activations.
+"""Network builders used by the benchmarks: ``nn.Sequential`` of Linear/Conv2d and activations.
 
 Weights are drawn from U(-b, b) with the bound of ``init`` (``dst.init``): hidden layers use the gain
-of their activation, the output layer the linear gain; biases start at 0. ``init="default"`` keeps
-PyTorch's own initialisation. The Sequential layout is what ``Topology.from_model`` discovers.
+of their activation, the output layer the linear gain; biases start at 0. ``init="default"`` is
+PyTorch's own initialisation (weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in))), drawn from the
+generator. The Sequential layout is what ``Topology.from_model`` discovers.
+
+``mlp(..., generators=[g_0, ..., g_{S-1}])`` builds a population of S members (``MaskedLinear`` layers
+with ``members=S``): member s is initialised from ``g_s`` with exactly the draws a population of one
+built from ``[g_s]`` makes, layer by layer.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +20,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .init import activation_gain, fans, uniform_
+from .masked import MaskedLinear
 
 __all__ = ["mlp", "convnet", "ACTIVATION_MODULES", "initialise"]
 
@@ -42,13 +49,26 @@ def _activation(name: str) -> nn.Module:
 
 @torch.no_grad()
 def initialise(layer: nn.Module, init: str, gain: float, generator: torch.Generator | None = None) -> None:
-    """Initialise one Linear/Conv2d layer: U(-b, b) weights with the scheme's bound, zero bias."""
+    """Initialise one plain Linear/Conv2d layer: U(-b, b) weights with the scheme's bound, zero bias."""
+    _initialise(layer.weight, layer.bias, init, gain, generator)
+
+
+@torch.no_grad()
+def _initialise(
+    weight: torch.Tensor, bias: torch.Tensor | None, init: str, gain: float, generator: torch.Generator | None
+) -> None:
+    """U(-b, b) weights with the scheme's bound and a zero bias; ``default`` is PyTorch's nn.Linear /
+    nn.Conv2d initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the weight and then the bias."""
+    fan_in, fan_out = fans(weight.shape)
     if init == "default":
+        bound = 1.0 / math.sqrt(fan_in)
+        weight.uniform_(-bound, bound, generator=generator)
+        if bias is not None:
+            bias.uniform_(-bound, bound, generator=generator)
         return
-    fan_in, fan_out = fans(layer.weight.shape)
-    uniform_(layer.weight, init, fan_in, fan_out, gain, generator)
-    if layer.bias is not None:
-        layer.bias.zero_()
+    uniform_(weight, init, fan_in, fan_out, gain, generator)
+    if bias is not None:
+        bias.zero_()
 
 
 def mlp(
@@ -59,19 +79,32 @@ def mlp(
     *,
     init: str = "kaiming",
     generator: torch.Generator | None = None,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> nn.Sequential:
-    """``in -> [Linear, activation] * len(hidden) -> Linear -> out``."""
+    """``in -> [Linear, activation] * len(hidden) -> Linear -> out``; a population of
+    ``len(generators)`` members when ``generators`` is given (then inputs are (members, batch, in))."""
+    if generators is not None and (generator is not None or not generators):
+        raise ConfigError("mlp: give one generator, or a non-empty list of one generator per member")
+    members = None if generators is None else len(generators)
+    widths = [in_features, *hidden, out_features]
+    gains = [activation_gain(activation)] * len(hidden) + [activation_gain("linear")]
+    linears = [
+        nn.Linear(n_in, n_out) if members is None else MaskedLinear(n_in, n_out, members=members, device="meta")
+        for n_in, n_out in zip(widths, widths[1:])
+    ]
+    if members is None:
+        for linear, gain in zip(linears, gains):
+            initialise(linear, init, gain, generator)
+    else:
+        linears = [linear.to_empty(device="cpu") for linear in linears]
+        for member, member_generator in enumerate(generators):  # type: ignore[arg-type]
+            for linear, gain in zip(linears, gains):
+                bias = None if linear.bias is None else linear.bias[member]
+                _initialise(linear.weight[member], bias, init, gain, member_generator)
     layers: list[nn.Module] = []
-    width = in_features
-    gain = activation_gain(activation)
-    for size in hidden:
-        linear = nn.Linear(width, size)
-        initialise(linear, init, gain, generator)
+    for linear in linears[:-1]:
         layers += [linear, _activation(activation)]
-        width = size
-    head = nn.Linear(width, out_features)
-    initialise(head, init, activation_gain("linear"), generator)
-    layers.append(head)
+    layers.append(linears[-1])
     return nn.Sequential(*layers)
 
 

@@ -10,9 +10,11 @@ is zeroed as well.
 
 A strategy only says what differs (in the spirit of RigL's TF2 mask updaters):
 
-- ``drop_scores``: lower is dropped first (magnitude |w| by default; asked for at the active positions);
-- ``grow_scores``: higher is grown first (SET: uniform noise; RigL: |dense gradient|); ``grow_indices``
-  may pick the positions without a score (SET samples uniform random inactive positions directly);
+- ``drop_scores``: lower is dropped first (magnitude |w| by default), member-first like the weight
+  (members, *weight shape), read at the active positions;
+- ``grow_scores``: higher is grown first (RigL: |dense gradient|), shaped alike, read at the inactive
+  positions; ``grow_indices`` may pick the positions without a score (SET samples uniform random
+  inactive positions);
 - ``drop_indices``: the count rule (SET's sign split overrides it);
 - ``grown_values``: 0, or small random values (``grow_init``);
 - the optimizer-state fix is shared (``dst.optim.reset_optimizer_state``).
@@ -21,15 +23,23 @@ Schedules (``schedule``): ``constant`` (alpha at every update), ``cosine`` (RigL
 T_end)), no updates after T_end), ``cosine-per-task`` (the cosine restarted at every task boundary, t and
 T_end counted within the task), ``stop`` (alpha until T_end, then none). ``end_step`` 0 means
 0.75 x the run (or x the task, per task), taken from ``set_horizon``.
+
+In a population every member has its own masks, and may have its own ``drop_fraction``,
+``update_interval``, ``end_step`` and ``grow_scale``: the schedule gives each member its own fraction
+f_s (0 when it does not update), and member s drops and regrows k_s = round(f_s * n_s) weights per layer.
+One batched selection serves all members: each member's candidates are ranked with ties going to the
+lower position, so its first k_s picks are the same whatever the other members pick, and member s of a
+population does exactly what a population of one with its seed and settings does.
 """
 
 from __future__ import annotations
 
 import math
-from abc import ABCMeta, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,11 +48,12 @@ from .config import setting
 from .errors import ConfigError, TopologyError
 from .init import fans
 from .optim import reset_optimizer_state
+from .population import member_view
 from .refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig
 from .topology import Topology
 
 __all__ = [
-    "top_k",
+    "ranked",
     "SCHEDULES",
     "DropSchedule",
     "PruneRegrowConfig",
@@ -55,75 +66,102 @@ __all__ = [
 
 SCHEDULES = ("constant", "cosine", "cosine-per-task", "stop")
 END_FRACTION = 0.75  # RigL's T_end = 0.75 x training
+_PREFILTER_ABOVE = 1 << 18  # ranking more scores than this per row first narrows the candidates
+_POSITIONS, _VALUES = 0, 1  # purposes of a layer's random draws: draw id = 2 * layer index + purpose
 
 
-_PREFILTER_ABOVE = 1 << 18  # top-k over more scores than this first narrows the candidates
+def ranked(scores: torch.Tensor, counts: np.ndarray, *, largest: bool) -> torch.Tensor:
+    """The positions of each row's best scores: (rows, n) -> (rows, max count), row m's counts[m] best in
+    its first counts[m] entries (the rest of the row is filler).
 
-
-def top_k(scores: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
-    """Indices of the k largest (or smallest) entries of a 1-D tensor: exactly what ``torch.topk`` returns
-    up to the order of ties, but fast for large k on the CPU.
-
-    ``torch.topk`` with k in the hundred thousands over millions of entries is close to a full sort.
-    For a small share, a strided sample gives a threshold that about 1.5 k entries pass; top-k over those
-    is exact whenever at least k pass (checked; otherwise it falls back to ``torch.topk`` over everything).
-    For a large share (k > n / 4), the k-th value comes from a selection (``kthvalue``) and the result is
-    every entry beyond it plus the first ties.
+    Best is highest (``largest``) or lowest, ties going to the lower position, so a row's c best are the
+    same whatever the other rows ask for: a member's picks do not depend on the other members. The
+    threshold comes from a selection (``kthvalue``); only when the counts differ are the picks sorted.
+    Over more than 2^18 scores a row is first narrowed to the about 1.5 k candidates beyond a threshold
+    read off a strided sample, all rows at once; exact whenever every row keeps at least k (checked;
+    otherwise the rows are ranked in full).
     """
-    n = scores.numel()
-    if k == 0:
-        return torch.empty(0, dtype=torch.long, device=scores.device)
-    if n <= _PREFILTER_ABOVE:
-        return torch.topk(scores, k, largest=largest).indices
-    values = scores if largest else -scores
-    if k * 4 > n:  # a large share: the k-th value by selection, then everything above it plus ties
-        threshold = torch.kthvalue(values, n - k + 1).values
-        above = torch.nonzero(values > threshold).flatten()
-        ties = torch.nonzero(values == threshold).flatten()
-        return torch.cat((above, ties[: k - above.numel()]))
-    stride = max(1, n // 65536)
-    sample = values[::stride]
-    position = max(1, min(sample.numel(), sample.numel() - int(1.5 * k * sample.numel() / n)))
-    threshold = torch.kthvalue(sample, position).values
-    candidates = torch.nonzero(values >= threshold).flatten()
-    if candidates.numel() < k:
-        return torch.topk(scores, k, largest=largest).indices
-    return candidates[torch.topk(values[candidates], k).indices]
+    k = int(counts.max())
+    ordered = bool((counts != k).any())
+    keys = -scores if largest else scores
+    rows, n = keys.shape
+    if n > _PREFILTER_ABOVE and 4 * k <= n:
+        stride = max(1, n // 65536)
+        sample = keys[:, ::stride]
+        position = min(sample.shape[1], max(1, math.ceil(1.5 * k * sample.shape[1] / n)))
+        threshold = sample.kthvalue(position, dim=1, keepdim=True).values
+        row, column = (keys <= threshold).nonzero(as_tuple=True)
+        passing = torch.bincount(row, minlength=rows)
+        if bool((passing >= k).all()):
+            slot = torch.arange(row.numel(), device=keys.device) - (passing.cumsum(0) - passing)[row]
+            width = int(passing.max())
+            positions = torch.zeros(rows, width, dtype=torch.long, device=keys.device)
+            positions[row, slot] = column
+            narrowed = torch.full((rows, width), torch.inf, dtype=keys.dtype, device=keys.device)
+            narrowed[row, slot] = keys[row, column]  # padding (+inf) comes after every candidate
+            return positions.gather(1, _lowest(narrowed, k, ordered))
+    return _lowest(keys, k, ordered)
 
 
-@dataclass(frozen=True)
+def _lowest(keys: torch.Tensor, k: int, ordered: bool) -> torch.Tensor:
+    """Each row's k lowest keys, ties to the lower position: in position order, or lowest first."""
+    rows = keys.shape[0]
+    threshold = keys.kthvalue(k, dim=1, keepdim=True).values
+    take = keys <= threshold
+    column = take.nonzero(as_tuple=True)[1]
+    if column.numel() > rows * k:  # ties at a row's threshold: only the first ones are taken
+        below = keys < threshold
+        ties = take & ~below
+        take = below | (ties & (ties.cumsum(1) <= k - below.sum(1, keepdim=True)))
+        column = take.nonzero(as_tuple=True)[1]
+    positions = column.view(rows, k)
+    if not ordered:
+        return positions
+    return positions.gather(1, keys.gather(1, positions).sort(dim=1, stable=True).indices)
+
+
 class DropSchedule:
-    """Answers "which drop fraction at this step?" (``None``: no update at this step)."""
+    """Answers "which drop fraction at this step?" for every member.
 
-    kind: str
-    alpha: float
-    interval: int
-    end_step: int = 0
+    ``alpha``, ``interval`` and ``end_step`` are one value or one per member. A call returns ``None`` when
+    no member updates at the step, else the (S,) fractions, 0 for the members that do not update.
+    """
 
-    def end(self, total: int | None) -> int:
-        if self.end_step:
+    def __init__(self, kind: str, alpha, interval, end_step=0) -> None:
+        self.kind = kind
+        self.alpha, self.interval, self.end_step = np.broadcast_arrays(
+            np.atleast_1d(np.asarray(alpha, dtype=np.float64)),
+            np.atleast_1d(np.asarray(interval, dtype=np.int64)),
+            np.atleast_1d(np.asarray(end_step, dtype=np.int64)),
+        )
+
+    def end(self, total: int | None) -> np.ndarray:
+        """T_end of every member: its ``end_step``, or 0.75 x ``total`` where that is 0."""
+        if (self.end_step > 0).all():
             return self.end_step
         if total is None:
             raise ConfigError(
                 f"schedule {self.kind!r} with end_step=0 ends at {END_FRACTION} x the run, but the run length "
                 "is unknown: set end_step, or call strategy.set_horizon(total_steps, steps_per_task)"
             )
-        return max(1, int(END_FRACTION * total))
+        return np.where(self.end_step > 0, self.end_step, max(1, int(END_FRACTION * total)))
 
     def __call__(
         self, step: int, task_step: int, total_steps: int | None = None, task_steps: int | None = None
-    ) -> float | None:
-        if step % self.interval:
+    ) -> np.ndarray | None:
+        fires = step % self.interval == 0
+        if not fires.any():
             return None
         if self.kind == "constant":
-            return self.alpha
-        if self.kind == "stop":
-            return self.alpha if step <= self.end(total_steps) else None
-        t, end = (task_step, self.end(task_steps)) if self.kind == "cosine-per-task" else (step, self.end(total_steps))
-        if t > end:
-            return None
-        fraction = self.alpha / 2 * (1 + math.cos(math.pi * t / end))
-        return fraction if fraction > 0 else None
+            fraction = self.alpha
+        elif self.kind == "stop":
+            fraction = np.where(step <= self.end(total_steps), self.alpha, 0.0)
+        else:
+            per_task = self.kind == "cosine-per-task"
+            t, end = (task_step, self.end(task_steps)) if per_task else (step, self.end(total_steps))
+            fraction = np.where(t <= end, self.alpha / 2 * (1 + np.cos(np.pi * t / end)), 0.0)
+        fraction = np.where(fires, fraction, 0.0)
+        return fraction if (fraction > 0).any() else None
 
 
 @dataclass(frozen=True)
@@ -140,18 +178,19 @@ class PruneRegrowConfig(StrategyConfig):
     )
 
 
-class PruneRegrow(RefreshStrategy, metaclass=ABCMeta):
-    """The shared update; subclasses give the grow score (and may change drop score or count rule)."""
+class PruneRegrow(RefreshStrategy):
+    """The shared update; subclasses give the grow score or positions (and may change drop score or count
+    rule). ``members`` in the hooks is the host array (M,) of the population indices that update."""
 
     Config = PruneRegrowConfig
 
     def __init__(
         self,
         model: nn.Module | Topology,
-        optimizer: torch.optim.Optimizer,
-        config: PruneRegrowConfig | None = None,
+        optimizer: torch.optim.Optimizer | None,
+        config: PruneRegrowConfig | Sequence[PruneRegrowConfig] | None = None,
         *,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
     ) -> None:
         super().__init__(model, optimizer, config, seed=seed)
         if not self.masked:
@@ -160,75 +199,106 @@ class PruneRegrow(RefreshStrategy, metaclass=ABCMeta):
                 "call dst.sparsify(model, density < 1) before building the strategy"
             )
         c = self.config
-        self.schedule = DropSchedule(c.schedule, c.drop_fraction, c.update_interval, c.end_step)
-        self.active = [int(layer.mask.sum()) for layer in self.masked]  # constant; known on the host
+        per_member = self.per_member
+        self.schedule = DropSchedule(
+            c.schedule, per_member("drop_fraction"), per_member("update_interval"), per_member("end_step")
+        )
+        self.grow_scale = torch.as_tensor(self.per_member("grow_scale"), device=self.device)
+        # active weights per member and layer: constant, known on the host
+        self.active = [self.member_masks(layer).sum(1).cpu().numpy() for layer in self.masked]
         self.task_start = 0
 
     def on_task_start(self, task: int) -> None:
         self.task_start = self.step
 
-    def fraction(self, step: int) -> float | None:
-        """The drop fraction at (1-based) step ``step``, or None."""
+    def fractions(self, step: int) -> np.ndarray | None:
+        """Every member's drop fraction at (1-based) step ``step`` (0: no update), or None if none updates."""
         return self.schedule(step, step - self.task_start, self.total_steps, self.steps_per_task)
 
+    def member_masks(self, layer: nn.Module) -> torch.Tensor:
+        """The layer's masks as (S, positions), a view."""
+        return member_view(layer, layer.mask).reshape(self.members, -1)
+
+    def rows(self, tensor: torch.Tensor, members: np.ndarray) -> torch.Tensor:
+        """``tensor`` (member-first) of ``members`` only: itself when every member is asked for."""
+        return tensor if len(members) == self.members else tensor[members]
+
     # -- what strategies differ in ------------------------------------------------------------
-    def drop_scores(self, index: int, layer: nn.Module, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Lower is dropped first: |w|. With ``positions`` (flat indices of the active weights) only the
-        scores there, so an update need not score every weight of a large sparse layer."""
-        weight = layer.weight.detach()
-        return weight.abs() if positions is None else weight.view(-1)[positions].abs()
+    def drop_scores(self, index: int, layer: nn.Module, members: np.ndarray) -> torch.Tensor:
+        """Lower is dropped first: |w|, shaped (M, *one member's weight shape), a fresh tensor (only its
+        active positions are read)."""
+        return self.rows(member_view(layer, layer.weight).detach(), members).abs()
 
-    @abstractmethod
-    def grow_scores(self, index: int, layer: nn.Module) -> torch.Tensor:
-        """Higher is grown first."""
+    def grow_scores(self, index: int, layer: nn.Module, members: np.ndarray) -> torch.Tensor:
+        """Higher is grown first, shaped like :meth:`drop_scores` (only inactive positions are read)."""
+        raise NotImplementedError(f"{type(self).__name__} gives grow_scores or overrides grow_indices")
 
-    def drop_indices(self, index: int, layer: nn.Module, fraction: float) -> torch.Tensor:
-        """Flat indices of the active weights to drop: the round(f * n) lowest drop scores."""
-        count = round(fraction * self.active[index])
-        if count == 0:
-            return torch.empty(0, dtype=torch.long, device=layer.weight.device)
-        active = layer.mask.view(-1).nonzero().squeeze(1)
-        scores = self.drop_scores(index, layer, active)
-        return active[top_k(scores, count, largest=False)]
+    def drop_indices(
+        self, index: int, layer: nn.Module, members: np.ndarray, fractions: np.ndarray
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """(positions (M, k), counts (M,)): member m drops the flat positions in the first counts[m]
+        entries of its row, its round(f_m * n_m) active weights with the lowest drop scores."""
+        counts = np.rint(fractions * self.active[index][members]).astype(np.int64)
+        k = int(counts.max())
+        if k == 0:
+            return torch.empty(len(members), 0, dtype=torch.long, device=self.device), counts
+        active = self.rows(self.member_masks(layer), members)
+        scores = self.drop_scores(index, layer, members).reshape(len(members), -1)
+        return ranked(scores.masked_fill_(~active, torch.inf), counts, largest=False), counts
 
-    def grow_indices(self, index: int, layer: nn.Module, count: int, mask: torch.Tensor) -> torch.Tensor:
-        """Flat indices of ``count`` inactive positions (``mask`` is the flat mask after the drop): the
-        highest grow scores. ``grow_scores`` returns a fresh tensor, overwritten here."""
-        scores = self.grow_scores(index, layer).view(-1)
-        return top_k(scores.masked_fill_(mask, -torch.inf), count)
+    def grow_indices(
+        self, index: int, layer: nn.Module, members: np.ndarray, counts: np.ndarray, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(M, max count) flat positions, member m growing the first counts[m] of its row: its inactive
+        positions (``mask`` (M, positions) is the mask after the drop) with the highest grow scores."""
+        scores = self.grow_scores(index, layer, members).reshape(len(members), -1)
+        return ranked(scores.masked_fill_(mask, -torch.inf), counts, largest=True)
 
-    def grown_values(self, layer: nn.Module, count: int) -> torch.Tensor:
+    def grown_values(self, index: int, layer: nn.Module, member: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Values of the grown weights (``position[p]`` of member ``member[p]``): 0, or U(-b, b) with
+        b = grow_scale / sqrt(fan_in), the draw keyed by the position (not by the order of the picks)."""
         weight = layer.weight
-        values = torch.zeros(count, device=weight.device, dtype=weight.dtype)
-        if self.config.grow_init == "random":
-            bound = self.config.grow_scale / math.sqrt(fans(weight.shape)[0])
-            values.uniform_(-bound, bound, generator=self.generator)
-        return values
+        if self.config.grow_init == "zero":
+            return torch.zeros(position.shape, device=weight.device, dtype=weight.dtype)
+        bound = self.grow_scale[member] / math.sqrt(fans(member_view(layer, weight).shape[1:])[0])
+        draw = 2 * index + _VALUES
+        uniform = self.random.uniform((), step=self.step, draw=draw, members=member, rows=position, dtype=torch.float64)
+        return ((2 * uniform - 1) * bound).to(weight.dtype)
 
     # -- the shared update ----------------------------------------------------------------------
     @torch.no_grad()
-    def update_layer(self, index: int, layer: nn.Module, fraction: float) -> int:
-        drop = self.drop_indices(index, layer, fraction)
-        count = drop.numel()
-        if count == 0:
-            return 0
-        mask = layer.mask.view(-1)
-        mask[drop] = False  # dropped first: a just-dropped position may be regrown at once
-        grow = self.grow_indices(index, layer, count, mask)
-        weight = layer.weight.view(-1)
-        weight[drop] = 0
-        weight[grow] = self.grown_values(layer, count)
-        mask[grow] = True
-        reset_optimizer_state(self.optimizer, layer.weight, torch.cat((drop, grow)), flat=True)
-        return count
+    def update_layer(self, index: int, layer: nn.Module, fractions: np.ndarray) -> np.ndarray:
+        """Refresh layer ``index`` for the members with a positive fraction; the count regrown per member (S,)."""
+        members = np.flatnonzero(fractions > 0)
+        regrown = np.zeros(self.members, dtype=np.int64)
+        drop, counts = self.drop_indices(index, layer, members, fractions[members])
+        k = int(counts.max())
+        if k == 0:
+            return regrown
+        n = self.member_masks(layer).shape[1]
+        rows = torch.as_tensor(members, device=self.device)[:, None]
+        keep = torch.arange(drop.shape[1], device=self.device) < torch.as_tensor(counts, device=self.device)[:, None]
+        dropped = (rows * n + drop)[keep]  # flat positions in the member-first weight
+        mask, weight = layer.mask.view(-1), layer.weight.view(-1)
+        mask[dropped] = False  # dropped first: a just-dropped position may be regrown at once
+        grow = self.grow_indices(index, layer, members, counts, self.rows(self.member_masks(layer), members))
+        keep = keep[:, :k]
+        grown = (rows * n + grow)[keep]
+        weight[dropped] = 0
+        weight[grown] = self.grown_values(index, layer, rows.expand_as(grow)[keep], grow[keep])
+        mask[grown] = True
+        if self.optimizer is not None:
+            reset_optimizer_state(self.optimizer, layer.weight, torch.cat((dropped, grown)), flat=True)
+        regrown[members] = counts
+        return regrown
 
     def after_step(self) -> RefreshStats:
         super().after_step()
-        fraction = self.fraction(self.step)
-        if fraction is None:
+        fractions = self.fractions(self.step)
+        if fractions is None:
             return NO_REFRESH
-        regrown = sum(self.update_layer(i, layer, fraction) for i, layer in enumerate(self.masked))
-        return RefreshStats(connections_regrown=regrown) if regrown else NO_REFRESH
+        regrown = sum(self.update_layer(i, layer, fractions) for i, layer in enumerate(self.masked))
+        return RefreshStats(connections_regrown=regrown) if regrown.any() else NO_REFRESH
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "task_start": self.task_start}
@@ -251,49 +321,64 @@ class SparseEvolutionaryTraining(PruneRegrow):
 
     Config = SETConfig
 
-    def grow_scores(self, index: int, layer: nn.Module) -> torch.Tensor:
-        return torch.rand(layer.weight.shape, device=layer.weight.device, generator=self.generator)
+    def grow_indices(
+        self, index: int, layer: nn.Module, members: np.ndarray, counts: np.ndarray, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Member m's counts[m] inactive positions uniformly at random, without replacement.
 
-    def grow_indices(self, index: int, layer: nn.Module, count: int, mask: torch.Tensor) -> torch.Tensor:
-        """``count`` inactive positions uniformly at random, without replacement.
-
-        Where inactive positions are plentiful, draw random positions, skip active ones and repeats, and
-        keep the first ``count``: each kept position is uniform over the inactive ones not yet taken, so
-        the set is a uniform random subset, at the cost of O(count) draws instead of a score per weight.
+        Walk the member's stream of uniform random positions, skip active ones and repeats, and keep the
+        first counts[m]: each kept position is uniform over the inactive ones not yet taken, so the set is
+        a uniform random subset, at the cost of O(count) draws instead of a score per weight. The stream is
+        a pure function of (seed, step, layer), so drawing more of it (for a member that needs more, or
+        another round) leaves its start unchanged.
         """
-        n = mask.numel()
-        inactive = n - (self.active[index] - count)
-        if n <= _PREFILTER_ABOVE or inactive < 4 * count:
-            return super().grow_indices(index, layer, count, mask)
-        taken = torch.empty(0, dtype=torch.long, device=mask.device)
-        missing = count
+        rows, n = mask.shape
+        need = torch.as_tensor(counts, device=mask.device)[:, None]
+        inactive = n - self.active[index][members] + counts
+        expected = n * np.log((inactive + 0.5) / (inactive - counts + 0.5))  # sum_j n / (inactive - j)
+        draws = int(1.1 * expected.max()) + 64
         while True:
-            draws = int(1.2 * missing * n / inactive) + 64
-            candidates = torch.randint(n, (draws,), device=mask.device, generator=self.generator)
-            taken = torch.cat((taken, candidates[~mask[candidates]]))
-            unique, inverse = torch.unique(taken, return_inverse=True)
-            missing = count - unique.numel()
-            if missing > 0:
-                continue
-            order = torch.arange(taken.numel(), device=mask.device)
-            first = torch.full_like(unique, taken.numel()).scatter_reduce_(0, inverse, order, "amin")
-            return taken[first.sort().values[:count]]
+            candidates = self.random.bits(
+                (draws,), step=self.step, draw=2 * index + _POSITIONS, members=members
+            ).remainder_(n)
+            ordered, order = candidates.sort(dim=1, stable=True)
+            repeat = torch.zeros_like(candidates, dtype=torch.bool)
+            repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]  # a later draw of a position already drawn
+            fresh = torch.empty_like(repeat).scatter_(1, order, ~repeat)
+            usable = fresh & ~mask.gather(1, candidates)
+            rank = usable.cumsum(1)
+            if bool((rank[:, -1:] >= need).all()):
+                break
+            draws *= 2
+        take = usable & (rank <= need)
+        row, column = take.nonzero(as_tuple=True)
+        positions = torch.zeros(rows, int(counts.max()), dtype=torch.long, device=mask.device)
+        positions[row, rank[row, column] - 1] = candidates[row, column]
+        return positions
 
-    def drop_indices(self, index: int, layer: nn.Module, fraction: float) -> torch.Tensor:
+    def drop_indices(
+        self, index: int, layer: nn.Module, members: np.ndarray, fractions: np.ndarray
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """With ``split_sign``: round(f * n+) of the smallest positive weights and round(f * n-) of the
+        negative weights closest to zero (exact zeros belong to neither)."""
         if not self.config.split_sign:
-            return super().drop_indices(index, layer, fraction)
-        weight = layer.weight.detach().flatten()
-        active = layer.mask.flatten()
-        picks = []
-        for sign in (1.0, -1.0):  # smallest positives, then negatives closest to zero
-            group = active & (weight * sign > 0)
-            count = round(fraction * int(group.sum()))
-            if count:
-                scores = torch.where(group, weight * sign, torch.inf)
-                picks.append(top_k(scores, count, largest=False))
+            return super().drop_indices(index, layer, members, fractions)
+        weight = self.rows(member_view(layer, layer.weight).detach(), members).reshape(len(members), -1)
+        active = self.rows(self.member_masks(layer), members)
+        picks, valid, total = [], [], np.zeros(len(members), dtype=np.int64)
+        for signed in (weight, -weight):  # smallest positives, then negatives closest to zero
+            group = active & (signed > 0)
+            counts = np.rint(fractions * group.sum(1).cpu().numpy()).astype(np.int64)
+            if counts.max() == 0:
+                continue
+            picks.append(ranked(torch.where(group, signed, torch.inf), counts, largest=False))
+            slots = torch.arange(picks[-1].shape[1], device=weight.device)
+            valid.append(slots < torch.as_tensor(counts, device=weight.device)[:, None])
+            total += counts
         if not picks:
-            return torch.empty(0, dtype=torch.long, device=weight.device)
-        return torch.cat(picks)
+            return torch.empty(len(members), 0, dtype=torch.long, device=weight.device), total
+        order = (~torch.cat(valid, 1)).to(torch.int8).argsort(dim=1, stable=True)  # each member's picks first
+        return torch.cat(picks, 1).gather(1, order), total
 
 
 @dataclass(frozen=True)
@@ -312,18 +397,18 @@ class RigL(PruneRegrow):
         self.dense_grads: list[torch.Tensor | None] = [None] * len(self.masked)
 
     def before_step(self) -> None:
-        """On update steps keep the dense gradient (same backward pass) before it is masked."""
-        if self.fraction(self.step + 1) is not None:
+        """On update steps keep the dense gradient (same backward pass, member-first) before it is masked."""
+        if self.fractions(self.step + 1) is not None:
             for i, layer in enumerate(self.masked):
                 grad = layer.weight.grad
-                self.dense_grads[i] = None if grad is None else grad.detach().clone()
+                self.dense_grads[i] = None if grad is None else member_view(layer, grad).detach().clone()
         super().before_step()
 
-    def grow_scores(self, index: int, layer: nn.Module) -> torch.Tensor:
+    def grow_scores(self, index: int, layer: nn.Module, members: np.ndarray) -> torch.Tensor:
         grad = self.dense_grads[index]
         if grad is None:
             raise RuntimeError("rigl has no dense gradient for this update: call before_step() after backward")
-        return grad.abs()
+        return self.rows(grad, members).abs()
 
     def after_step(self) -> RefreshStats:
         stats = super().after_step()

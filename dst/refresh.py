@@ -15,23 +15,28 @@ positions. Unit-level strategies (CBP, ReDo) call it; none copies it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import strategies
-from .config import Config
+from .config import Config, is_numeric_setting
 from .errors import ConfigError
 from .init import fans, init_bound
 from .optim import reset_optimizer_state
+from .population import MemberRandom, check_seeds, is_population_module
+from .population import members as population_size
 from .topology import HiddenLayer, Topology
 
 __all__ = [
     "RefreshStrategy",
     "RefreshStats",
     "NO_REFRESH",
+    "UnitSelection",
     "StrategyConfig",
     "Backprop",
     "reinit_incoming",
@@ -45,12 +50,15 @@ __all__ = [
 ]
 
 
+_RANDOM = 21  # seed-derivation key of a strategy's random numbers
+
+
 @dataclass(frozen=True)
 class RefreshStats:
-    """What one ``after_step`` changed."""
+    """What one ``after_step`` changed, per member: arrays of shape (S,) (an int counts for every member)."""
 
-    units_replaced: int = 0
-    connections_regrown: int = 0
+    units_replaced: np.ndarray | int = 0
+    connections_regrown: np.ndarray | int = 0
 
 
 #: Returned by steps that change nothing (no allocation on the hot path).
@@ -66,8 +74,13 @@ class RefreshStrategy:
     """Base class: masks gradients before the step, counts steps, checkpoints its state.
 
     Subclasses override :meth:`after_step` (calling ``super().after_step()`` first) and extend
-    :meth:`state_dict` / :meth:`load_state_dict` with their own tensors. ``self.generator`` is the
-    strategy's own random generator on the model's device, seeded from ``seed``.
+    :meth:`state_dict` / :meth:`load_state_dict` with their own tensors.
+
+    A strategy refreshes a population of ``self.members`` learners (1 for a plain model). ``seed`` is one
+    seed or one per member; ``config`` one config for all members or one per member, which may differ
+    only in numeric settings (:meth:`per_member` gives them as an array). ``self.random`` draws each
+    member's random numbers (``dst.population.MemberRandom``), keyed by the step, so a member's draws
+    do not depend on the population it is in.
     """
 
     name: ClassVar[str] = "base"
@@ -76,21 +89,17 @@ class RefreshStrategy:
     def __init__(
         self,
         model: nn.Module | Topology,
-        optimizer: torch.optim.Optimizer,
-        config: Config | None = None,
+        optimizer: torch.optim.Optimizer | None,
+        config: Config | Sequence[Config] | None = None,
         *,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
     ) -> None:
         self.topology = model if isinstance(model, Topology) else Topology.from_model(model)
         self.model = self.topology.model
         self.optimizer = optimizer
-        if config is None:
-            config = type(self).Config()
-        if not isinstance(config, type(self).Config):
-            raise ConfigError(
-                f"strategy {self.name!r} takes a {type(self).Config.__name__}, got {type(config).__name__}"
-            )
-        self.config = config
+        self.members = population_size(self.model)
+        self.configs = self._member_configs(config)
+        self.config = self.configs[0]
         self.step = 0
         self.total_steps: int | None = None
         self.steps_per_task: int | None = None
@@ -98,8 +107,46 @@ class RefreshStrategy:
         parameter = next(self.model.parameters(), None)
         self.device = parameter.device if parameter is not None else torch.device("cpu")
         if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+            seed = [int(v) for v in torch.randint(0, 2**62, (self.members,))]
+        self.seeds = check_seeds(seed)
+        if len(self.seeds) != self.members:
+            raise ConfigError(
+                f"strategy {self.name!r}: {len(self.seeds)} seeds for a population of {self.members} members; "
+                "give one seed per member"
+            )
+        self.random = MemberRandom.derived(self.seeds, _RANDOM, device=self.device)
+
+    def _member_configs(self, config: Config | Sequence[Config] | None) -> tuple[Config, ...]:
+        expected = type(self).Config
+        if config is None:
+            config = expected()
+        configs = (config,) * self.members if isinstance(config, Config) else tuple(config)
+        if len(configs) != self.members:
+            raise ConfigError(
+                f"strategy {self.name!r}: {len(configs)} configs for a population of {self.members} members"
+            )
+        for item in configs:
+            if not isinstance(item, expected):
+                raise ConfigError(f"strategy {self.name!r} takes a {expected.__name__}, got {type(item).__name__}")
+        first = configs[0]
+        for key in first.field_names():
+            values = {getattr(item, key) for item in configs}
+            if len(values) > 1 and not all(is_numeric_setting(value) for value in values):
+                raise ConfigError(
+                    f"strategy {self.name!r}: members differ in {key!r} ({sorted(map(repr, values))}), which "
+                    "is not numeric; members of a population differ only in numeric settings, so run another "
+                    "population for each value"
+                )
+        return configs
+
+    def per_member(self, key: str) -> np.ndarray:
+        """Setting ``key`` of every member, shape (S,) (float64, or int64 for an integer setting)."""
+        values = [getattr(config, key) for config in self.configs]
+        return np.asarray(values, dtype=np.int64 if isinstance(values[0], int) else np.float64)
+
+    def shared(self, key: str) -> bool:
+        """Whether every member has the same value of setting ``key``."""
+        return len({getattr(config, key) for config in self.configs}) == 1
 
     def before_step(self) -> None:
         """After backward, before ``optimizer.step()``: zero the gradient at masked positions."""
@@ -124,11 +171,10 @@ class RefreshStrategy:
         self.steps_per_task = steps_per_task
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "generator": self.generator.get_state()}
+        return {"step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-        self.generator.set_state(state["generator"].cpu())
 
 
 @dataclass(frozen=True)
@@ -146,114 +192,171 @@ class Backprop(RefreshStrategy):
 # -- surgery ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class UnitSelection:
+    """Hidden units picked across members: unit ``units[p]`` of member ``members[p]``.
+
+    ``slots[p]`` numbers a member's picks 0, 1, ... and indexes their random draws, so a member's fresh
+    weights do not depend on what the other members pick. Members pick different numbers of units:
+    :meth:`from_ranked` keeps the first ``counts[m]`` of each member's ranked candidates.
+    """
+
+    members: torch.Tensor
+    units: torch.Tensor
+    slots: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.units.numel()
+
+    @classmethod
+    def of_member(cls, units: torch.Tensor, member: int = 0) -> "UnitSelection":
+        """``units`` (1-D) of one member, slots in the order given."""
+        units = units.reshape(-1).to(torch.long)
+        return cls(torch.full_like(units, member), units, torch.arange(units.numel(), device=units.device))
+
+    @classmethod
+    def from_ranked(cls, members: torch.Tensor, ranked: torch.Tensor, counts: torch.Tensor) -> "UnitSelection":
+        """Members ``members`` (M,), their candidates best first ``ranked`` (M, k), how many each keeps
+        ``counts`` (M,) (at most k)."""
+        k = ranked.shape[1]
+        slots = torch.arange(k, device=ranked.device).expand_as(ranked)
+        keep = slots < counts.to(ranked.device)[:, None]
+        return cls(members.to(ranked.device)[:, None].expand_as(ranked)[keep], ranked[keep], slots[keep])
+
+
+def _reset_state(optimizer: torch.optim.Optimizer | None, module: nn.Module, param: torch.Tensor, index) -> None:
+    """Zero the optimizer state of ``param`` at a member-first ``index`` (its member index dropped for a
+    plain layer, whose only member is 0)."""
+    if optimizer is not None:
+        reset_optimizer_state(optimizer, param, index if is_population_module(module) else index[1:])
+
+
 @torch.no_grad()
 def reinit_incoming(
     layer: HiddenLayer,
-    units: torch.Tensor,
+    units: UnitSelection,
+    random: MemberRandom,
+    *,
+    step: int,
+    draw: int = 0,
     init: str = "kaiming",
     gain: float = 1.0,
-    generator: torch.Generator | None = None,
 ) -> None:
     """Draw the units' incoming weights afresh from U(-b, b) (masked entries stay 0) and zero their bias.
 
-    The bound uses the layer's dense fan-in, as the initial weights did.
+    The bound uses the layer's dense fan-in, as the initial weights did. Member m's slot j takes row j
+    of its draw (``random``, keyed by ``step`` and ``draw``).
     """
-    weight = layer.producer.weight
-    fan_in, fan_out = fans(weight.shape)
+    weight = layer.incoming()
+    fan_in, fan_out = fans(weight.shape[1:])
     bound = init_bound(init, fan_in, fan_out, gain)
-    fresh = torch.empty((units.numel(), *weight.shape[1:]), device=weight.device, dtype=weight.dtype)
-    fresh.uniform_(-bound, bound, generator=generator)
-    mask = getattr(layer.producer, "mask", None)
+    uniform = random.uniform(weight.shape[2:], step=step, draw=draw, members=units.members, rows=units.slots)
+    fresh = uniform.to(weight.dtype).mul_(2 * bound).sub_(bound)
+    mask = layer.incoming_mask()
     if mask is not None:
-        fresh.mul_(mask[units])
-    weight[units] = fresh
-    if layer.producer.bias is not None:
-        layer.producer.bias[units] = 0
+        fresh.mul_(mask[units.members, units.units])
+    weight[units.members, units.units] = fresh
+    bias = layer.incoming_bias()
+    if bias is not None:
+        bias[units.members, units.units] = 0
+
+
+def _columns(layer: HiddenLayer, units: UnitSelection) -> tuple[torch.Tensor, torch.Tensor]:
+    """(members, consumer columns) fed by the units: ``block`` columns per unit."""
+    if layer.block == 1:
+        return units.members, units.units
+    offsets = torch.arange(layer.block, device=units.units.device)
+    columns = (units.units[:, None] * layer.block + offsets).reshape(-1)
+    return units.members.repeat_interleave(layer.block), columns
 
 
 @torch.no_grad()
-def zero_outgoing(layer: HiddenLayer, units: torch.Tensor) -> None:
-    """Zero the consumer's input columns fed by ``units`` (a conv channel's whole block)."""
-    layer.consumer.weight[:, layer.consumer_columns(units)] = 0
+def zero_outgoing(layer: HiddenLayer, units: UnitSelection) -> None:
+    """Zero the consumer's input columns fed by the units (a conv channel's whole block)."""
+    members, columns = _columns(layer, units)
+    layer.outgoing()[members, :, columns] = 0
 
 
 @torch.no_grad()
-def fold_into_consumer_bias(layer: HiddenLayer, units: torch.Tensor, mean_activation: torch.Tensor) -> None:
-    """consumer.bias += sum over the units' columns of w_out[:, column] * f_unit.
+def fold_into_consumer_bias(layer: HiddenLayer, units: UnitSelection, mean_activation: torch.Tensor) -> None:
+    """consumer.bias += sum over the units' columns of w_out[:, column] * f_unit, per member.
 
     Call before :func:`zero_outgoing`: the consumer's output then stays what it was on average,
     because the replaced unit's mean contribution moves into the bias. ``mean_activation`` has one
-    value per unit, or one per consumer column of the unit (shape ``(units, block)``). For a conv
-    consumer the kernel's taps are summed (exact away from zero-padded borders).
+    value per selected unit, or one per consumer column of the unit (shape ``(units, block)``). For a
+    conv consumer the kernel's taps are summed (exact away from zero-padded borders).
     """
-    bias = layer.consumer.bias
+    bias = layer.consumer_bias()
     if bias is None:
         return
-    outgoing = layer.outgoing_weights(units)  # (out, units, block * kernel)
-    if mean_activation.dim() == 1:
-        contribution = outgoing.sum(-1) @ mean_activation.to(outgoing.dtype)
+    outgoing = layer.outgoing_weights()[units.members, :, units.units]  # (P, out, block * kernel)
+    mean = mean_activation.to(outgoing.dtype)
+    if mean.dim() == 1:
+        contribution = outgoing.sum(-1) * mean[:, None]
     else:
-        per_column = outgoing.reshape(outgoing.shape[0], units.numel(), layer.block, -1).sum(-1)
-        contribution = (per_column * mean_activation.to(outgoing.dtype)).sum((1, 2))
-    bias.add_(contribution)
+        per_column = outgoing.reshape(outgoing.shape[0], outgoing.shape[1], layer.block, -1).sum(-1)
+        contribution = (per_column * mean[:, None, :]).sum(-1)
+    bias.index_put_((units.members,), contribution, accumulate=True)
 
 
 @torch.no_grad()
-def reset_unit_norm(layer: HiddenLayer, units: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+def reset_unit_norm(layer: HiddenLayer, units: UnitSelection, optimizer: torch.optim.Optimizer | None) -> None:
     """The units' entries of the layer's normalisation start afresh: scale 1, shift 0, running mean 0 and
-    running variance 1 (batch norm), and their optimizer state zero."""
+    running variance 1 (batch norm), and their optimizer state zero. (Only plain models have one.)"""
     norm = layer.norm
     if norm is None:
         return
+    index = units.units
     if getattr(norm, "running_mean", None) is not None:
-        norm.running_mean[units] = 0
-        norm.running_var[units] = 1
+        norm.running_mean[index] = 0
+        norm.running_var[index] = 1
     for param, fresh in ((norm.weight, 1.0), (norm.bias, 0.0)):
         if param is not None:
-            param[units] = fresh
+            param[index] = fresh
             if optimizer is not None:
-                reset_optimizer_state(optimizer, param, (units,))
+                reset_optimizer_state(optimizer, param, (index,))
 
 
 @torch.no_grad()
 def reset_unit_optimizer_state(
-    optimizer: torch.optim.Optimizer, layer: HiddenLayer, units: torch.Tensor
+    optimizer: torch.optim.Optimizer | None, layer: HiddenLayer, units: UnitSelection
 ) -> None:
     """Zero optimizer state of the units' incoming rows, bias entries and outgoing columns."""
-    reset_optimizer_state(optimizer, layer.producer.weight, (units,))
-    if layer.producer.bias is not None:
-        reset_optimizer_state(optimizer, layer.producer.bias, (units,))
-    reset_optimizer_state(
-        optimizer, layer.consumer.weight, (slice(None), layer.consumer_columns(units))
-    )
+    producer, consumer = layer.producer, layer.consumer
+    _reset_state(optimizer, producer, producer.weight, (units.members, units.units))
+    if producer.bias is not None:
+        _reset_state(optimizer, producer, producer.bias, (units.members, units.units))
+    members, columns = _columns(layer, units)
+    _reset_state(optimizer, consumer, consumer.weight, (members, slice(None), columns))
 
 
 @torch.no_grad()
 def replace_units(
     layer: HiddenLayer,
-    units: torch.Tensor,
+    units: UnitSelection,
     optimizer: torch.optim.Optimizer | None,
+    random: MemberRandom,
     *,
+    step: int,
+    draw: int = 0,
     init: str = "kaiming",
     gain: float = 1.0,
-    generator: torch.Generator | None = None,
     mean_activation: torch.Tensor | None = None,
 ) -> None:
-    """Re-initialise ``units`` of ``layer``: fresh incoming weights, zero bias, outgoing weights zero,
-    and their normalisation entries (if the layer has one) reset.
+    """Re-initialise the selected units: fresh incoming weights, zero bias, outgoing weights zero, and
+    their normalisation entries (if the layer has one) reset.
 
-    With ``mean_activation`` the units' mean contribution is first folded into the consumer's bias.
-    The optimizer state at every touched position is zeroed.
+    With ``mean_activation`` (one value per selected unit) the units' mean contribution is first folded
+    into the consumer's bias. The optimizer state at every touched position is zeroed.
     """
-    if units.numel() == 0:
+    if len(units) == 0:
         return
     if mean_activation is not None:
         fold_into_consumer_bias(layer, units, mean_activation)
-    reinit_incoming(layer, units, init, gain, generator)
+    reinit_incoming(layer, units, random, step=step, draw=draw, init=init, gain=gain)
     reset_unit_norm(layer, units, optimizer)
     zero_outgoing(layer, units)
-    if optimizer is not None:
-        reset_unit_optimizer_state(optimizer, layer, units)
+    reset_unit_optimizer_state(optimizer, layer, units)
 
 
 # -- composition ------------------------------------------------------------------------------
@@ -272,13 +375,15 @@ class CompositeStrategy(RefreshStrategy):
         from .streams.base import derive_seed
 
         super().__init__(model, optimizer, config, seed=seed)
-        base_seed = self.generator.initial_seed()
         self.parts: list[RefreshStrategy] = []
         for index, name in enumerate(self.part_names):
             entry = strategies.get(name)
-            values = {key: getattr(self.config, key) for key in entry.config.field_names()}
-            part_config = entry.config.from_dict(values)
-            self.parts.append(entry.cls(self.topology, optimizer, part_config, seed=derive_seed(base_seed, index)))
+            configs = [
+                entry.config.from_dict({key: getattr(config, key) for key in entry.config.field_names()})
+                for config in self.configs
+            ]
+            seeds = [derive_seed(member_seed, index) for member_seed in self.seeds]
+            self.parts.append(entry.cls(self.topology, optimizer, configs, seed=seeds))
 
     def before_step(self) -> None:
         for part in self.parts:
@@ -286,12 +391,13 @@ class CompositeStrategy(RefreshStrategy):
 
     def after_step(self) -> RefreshStats:
         super().after_step()
-        units = connections = 0
-        for part in self.parts:
-            stats = part.after_step()
-            units += stats.units_replaced
-            connections += stats.connections_regrown
-        return RefreshStats(units, connections) if units or connections else NO_REFRESH
+        stats = [part.after_step() for part in self.parts]
+        changed = [item for item in stats if item is not NO_REFRESH]
+        if not changed:
+            return NO_REFRESH
+        units = sum((np.asarray(item.units_replaced) for item in changed), np.zeros(self.members, np.int64))
+        connections = sum((np.asarray(item.connections_regrown) for item in changed), np.zeros(self.members, np.int64))
+        return RefreshStats(units, connections)
 
     def on_task_start(self, task: int) -> None:
         for part in self.parts:

@@ -6,6 +6,10 @@
     summary.json   the run's summary, written last: it marks a finished run
     failure.json   why a run stopped early (``kind``, ``error``, ``step``), e.g. a NaN loss
 
+A population run (``--seeds``) writes one such directory per member, ``seed-<s>/`` (without a
+checkpoint), and beside them ``checkpoint.pt`` for the whole population and ``population.json``: the
+seeds and the settings as given (per-member lists included), from which ``--resume`` rebuilds it.
+
 docs/architecture.md ("Failures and recovery") lists the states a directory can be in and the way
 forward from each.
 """
@@ -20,13 +24,15 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = ["CHECKPOINT", "METRICS", "CONFIG", "SUMMARY", "FAILURE", "RESUME_MAY_CHANGE", "check_output_dir",
-           "read_config", "check_config", "write_failure", "setting_differences"]
+           "read_config", "check_config", "write_failure", "setting_differences", "POPULATION", "read_population",
+           "write_population"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
 CONFIG = "config.json"
 SUMMARY = "summary.json"
 FAILURE = "failure.json"
+POPULATION = "population.json"
 #: Settings a resumed run may change: it may be extended, moved to another device or library version.
 RESUME_MAY_CHANGE = frozenset({"steps", "device", "versions"})
 
@@ -104,3 +110,38 @@ def write_failure(out_dir: Path, kind: str, error: str, step: int) -> None:
     """Say in ``failure.json`` why and where the run stopped."""
     failure = {"kind": kind, "error": error, "step": step}
     (out_dir / FAILURE).write_text(json.dumps(failure, indent=2) + "\n")
+
+
+def read_population(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The population record in ``out_dir`` (its population.json), or {} when it has none."""
+    path = Path(out_dir) / POPULATION
+    if not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read {str(path)!r} ({err}); move the run away or start a new --out") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("seeds"), list):
+        raise ConfigError(f"{str(path)!r} is not a population record; move it away or start a new --out")
+    return saved
+
+
+def write_population(out_dir: str | os.PathLike, record: dict[str, Any], *, resume: bool) -> None:
+    """Write ``population.json`` (seeds and settings as given); a resume must keep the seeds, and a fresh
+    run refuses a directory that already holds a population."""
+    path = Path(out_dir)
+    saved = read_population(path)
+    if saved and not resume:
+        raise ConfigError(
+            f"{str(path)!r} already holds a population run ({POPULATION}); pass --resume to continue it, or "
+            "choose a new --out (nothing was overwritten)"
+        )
+    if saved and saved["seeds"] != list(record["seeds"]):
+        raise ConfigError(
+            f"--resume: the population in {str(path)!r} has seeds {saved['seeds']}, not {list(record['seeds'])}; "
+            "resume with its seeds (leave --seeds out), or start a new --out"
+        )
+    check_output_dir(path, resume=resume)
+    tmp = path / (POPULATION + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path / POPULATION)

@@ -18,13 +18,15 @@ import pandas as pd
 import torch
 
 from . import benchmarks, strategies
+from .config import is_numeric_setting
 from .errors import ConfigError
 from .experiment import Experiment
-from .rundir import SUMMARY
+from .population import check_seeds
+from .rundir import SUMMARY, write_population
 from .streams.base import derive_seed
 from .summary import summarize
 
-__all__ = ["RunSpec", "prepare", "run", "resolve_device"]
+__all__ = ["RunSpec", "prepare", "run", "resolve_device", "member_dir", "write_summaries"]
 
 _GLOBAL_RNG, _STRATEGY_RNG = 21, 22  # seed-derivation keys
 
@@ -44,7 +46,12 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run: a benchmark, a strategy, their settings, a seed and a length."""
+    """One run: a benchmark, a strategy, their settings, a seed and a length.
+
+    With ``seeds`` the run is a population: one member per seed, trained in one batched pass, each
+    member the run its seed alone would be. A numeric strategy setting, and the benchmark's ``lr``, may
+    then hold one value per member (a list, or a comma string such as ``"1e-5,1e-4,1e-3"``).
+    """
 
     benchmark: str = "bit-flipping"
     strategy: str = "bp"
@@ -54,6 +61,51 @@ class RunSpec:
     settings: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
     checkpoint_every: int | None = None
+    seeds: tuple[int, ...] | None = None
+
+    @property
+    def member_seeds(self) -> tuple[int, ...]:
+        return check_seeds(self.seed if self.seeds is None else self.seeds)
+
+
+def member_dir(out_dir: str | os.PathLike, seed: int) -> Path:
+    """Where member ``seed`` of a population run in ``out_dir`` writes its run directory."""
+    return Path(out_dir) / f"seed-{seed}"
+
+
+def _per_member(
+    what: str, defaults: dict[str, Any], values: dict[str, Any], members: int, allowed: set[str] | None = None
+) -> list[dict[str, Any]]:
+    """Split settings into one dict per member: a list (or a comma string) for a numeric setting holds one
+    value per member; every other value is shared."""
+    result: list[dict[str, Any]] = [{} for _ in range(members)]
+    for key, value in values.items():
+        items = value.split(",") if isinstance(value, str) and "," in value else value
+        listed = isinstance(items, (list, tuple))
+        default = defaults.get(key)
+        numeric = is_numeric_setting(default)
+        if listed and numeric and (allowed is None or key in allowed):
+            if len(items) != members:
+                raise ConfigError(
+                    f"{what} {key} has {len(items)} values but the population has {members} members; give one "
+                    "value per member (in the order of --seeds) or one value for all"
+                )
+            for member, item in enumerate(items):
+                result[member][key] = item
+            continue
+        if listed and numeric:
+            raise ConfigError(
+                f"{what} {key} takes one value for the whole population; per-member values are for strategy "
+                f"settings and lr (got {value!r})"
+            )
+        if listed and isinstance(default, (str, bool)):
+            raise ConfigError(
+                f"{what} {key} is not numeric, so the members of a population share it (got {value!r}); "
+                "run one population per value"
+            )
+        for member in range(members):
+            result[member][key] = value
+    return result
 
 
 def prepare(
@@ -61,32 +113,52 @@ def prepare(
     out_dir: str | os.PathLike | None = None,
     *,
     progress: bool = True,
-    on_row: Callable[[dict[str, Any]], None] | None = None,
+    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> Experiment:
     """Build the benchmark's stream, learner and optimizer, the strategy, and the experiment.
 
-    ``on_row`` is passed to :class:`~dst.experiment.Experiment`: called with each metrics row."""
+    A population spec (``seeds``) writes member s to ``out_dir/seed-<s>/`` and its checkpoint to
+    ``out_dir``. ``on_row`` is passed to :class:`~dst.experiment.Experiment`."""
     if spec.steps is not None and (not isinstance(spec.steps, int) or spec.steps <= 0):
         raise ConfigError(f"steps must be a positive integer, got {spec.steps!r}")
-    benchmark = benchmarks.build(spec.benchmark, **spec.bench)
-    strategy_config = strategies.config(spec.strategy, **spec.settings)
+    seeds = spec.member_seeds
+    members = len(seeds)
+    bench_cls = benchmarks.get(spec.benchmark).config
+    bench_defaults = {name: getattr(bench_cls(), name) for name in bench_cls.field_names()}
+    bench_values = _per_member("--bench", bench_defaults, spec.bench, members, allowed={"lr"})
+    benchmark = benchmarks.build(spec.benchmark, **bench_values[0])
+    lrs = None  # one lr per member, when they differ
+    if len({str(values.get("lr")) for values in bench_values}) > 1:
+        lrs = [benchmark.config.replace(lr=values["lr"]).lr for values in bench_values]
+    strategy_cls = strategies.get(spec.strategy).config
+    defaults = {name: getattr(strategy_cls(), name) for name in strategy_cls.field_names()}
+    configs = [
+        strategies.config(spec.strategy, **values)
+        for values in _per_member("--set", defaults, spec.settings, members)
+    ]
     device = resolve_device(spec.device)
-    torch.manual_seed(derive_seed(spec.seed, _GLOBAL_RNG))
-    stream, model, optimizer = benchmark.build(spec.seed, device)
+    torch.manual_seed(derive_seed(seeds[0], _GLOBAL_RNG))
+    stream, model, optimizer = benchmark.build(seeds, device, lr=lrs)
     steps = spec.steps if spec.steps is not None else benchmark.default_steps(stream)
     strategy = strategies.build(
-        spec.strategy, model, optimizer, config=strategy_config, seed=derive_seed(spec.seed, _STRATEGY_RNG)
+        spec.strategy, model, optimizer, config=configs, seed=[derive_seed(seed, _STRATEGY_RNG) for seed in seeds]
     )
-    metadata = {
-        "benchmark": spec.benchmark,
-        "strategy": spec.strategy,
-        "seed": spec.seed,
-        "steps": steps,
-        "device": str(device),
-        "bench": benchmark.config.to_dict(),
-        "settings": strategy_config.to_dict(),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-    }
+    metadata = [
+        {
+            "benchmark": spec.benchmark,
+            "strategy": spec.strategy,
+            "seed": seed,
+            "steps": steps,
+            "device": str(device),
+            "bench": {**benchmark.config.to_dict(), **({"lr": lrs[member]} if lrs else {})},
+            "settings": configs[member].to_dict(),
+            "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        }
+        for member, seed in enumerate(seeds)
+    ]
+    member_dirs = None
+    if out_dir is not None:
+        member_dirs = [Path(out_dir)] if spec.seeds is None else [member_dir(out_dir, seed) for seed in seeds]
     return Experiment(
         stream,
         model,
@@ -97,6 +169,7 @@ def prepare(
         task_type=benchmark.task_type,
         bin_size=benchmark.bin_steps(stream),
         out_dir=out_dir,
+        member_dirs=member_dirs,
         checkpoint_every=spec.checkpoint_every,
         metadata=metadata,
         progress=progress,
@@ -105,25 +178,34 @@ def prepare(
     )
 
 
+def write_summaries(experiment: Experiment, frames: list[pd.DataFrame]) -> None:
+    """Each member's summary.json, written last and atomically: on disk it always means a finished,
+    readable run (a member stopped by a non-finite loss has its failure.json instead)."""
+    for member, (directory, rows) in enumerate(zip(experiment.member_dirs or (), frames)):
+        if member in experiment.failed or not len(rows):
+            continue
+        tmp = Path(directory, SUMMARY + ".tmp")
+        tmp.write_text(json.dumps(summarize(rows), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, Path(directory, SUMMARY))
+
+
 def run(
     spec: RunSpec,
     out_dir: str | os.PathLike | None = None,
     *,
     resume: bool = False,
     progress: bool = True,
-    on_row: Callable[[dict[str, Any]], None] | None = None,
-) -> pd.DataFrame:
-    """Prepare and run ``spec``; returns the metrics rows (also in ``out_dir/metrics.csv``, with the
-    run's :func:`dst.summary.summarize` in ``out_dir/summary.json``). ``on_row(row)`` is called after
-    each row is written; an exception it raises stops the run (the rows written so far are kept)."""
-    rows = prepare(spec, out_dir, progress=progress, on_row=on_row).run(resume=resume)
-    if out_dir is not None and len(rows):
-        # written last and atomically: a summary.json on disk always means a finished, readable run
-        tmp = Path(out_dir, SUMMARY + ".tmp")
-        tmp.write_text(json.dumps(summarize(rows), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, Path(out_dir, SUMMARY))
-    return rows
-
-
-def spec_dict(spec: RunSpec) -> dict[str, Any]:
-    return asdict(spec)
+    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> pd.DataFrame | list[pd.DataFrame]:
+    """Prepare and run ``spec``; returns the metrics rows (also in ``metrics.csv``, with the run's
+    :func:`dst.summary.summarize` in ``summary.json``): one DataFrame for a single-seed spec, a list (one
+    per member) for a population (``seeds``). ``on_row(rows)`` is called after each bin's rows are
+    written; an exception it raises stops the run (the rows written so far are kept)."""
+    experiment = prepare(spec, out_dir, progress=progress, on_row=on_row)
+    if spec.seeds is not None and out_dir is not None:
+        record = {**asdict(spec), "seeds": list(spec.member_seeds)}
+        write_population(out_dir, record, resume=resume)
+    frames = experiment.run(resume=resume)
+    if out_dir is not None:
+        write_summaries(experiment, frames)
+    return frames[0] if spec.seeds is None else frames

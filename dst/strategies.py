@@ -13,6 +13,7 @@ dataclass. Third-party packages add theirs through the entry-point group ``dst.s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -45,23 +46,23 @@ def build(
     model: "nn.Module | Topology",
     optimizer: "torch.optim.Optimizer",
     *,
-    config: Config | None = None,
-    seed: int | None = None,
+    config: "Config | Sequence[Config] | None" = None,
+    seed: "int | Sequence[int] | None" = None,
     **overrides: Any,
 ) -> "RefreshStrategy":
     """Build a registered strategy on ``model`` (or its :class:`dst.Topology`) and ``optimizer``.
 
-    Settings come from ``config`` or from keyword ``overrides`` of the defaults, not both. ``seed``
-    seeds the strategy's own generator (default: drawn from torch's global RNG).
+    Settings come from ``config`` (one for every member, or one per member) or from keyword
+    ``overrides`` of the defaults, not both. ``seed`` (one, or one per member) keys the strategy's random
+    numbers (default: drawn from torch's global RNG).
     """
     entry: Entry = registry.get(name)
     if config is not None:
         if overrides:
             raise ConfigError(f"strategy {name!r}: pass either config= or keyword settings, not both")
-        if not isinstance(config, entry.config):
-            raise ConfigError(
-                f"strategy {name!r} takes a {entry.config.__name__}, got {type(config).__name__}"
-            )
+        for item in [config] if isinstance(config, Config) else config:
+            if not isinstance(item, entry.config):
+                raise ConfigError(f"strategy {name!r} takes a {entry.config.__name__}, got {type(item).__name__}")
     else:
         config = entry.config.from_dict(overrides)
     return entry.cls(model, optimizer, config, seed=seed)

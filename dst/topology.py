@@ -13,6 +13,13 @@ BatchNorm2d -> ReLU) belongs to the units: it has one weight, bias (and running 
 unit, and a unit's surgery resets those entries too (as the authors' CBP code for ResNets does). A
 normalisation layer anywhere else between producer and consumer, or one that does not act per unit,
 is refused: a reset would leave its statistics stale.
+In a population (``MaskedLinear(..., members=S)`` layers) every view below carries the leading member
+dimension: ``incoming()`` is (S, units, fan_in), ``outgoing()`` (S, consumer_out, consumer_in),
+``member_output`` (S, batch, units). A plain torch model is a population of one and gets the same views
+with S = 1 (``dst.population.member_view``), so strategies are written once, on the member layout.
+A population has no per-member normalisation layer, so one between its producer and activation is
+refused.
+
 Activations are captured with forward hooks only while a strategy has asked for them
 (:meth:`Topology.start_capture` / :meth:`Topology.stop_capture`), so steps that need none pay nothing.
 """
@@ -28,6 +35,7 @@ from torch import nn
 
 from .errors import TopologyError
 from .masked import MaskedMixin
+from .population import is_population_module, member_view
 
 __all__ = ["HiddenLayer", "Topology", "ACTIVATIONS", "NORMS"]
 
@@ -67,7 +75,40 @@ class HiddenLayer:
 
     @property
     def n_units(self) -> int:
-        return self.producer.weight.shape[0]
+        return _units(self.producer)
+
+    @property
+    def members(self) -> int:
+        """S: the population size (1 for a plain model)."""
+        return self.incoming().shape[0]
+
+    def incoming(self) -> torch.Tensor:
+        """The producer's weight as (S, units, fan_in[, kh, kw]) (a view: writes go to the weight)."""
+        return member_view(self.producer, self.producer.weight)
+
+    def incoming_bias(self) -> torch.Tensor | None:
+        """The producer's bias as (S, units), or None."""
+        bias = self.producer.bias
+        return None if bias is None else member_view(self.producer, bias)
+
+    def incoming_mask(self) -> torch.Tensor | None:
+        """The producer's mask as (S, units, fan_in[, kh, kw]), or None for a dense producer."""
+        mask = getattr(self.producer, "mask", None)
+        return None if mask is None else member_view(self.producer, mask)
+
+    def outgoing(self) -> torch.Tensor:
+        """The consumer's weight as (S, consumer_out, consumer_in[, kh, kw])."""
+        return member_view(self.consumer, self.consumer.weight)
+
+    def consumer_bias(self) -> torch.Tensor | None:
+        """The consumer's bias as (S, consumer_out), or None."""
+        bias = self.consumer.bias
+        return None if bias is None else member_view(self.consumer, bias)
+
+    @property
+    def member_output(self) -> torch.Tensor | None:
+        """The latest captured activation as (S, batch, units[, H, W]), or None."""
+        return None if self.output is None else member_view(self.producer, self.output)
 
     @property
     def is_conv(self) -> bool:
@@ -85,15 +126,30 @@ class HiddenLayer:
         offsets = torch.arange(self.block, device=units.device)
         return (units[:, None] * self.block + offsets).reshape(-1)
 
-    def outgoing_weights(self, units: torch.Tensor | None = None) -> torch.Tensor:
-        """Consumer weights viewed as (consumer_out, units, block * kernel...) for per-unit reductions."""
-        weight = self.consumer.weight
-        per_unit = weight.reshape(weight.shape[0], self.n_units, -1)
-        return per_unit if units is None else per_unit[:, units]
+    def outgoing_weights(self) -> torch.Tensor:
+        """Consumer weights viewed as (S, consumer_out, units, block * kernel...) for per-unit reductions."""
+        weight = self.outgoing()
+        return weight.reshape(weight.shape[0], weight.shape[1], self.n_units, -1)
+
+
+def _units(module: nn.Module) -> int:
+    """Output units (rows, channels) of a Linear/Conv2d, plain or population."""
+    return module.weight.shape[1 if is_population_module(module) else 0]
+
+
+def _inputs(module: nn.Module) -> int:
+    """Input columns (channels) of a Linear/Conv2d, plain or population."""
+    return module.weight.shape[2 if is_population_module(module) else 1]
 
 
 def _validate_norm(name: str, producer: nn.Module, norm: nn.Module) -> None:
     """Check that ``norm`` keeps one set of parameters per unit of ``producer``."""
+    if is_population_module(producer):
+        raise TopologyError(
+            f"{name}: {type(norm).__name__} after a population layer has one parameter set for all members; "
+            "population layers take no normalisation. Build the model from plain torch layers (a "
+            "population of one) to use one"
+        )
     units = producer.weight.shape[0]
     if isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm2d)):
         per_unit = norm.num_features == units
@@ -113,7 +169,12 @@ def _validate_norm(name: str, producer: nn.Module, norm: nn.Module) -> None:
 
 def _validate_pair(name: str, producer: nn.Module, consumer: nn.Module) -> int:
     """Check that producer's units match consumer's inputs and return the block size."""
-    units = producer.weight.shape[0]
+    if getattr(producer, "members", None) != getattr(consumer, "members", None):
+        raise TopologyError(
+            f"{name}: producer has members={getattr(producer, 'members', None)} but its consumer has "
+            f"members={getattr(consumer, 'members', None)}; a population's layers all have the same members"
+        )
+    units = _units(producer)
     if isinstance(consumer, nn.Conv2d):
         if not isinstance(producer, nn.Conv2d):
             raise TopologyError(f"{name}: a linear layer cannot feed a conv layer in a unit graph")
@@ -123,7 +184,7 @@ def _validate_pair(name: str, producer: nn.Module, consumer: nn.Module) -> int:
                 f"{consumer.in_channels} (groups={consumer.groups})"
             )
         return 1
-    columns = consumer.weight.shape[1]
+    columns = _inputs(consumer)
     if isinstance(producer, nn.Conv2d):
         if columns % units != 0:
             raise TopologyError(

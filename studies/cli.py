@@ -108,7 +108,7 @@ def _steps(args: argparse.Namespace, bench: dict) -> int:
             raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
         return args.steps
     built = benchmarks.build(args.benchmark, **bench)
-    return built.default_steps(built.make_stream(args.seed, "cpu"))
+    return built.default_steps(built.make_stream((args.seed,), "cpu"))
 
 
 def _open(args: argparse.Namespace, spec: storages.StorageSpec, create: bool):

@@ -140,7 +140,8 @@ class TrialObjective:
         rows: list[dict[str, Any]] = []
         last_seed = index == s.seeds - 1
 
-        def on_row(row: dict[str, Any]) -> None:
+        def on_row(members: list[dict[str, Any]]) -> None:
+            (row,) = members  # each seed is a run of its own: a population of one
             rows.append(row)
             if s.multi_objective:
                 return  # Optuna does not prune multi-objective studies

@@ -62,3 +62,49 @@ def test_head_reset_reinitialises_the_output_layer_at_each_new_task_only():
     assert (opt.state[net[2].weight]["momentum_buffer"] == 0).all()
     assert torch.equal(net[0].weight, hidden_before)
     assert net[2].weight.abs().max() <= (1 * 3 / 4) ** 0.5
+
+
+def _population(seeds=(0, 1, 2)):
+    return dst.nets.mlp(4, [6], 2, generators=[torch.Generator().manual_seed(s) for s in seeds])
+
+
+def test_shrink_perturb_shrinks_each_member_by_its_own_lr_times_decay():
+    net = _population()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    configs = [dst.strategies.config("shrink-perturb", weight_decay=wd, noise_std=0.0) for wd in (0.1, 0.4, 0.0)]
+    strategy = dst.strategies.build("shrink-perturb", net, opt, config=configs, seed=[0, 1, 2])
+    before = [p.detach().clone() for p in net.parameters()]
+    strategy.after_step()
+    for p, b in zip(net.parameters(), before):  # population parameters are member-first
+        for member, factor in enumerate((1 - 0.5 * 0.1, 1 - 0.5 * 0.4, 1.0)):
+            torch.testing.assert_close(p[member], b[member] * factor)
+
+
+def test_shrink_perturb_noise_has_each_members_scale():
+    net = dst.nets.mlp(50, [200], 10, generators=[torch.Generator().manual_seed(s) for s in (0, 1)])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    configs = [dst.strategies.config("shrink-perturb", weight_decay=0.0, noise_std=sigma) for sigma in (0.01, 0.0)]
+    strategy = dst.strategies.build("shrink-perturb", net, opt, config=configs, seed=[0, 1])
+    before = net[0].weight.detach().clone()
+    strategy.after_step()
+    delta = net[0].weight - before
+    assert abs(delta[0].std().item() - 0.01) < 0.001
+    assert (delta[1] == 0).all()
+
+
+def test_l2_init_pulls_each_member_toward_its_own_initial_weights_with_its_own_strength():
+    net = _population()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    configs = [dst.strategies.config("l2-init", strength=lam) for lam in (0.5, 0.1, 0.0)]
+    strategy = dst.strategies.build("l2-init", net, opt, config=configs, seed=[0, 1, 2])
+    initial = [p.detach().clone() for p in net.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.arange(1.0, 4.0).view(-1, *[1] * (p.dim() - 1)))  # member s moved by s + 1
+    x = torch.randn(3, 2, 4)
+    dst.population.forward(net, x).pow(2).mean((1, 2)).sum().backward()
+    plain = [p.grad.clone() for p in net.parameters()]
+    strategy.before_step()
+    for p, g, start in zip(net.parameters(), plain, initial):
+        for member, lam in enumerate((0.5, 0.1, 0.0)):
+            torch.testing.assert_close(p.grad[member], g[member] + 2 * lam * (p[member].detach() - start[member]))

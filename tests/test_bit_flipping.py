@@ -6,14 +6,25 @@ from dst.streams import BitFlippingStream, LTUTarget
 
 
 def test_ltu_target_fires_iff_input_exceeds_released_threshold():
-    target = LTUTarget(2, 1, 0.7, torch.Generator().manual_seed(0))
-    target.weight1 = torch.tensor([[1.0, -1.0]])
-    target.bias1 = torch.tensor([1.0])
+    target = LTUTarget(2, 1, 0.7, [torch.Generator().manual_seed(0)])
+    target.weight1 = torch.tensor([[[1.0, -1.0]]])
+    target.bias1 = torch.tensor([[1.0]])
     # S = (m - sum_j W_ij + b_i) / 2 = (2 - 0 + 1) / 2 = 1.5; tau = 0.7 * (2 + 1) - 1.5 = 0.6
-    target.tau = 0.7 * 3 - (2 - target.weight1.sum(1) + target.bias1) / 2
+    target.tau = 0.7 * 3 - (2 - target.weight1.sum(2) + target.bias1) / 2
     assert target.tau.item() == pytest.approx(0.6)
-    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # W x + b = 2, 0, 1
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]])  # W x + b = 2, 0, 1
     assert target.features(x).flatten().tolist() == [1.0, 0.0, 1.0]
+
+
+def test_each_members_target_is_its_own_network():
+    generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+    target = LTUTarget(20, 100, 0.7, generators)
+    x = torch.randint(0, 2, (1, 50, 20), generator=torch.Generator().manual_seed(2)).float()
+    for member, seed in enumerate((0, 1)):
+        alone = LTUTarget(20, 100, 0.7, [torch.Generator().manual_seed(seed)])
+        assert torch.equal(target.weight1[member], alone.weight1[0])
+        assert torch.equal(target(x.expand(2, -1, -1))[member], alone(x)[0])
+    assert not torch.equal(target.weight1[0], target.weight1[1])
 
 
 def test_target_weights_are_signs_and_threshold_follows_formula():
@@ -21,17 +32,18 @@ def test_target_weights_are_signs_and_threshold_follows_formula():
     t = stream.target
     for tensor in (t.weight1, t.bias1, t.weight2, t.bias2):
         assert set(tensor.unique().tolist()) <= {-1.0, 1.0}
-    expected = 0.7 * 21 - (20 - t.weight1.sum(1) + t.bias1) / 2
+    expected = 0.7 * 21 - (20 - t.weight1.sum(2) + t.bias1) / 2
     torch.testing.assert_close(t.tau, expected)
-    assert t.weight1.shape == (100, 20)
+    assert t.weight1.shape == (1, 100, 20) and t.weight2.shape == (1, 1, 100)
 
 
 def test_flipping_bits_are_fixed_within_a_task_and_random_bits_vary():
-    stream = BitFlippingStream(0, change_every=500)
-    x, y = stream.task_examples(2)
-    assert x.shape == (500, 20) and y.shape == (500, 1)
-    assert (x[:, :15] == x[0, :15]).all()
-    assert x[:, 15:].std(0).min() > 0.3
+    stream = BitFlippingStream(0, change_every=500, probe_size=500)
+    x, y = stream.probe_batch(2)
+    assert x.shape == (1, 500, 20) and y.shape == (1, 500, 1)
+    assert (x[0, :, :15] == x[0, 0, :15]).all()
+    assert torch.equal(x[0, 0, :15], stream.flipping_bits(2)[0])
+    assert x[0, :, 15:].std(0).min() > 0.3
     torch.testing.assert_close(y, stream.target(x))
 
 
@@ -51,9 +63,9 @@ def test_flip_all_redraws_every_bit():
 
 def test_stream_is_deterministic_per_seed_and_differs_across_seeds():
     a, b, c = BitFlippingStream(5), BitFlippingStream(5), BitFlippingStream(6)
-    xa, ya = a.task_examples(3)
-    xb, yb = b.task_examples(3)
-    xc, _ = c.task_examples(3)
+    xa, ya = a.probe_batch(3)
+    xb, yb = b.probe_batch(3)
+    xc, _ = c.probe_batch(3)
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert not torch.equal(xa, xc)
 
@@ -65,6 +77,7 @@ def test_batches_from_a_start_step_equal_the_tail_of_a_full_iteration():
     resumed = BitFlippingStream(0, change_every=100, batch_size=4).batches(37)
     for step in range(37, 60):
         x, y, task = next(resumed)
+        assert x.shape == (1, 4, 20) and y.shape == (1, 4, 1)
         assert task == items[step][2] == step // 25
         assert torch.equal(x, items[step][0]) and torch.equal(y, items[step][1])
 

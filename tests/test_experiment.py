@@ -105,7 +105,7 @@ def test_every_strategy_resumes_to_exactly_the_uninterrupted_run(tmp_path, name)
     settings, bench = REFRESHING[name]
     spec = _spec(steps=2000, strategy=name, settings=settings, bench={**SMALL, **bench}, checkpoint_every=1000)
     full = prepare(spec, tmp_path / "full", progress=False)
-    full_rows = full.run()
+    (full_rows,) = full.run()
     if name not in ("bp", "l2-init", "shrink-perturb", "head-reset"):  # these change weights, not the topology
         assert (full_rows["units_replaced"] + full_rows["connections_regrown"]).sum() > 0, "no refresh happened"
     crashing = prepare(spec, tmp_path / "cut", progress=False)
@@ -113,7 +113,7 @@ def test_every_strategy_resumes_to_exactly_the_uninterrupted_run(tmp_path, name)
     with pytest.raises(KeyboardInterrupt):
         crashing.run()
     resumed = prepare(spec, tmp_path / "cut", progress=False)
-    resumed_rows = resumed.run(resume=True)
+    (resumed_rows,) = resumed.run(resume=True)
     pd.testing.assert_frame_equal(_without_timing(full_rows), _without_timing(resumed_rows), check_dtype=False)
     assert_same_state(full.model.state_dict(), resumed.model.state_dict(), "model")
     assert_same_state(full.optimizer.state_dict(), resumed.optimizer.state_dict(), "optimizer")

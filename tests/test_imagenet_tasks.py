@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dst.cli import main
-from dst.errors import DataError
+from dst.errors import ConfigError, DataError
 from dst.experiment import TIMING_COLUMNS, Experiment
+from dst.population import cross_entropy_per_member
 from dst.refresh import Backprop
 from dst.runner import RunSpec, prepare, run
 from dst.streams import ContinualImageNetStream
@@ -41,6 +41,12 @@ def image_ids(x: torch.Tensor, scale: float = 1 / 255) -> list[tuple[int, int]]:
     return [(c, high * 256 + low) for c, high, low in marks]
 
 
+def checksum(t: torch.Tensor, scale: float = 1) -> int:
+    """An order-sensitive integer checksum of a tensor of integers (times ``scale``)."""
+    ints = torch.round(t.double().flatten() * scale).long()
+    return int((ints * (torch.arange(ints.numel()) % 1009 + 1)).sum())
+
+
 def stream(data_dir, seed=0, **kwargs) -> ContinualImageNetStream:
     return ContinualImageNetStream(data_dir, seed, **{"epochs": 2, "batch_size": 100, **kwargs})
 
@@ -63,12 +69,13 @@ def test_each_task_shows_every_training_image_once_per_epoch_in_fresh_orders(dat
     batches = s.batches(0)
     task0 = [next(batches) for _ in range(36)]
     assert {task for *_, task in task0} == {0} and next(batches)[2] == 1
+    assert task0[0][0].shape == (1, 100, 3, 32, 32) and task0[0][1].shape == (1, 100)
     first, second = s.task_classes(0)
     expected = sorted((c, i) for c in (first, second) for i in range(600))
     epochs = []
     for e in range(3):
-        x = torch.cat([x for x, _, _ in task0[12 * e : 12 * (e + 1)]])
-        y = torch.cat([y for _, y, _ in task0[12 * e : 12 * (e + 1)]])
+        x = torch.cat([x[0] for x, _, _ in task0[12 * e : 12 * (e + 1)]])
+        y = torch.cat([y[0] for _, y, _ in task0[12 * e : 12 * (e + 1)]])
         ids = image_ids(x)
         assert sorted(ids) == expected
         assert y.tolist() == [0 if c == first else 1 for c, _ in ids]  # labels by position in the pair
@@ -92,16 +99,40 @@ def test_probe_and_test_batches_hold_the_tasks_images_with_position_labels(data_
     s = stream(data_dir, probe_size=10)
     first, second = s.task_classes(4)
     x, y = s.probe_batch(4)
-    assert x.shape == (10, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
-    assert y.tolist() == [0, 1] * 5
-    assert image_ids(x) == [(c, i) for i in range(5) for c in (first, second)]
+    assert x.shape == (1, 10, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert y.tolist() == [[0, 1] * 5]
+    assert image_ids(x[0]) == [(c, i) for i in range(5) for c in (first, second)]
     x, y = s.test_batch(4)
-    assert x.shape == (200, 3, 32, 32) and y.shape == (200,)
-    ids = image_ids(x)
+    assert x.shape == (1, 200, 3, 32, 32) and y.shape == (1, 200)
+    ids = image_ids(x[0])
     assert sorted(ids) == sorted((c, i) for c in (first, second) for i in range(600, 700))
-    assert y.tolist() == [0 if c == first else 1 for c, _ in ids]
+    assert y[0].tolist() == [0 if c == first else 1 for c, _ in ids]
     raw, _ = stream(data_dir, pixel_scale=1.0).test_batch(4)
     torch.testing.assert_close(raw / 255, x)
+
+
+def test_stream_has_one_member_and_refuses_more_seeds_with_a_fix(data_dir):
+    s = stream(data_dir, seed=7)
+    assert s.seeds == (7,) and s.members == 1
+    assert stream(data_dir, seed=(7,)).task_classes(5) == s.task_classes(5)
+    with pytest.raises(ConfigError, match="one member at a time.*run seeds as separate runs"):
+        stream(data_dir, seed=(0, 1))
+    with pytest.raises(ConfigError, match="seeds is empty"):
+        stream(data_dir, seed=())
+
+
+def test_seed_zero_yields_the_same_data_as_before_populations(data_dir):
+    """Checksums recorded from the single-seed stream before batches gained the member dimension."""
+    s = stream(data_dir, probe_size=10)
+    batches = s.batches(0)
+    items = [next(batches) for _ in range(60)]
+    x, y = torch.cat([x for x, _, _ in items]), torch.cat([y for _, y, _ in items])
+    probe_x, probe_y = s.probe_batch(1)
+    test_x, test_y = s.test_batch(1)
+    assert [s.task_classes(t) for t in range(4)] == [(1, 3), (0, 5), (8, 2), (0, 5)]
+    assert (checksum(x, 255), checksum(y)) == (1185903140826, 1501357)
+    assert (checksum(probe_x, 255), checksum(probe_y)) == (1966997470, 30)
+    assert (checksum(test_x, 255), checksum(test_y)) == (39529985463, 10100)
 
 
 def test_missing_or_single_class_directory_is_a_clear_data_error(tmp_path):
@@ -134,10 +165,10 @@ def test_loop_tests_each_finished_task_once_on_its_held_out_images(data_dir):
     model = _FixedClass()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     experiment = Experiment(
-        s, model, optimizer, Backprop(model, optimizer, seed=0), steps=29, loss_fn=F.cross_entropy,
+        s, model, optimizer, Backprop(model, optimizer, seed=0), steps=29, loss_fn=cross_entropy_per_member,
         task_type="classification", bin_size=6, progress=False,
     )
-    rows = experiment.run()
+    (rows,) = experiment.run()
     assert list(rows["step"]) == [6, 12, 18, 24, 29]
     tested = rows["test_accuracy"].notna()
     assert list(tested) == [False, True, False, True, False]  # the third task never finished
@@ -145,7 +176,7 @@ def test_loop_tests_each_finished_task_once_on_its_held_out_images(data_dir):
     assert rows.loc[tested, "test_loss"].notna().all()
     assert len(model.evaluated) == 2 and model.training
     for task, x in enumerate(model.evaluated):
-        assert torch.equal(x, s.test_batch(task)[0])
+        assert torch.equal(x, s.test_batch(task)[0][0])  # the plain model sees the only member's images
 
 
 class _WithoutTest:
@@ -165,8 +196,9 @@ def test_testing_at_task_ends_leaves_training_unchanged(data_dir):
                        "batch_size": 100, "bin_size": 6, "probe": False, **TINY_NET}, device="cpu")
         e = prepare(spec, progress=False)
         stream = _WithoutTest(e.stream) if wrap else e.stream
-        return Experiment(stream, e.model, e.optimizer, e.strategy, steps=30, loss_fn=e.loss_fn,
-                          task_type="classification", bin_size=6, progress=False).run()
+        (rows,) = Experiment(stream, e.model, e.optimizer, e.strategy, steps=30, loss_fn=e.loss_fn,
+                             task_type="classification", bin_size=6, progress=False).run()
+        return rows
 
     tested, untested = losses(False), losses(True)
     assert "test_accuracy" in tested and "test_accuracy" not in untested

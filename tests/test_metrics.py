@@ -1,5 +1,8 @@
 """Plasticity metrics on inputs whose answer is known: spectra built from chosen singular values,
-activations with planted dead / dormant / saturated units, and tiny models with hand-set weights."""
+activations with planted dead / dormant / saturated units, and tiny models with hand-set weights.
+
+A single (samples, units) matrix gives 0-d tensors; the batched (S, samples, units) case and the
+per-member model metrics are pinned in test_metrics_members.py."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from torch import nn
 from dst.errors import ConfigError
 from dst.masked import MaskedLinear, sparsify
 from dst.metrics import (
+    conv_samples,
+    conv_units,
     dead_fraction,
     dormant_fraction,
     effective_rank,
@@ -53,7 +58,7 @@ def test_singular_values_are_float64_and_recover_the_planted_spectrum():
 def test_effective_rank_matches_exp_entropy_of_normalised_singular_values():
     s = [3.0, 2.0, 1.0, 0.0, 0.0]
     value = effective_rank(with_spectrum(s, dtype=torch.float64))
-    assert isinstance(value, float)
+    assert value.shape == () and value.dtype == torch.float64
     assert value == pytest.approx(erank_by_hand(s), rel=1e-9)
     assert 2.0 < value < 3.0  # zero singular values contribute nothing
 
@@ -76,7 +81,7 @@ def test_rank_one_matrix_has_every_rank_equal_to_one():
 def test_srank_is_smallest_k_whose_top_singular_values_reach_the_threshold(threshold, expected):
     # cumulative ratios: 10/12 = 0.833, 11/12 = 0.917, 12/12 = 1.0
     value = srank(with_spectrum([10.0, 1.0, 1.0]), threshold)
-    assert isinstance(value, int)
+    assert value.shape == () and value.dtype == torch.int64
     assert value == expected
 
 
@@ -84,7 +89,7 @@ def test_srank_is_smallest_k_whose_top_singular_values_reach_the_threshold(thres
 def test_approximate_rank_is_smallest_k_whose_squared_singular_values_reach_the_threshold(threshold, expected):
     # squared: 100, 1, 1 of 102: cumulative 0.98039, 0.99020, 1.0 (srank at 0.99 is 3 on the same matrix)
     value = approximate_rank(with_spectrum([10.0, 1.0, 1.0], dtype=torch.float64), threshold)
-    assert isinstance(value, int)
+    assert value.dtype == torch.int64
     assert value == expected
     assert srank(with_spectrum([10.0, 1.0, 1.0], dtype=torch.float64), 0.99) == 3
 
@@ -113,10 +118,12 @@ def test_zero_matrix_has_zero_ranks():
     assert stable_rank(zeros) == 0.0
 
 
-def test_rank_metrics_flatten_conv_maps_per_sample():
-    conv = torch.randn(5, 2, 3, 3, generator=torch.Generator().manual_seed(1))
-    assert effective_rank(conv) == pytest.approx(effective_rank(conv.reshape(5, -1)), rel=1e-12)
-    assert srank(conv) == srank(conv.reshape(5, -1))
+def test_conv_maps_become_one_row_per_sample_or_one_column_per_channel():
+    conv = torch.randn(2, 5, 3, 4, 4, generator=torch.Generator().manual_seed(1))  # (S, N, C, H, W)
+    assert torch.equal(conv_samples(conv)[1, 4], conv[1, 4].reshape(-1))  # member 1, sample 4: its whole map
+    units = conv_units(conv)
+    assert units.shape == (2, 5 * 16, 3)
+    assert torch.equal(units[1, :, 2].sort().values, conv[1, :, 2].reshape(-1).sort().values)  # all of channel 2
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.5, -0.1])
@@ -125,7 +132,7 @@ def test_srank_rejects_a_threshold_outside_zero_one(threshold):
         srank(torch.eye(3), threshold)
 
 
-@pytest.mark.parametrize("shape", [(5,), (2, 3, 4), (0, 4)])
+@pytest.mark.parametrize("shape", [(5,), (), (0, 4), (2, 3, 0)])
 def test_metrics_reject_features_that_are_not_samples_by_units(shape):
     with pytest.raises(ConfigError, match="features"):
         effective_rank(torch.zeros(shape))
@@ -145,7 +152,7 @@ def test_dead_fraction_counts_columns_zero_on_every_sample():
     h = relu_features()
     h[:, [1, 4]] = 0.0
     value = dead_fraction(h)
-    assert isinstance(value, float)
+    assert value.shape == () and value.dtype == torch.float64
     assert value == pytest.approx(2 / 6)
 
 
@@ -162,7 +169,7 @@ def test_conv_channel_is_dead_only_if_zero_at_every_sample_and_position():
     h[:, 2] = 0.0  # dead channel
     h[:, 0] = 0.0
     h[3, 0, 4, 4] = 1.0  # channel 0 fires at one position of one sample: alive
-    assert dead_fraction(h) == pytest.approx(1 / 3)
+    assert dead_fraction(conv_units(h)) == pytest.approx(1 / 3)
 
 
 def test_dormant_fraction_uses_redo_score_on_both_sides_of_tau():
@@ -184,8 +191,8 @@ def test_dormant_fraction_of_a_silent_layer_is_one():
 def test_dormant_fraction_averages_conv_channels_over_positions():
     h = torch.ones(2, 4, 3, 3)
     h[:, 3] = 0.05  # E|h_3| = 0.05, layer mean = 3.05 / 4, score ~ 0.066
-    assert dormant_fraction(h, tau=0.1) == pytest.approx(1 / 4)
-    assert dormant_fraction(h, tau=0.05) == 0.0
+    assert dormant_fraction(conv_units(h), tau=0.1) == pytest.approx(1 / 4)
+    assert dormant_fraction(conv_units(h), tau=0.05) == 0.0
 
 
 def test_dormant_fraction_rejects_negative_tau():
@@ -208,8 +215,8 @@ def test_conv_channel_is_active_on_an_input_when_positive_at_any_position():
     h = torch.zeros(10, 2, 4, 4)
     h[:, 0, 0, 0] = 1.0  # one position on every input: active on 100% of inputs
     h[0, 1] = 1.0  # every position of one input: active on 10%
-    assert inactive_fraction(h, threshold=0.5) == pytest.approx(1 / 2)
-    assert inactive_fraction(h, threshold=0.1) == 0.0
+    assert inactive_fraction(h.amax((-2, -1)), threshold=0.5) == pytest.approx(1 / 2)
+    assert inactive_fraction(h.amax((-2, -1)), threshold=0.1) == 0.0
 
 
 def test_saturated_fraction_for_tanh_counts_entries_beyond_099():
@@ -242,11 +249,15 @@ def two_layer_model() -> nn.Sequential:
     return model
 
 
+def lists(result: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    return {name: value.tolist() for name, value in result.items()}
+
+
 def test_weight_magnitude_reports_each_layer_and_the_mean_over_all_entries():
     result = weight_magnitude(two_layer_model())
-    assert result == {"0": pytest.approx(1.5), "2": pytest.approx(3.0), "overall": pytest.approx(12 / 6)}
-    assert result["overall"] != pytest.approx((1.5 + 3.0) / 2)  # not the mean of layer means
-    assert all(isinstance(value, float) for value in result.values())
+    assert all(value.shape == (1,) and value.dtype == torch.float64 for value in result.values())  # S = 1
+    assert lists(result) == {"0": [1.5], "2": [3.0], "overall": [12 / 6]}  # exact in binary
+    assert float(result["overall"]) != pytest.approx((1.5 + 3.0) / 2)  # not the mean of layer means
 
 
 def test_weight_magnitude_active_only_averages_over_mask_active_entries(tiny_mlp):
@@ -259,10 +270,10 @@ def test_weight_magnitude_active_only_averages_over_mask_active_entries(tiny_mlp
         assert layer.mask is not None and not layer.mask.all()
         layer_sum = float(layer.weight.detach().abs().sum())
         layer_kept = int(layer.mask.sum())
-        assert dense[name] == pytest.approx(layer_sum / layer.weight.numel())
-        assert active[name] == pytest.approx(layer_sum / layer_kept)
+        assert float(dense[name]) == pytest.approx(layer_sum / layer.weight.numel())
+        assert float(active[name]) == pytest.approx(layer_sum / layer_kept)
         abs_sum, kept = abs_sum + layer_sum, kept + layer_kept
-    assert active["overall"] == pytest.approx(abs_sum / kept)
+    assert float(active["overall"]) == pytest.approx(abs_sum / kept)
     assert active["overall"] > dense["overall"]
 
 
@@ -270,8 +281,8 @@ def test_weight_magnitude_active_only_ignores_stored_values_at_masked_positions(
     layer = MaskedLinear(2, 2, mask=torch.tensor([[True, False], [True, True]]))
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.0, 40.0], [-2.0, 3.0]]))  # 40 sits at a masked position
-    assert weight_magnitude(layer)["overall"] == pytest.approx(46 / 4)  # as stored
-    assert weight_magnitude(layer, active_only=True)["overall"] == pytest.approx(6 / 3)
+    assert float(weight_magnitude(layer)["overall"]) == pytest.approx(46 / 4)  # as stored
+    assert float(weight_magnitude(layer, active_only=True)["overall"]) == pytest.approx(6 / 3)
 
 
 def test_weight_magnitude_needs_a_weight_layer():
@@ -281,21 +292,28 @@ def test_weight_magnitude_needs_a_weight_layer():
 
 def test_gradient_norm_is_the_global_l2_norm_after_backward(tiny_mlp):
     model = tiny_mlp()
-    assert gradient_norm(model) == 0.0  # no backward yet
+    assert gradient_norm(model).tolist() == [0.0]  # no backward yet
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
     model(x).pow(2).sum().backward()
     expected = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters()))
     value = gradient_norm(model)
-    assert isinstance(value, float)
-    assert value > 0
-    assert value == pytest.approx(expected, rel=1e-6)
+    assert value.shape == (1,) and value.dtype == torch.float64
+    assert float(value) > 0
+    assert float(value) == pytest.approx(expected, rel=1e-6)
 
 
 def test_gradient_norm_skips_parameters_without_gradient():
     model = two_layer_model()
     model[0].weight.grad = torch.full((2, 2), 3.0)  # sum of squares 36
     model[2].bias.grad = torch.tensor([8.0])  # 64
-    assert gradient_norm(model) == pytest.approx(10.0)
+    assert gradient_norm(model).tolist() == [10.0]
+
+
+def test_gradient_norm_reads_gradients_given_by_parameter_name_instead_of_grad():
+    model = two_layer_model()
+    model[0].weight.grad = torch.full((2, 2), 100.0)  # ignored when gradients are given
+    given = {"0.bias": torch.tensor([3.0, 0.0]), "2.weight": torch.tensor([[0.0, 4.0]]), "2.bias": None}
+    assert gradient_norm(model, given).tolist() == [5.0]
 
 
 def test_spectral_ranks_from_one_svd_equal_the_separate_metrics():
@@ -303,11 +321,11 @@ def test_spectral_ranks_from_one_svd_equal_the_separate_metrics():
         torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5, 0.1, 0.0])
     )
     ranks = spectral_ranks(features, 0.9)
-    assert ranks == {
-        "effective_rank": effective_rank(features),
-        "srank": float(srank(features, 0.9)),
-        "approximate_rank": float(approximate_rank(features, 0.9)),
-        "stable_rank": stable_rank(features),
+    assert {name: value.item() for name, value in ranks.items()} == {
+        "effective_rank": effective_rank(features).item(),
+        "srank": srank(features, 0.9).item(),
+        "approximate_rank": approximate_rank(features, 0.9).item(),
+        "stable_rank": stable_rank(features).item(),
     }
     assert ranks["srank"] < 6
     with pytest.raises(ConfigError, match="threshold"):

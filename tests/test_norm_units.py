@@ -3,14 +3,23 @@ and layouts whose statistics a reset would leave stale are refused."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import dst
 from dst.errors import TopologyError
-from dst.refresh import replace_units
+from dst.population import MemberRandom
+from dst.refresh import UnitSelection, replace_units
 from dst.topology import HiddenLayer, Topology
+
+RANDOM = MemberRandom([12345])
+
+
+def _replace(layer: HiddenLayer, units: list[int], optimizer) -> None:
+    """Replace ``units`` of a plain model (a population of one)."""
+    replace_units(layer, UnitSelection.of_member(torch.tensor(units)), optimizer, RANDOM, step=1)
 
 
 def _mlp(norm: nn.Module) -> nn.Sequential:
@@ -52,7 +61,7 @@ def test_a_replaced_units_batchnorm_entries_and_their_momentum_start_afresh():
                                                ("mean", bn.running_mean), ("var", bn.running_var)]}
     assert not torch.equal(before["weight"], torch.ones(4)) and not torch.equal(before["mean"], torch.zeros(4))
     (layer,) = Topology.from_model(model).hidden_layers
-    replace_units(layer, torch.tensor([1, 3]), opt, generator=torch.Generator().manual_seed(0))
+    _replace(layer, [1, 3], opt)
     for index in (1, 3):
         assert (bn.weight[index], bn.bias[index]) == (1.0, 0.0)
         assert (bn.running_mean[index], bn.running_var[index]) == (0.0, 1.0)
@@ -70,7 +79,7 @@ def test_a_replaced_units_layernorm_scale_and_shift_start_afresh():
     ln = model[1]
     kept_weight = ln.weight[0].item()
     (layer,) = Topology.from_model(model).hidden_layers
-    replace_units(layer, torch.tensor([2]), opt, generator=torch.Generator().manual_seed(0))
+    _replace(layer, [2], opt)
     assert (ln.weight[2], ln.bias[2]) == (1.0, 0.0)
     assert ln.weight[0] == kept_weight != 1.0
 
@@ -81,7 +90,7 @@ def test_a_replaced_channels_batchnorm2d_entries_start_afresh_in_a_convnet():
     topology = Topology.from_model(model)
     first, second = topology.hidden_layers
     assert (first.norm, second.norm) == (model[1], model[4]) and second.block == 16
-    replace_units(second, torch.tensor([0]), opt, generator=torch.Generator().manual_seed(0))
+    _replace(second, [0], opt)
     bn = model[4]
     assert (bn.weight[0], bn.bias[0], bn.running_mean[0], bn.running_var[0]) == (1.0, 0.0, 0.0, 1.0)
     assert bn.running_mean[1] != 0 and model[1].running_mean.ne(0).all()  # other channels, other layer
@@ -102,7 +111,7 @@ def test_cbp_resets_the_norm_of_the_units_it_replaces():
         loss.backward()
         strategy.before_step()
         opt.step()
-        replaced += strategy.after_step().units_replaced
+        replaced += int(np.sum(strategy.after_step().units_replaced))
         fresh = (bn.running_mean == 0) & (before != 0)
         assert ((bn.weight[fresh] == 1) & (bn.bias[fresh] == 0) & (bn.running_var[fresh] == 1)).all()
     assert replaced > 0

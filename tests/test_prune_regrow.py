@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,8 +71,9 @@ def test_set_drops_exactly_the_smallest_magnitudes_and_regrows_as_many():
     layer = strategy.masked[0]
     magnitude = layer.weight.detach().abs().flatten()
     active = layer.mask.flatten().clone()
-    dropped = strategy.drop_indices(0, layer, 0.25)
-    assert dropped.numel() == round(0.25 * int(active.sum()))
+    positions, counts = strategy.drop_indices(0, layer, np.array([0]), np.array([0.25]))
+    dropped = positions[0, : counts[0]]
+    assert dropped.numel() == round(0.25 * int(active.sum())) == dropped.unique().numel()
     assert active[dropped].all()
     kept = active.clone()
     kept[dropped] = False
@@ -81,7 +83,7 @@ def test_set_drops_exactly_the_smallest_magnitudes_and_regrows_as_many():
     stats = _step(net, opt, strategy, x, y)
     assert int((layer.mask & ~before).sum()) <= dropped.numel()  # regrown among free positions
     assert int(layer.mask.sum()) == int(before.sum())
-    assert stats.connections_regrown == sum(round(0.25 * c) for c in strategy.active)
+    assert stats.connections_regrown.tolist() == [sum(round(0.25 * int(c[0])) for c in strategy.active)]
 
 
 def test_rigl_grows_where_the_dense_gradient_is_largest_and_grown_weights_start_at_zero():
@@ -151,8 +153,8 @@ def test_a_just_dropped_position_regrown_at_once_restarts_at_the_grow_value():
 def test_drop_fraction_follows_the_cosine_schedule():
     schedule = DropSchedule("cosine", 0.3, 100, end_step=1000)
     assert schedule(50, 50) is None  # not an update step
-    assert schedule(100, 100) == pytest.approx(0.15 * (1 + math.cos(math.pi * 0.1)))
-    assert schedule(500, 500) == pytest.approx(0.15)
+    assert schedule(100, 100) == pytest.approx([0.15 * (1 + math.cos(math.pi * 0.1))])
+    assert schedule(500, 500) == pytest.approx([0.15])
     assert schedule(1000, 1000) is None  # f = 0 at T_end
     assert schedule(1100, 1100) is None
 
@@ -162,13 +164,27 @@ def test_cosine_per_task_restarts_at_every_task_boundary():
     # 0.75 x a 100-step task = 75
     assert schedule(110, 10, task_steps=100) == pytest.approx(schedule(10, 10, task_steps=100))
     assert schedule(180, 80, task_steps=100) is None
-    assert schedule(210, 10, task_steps=100) == pytest.approx(0.15 * (1 + math.cos(math.pi * 10 / 75)))
+    assert schedule(210, 10, task_steps=100) == pytest.approx([0.15 * (1 + math.cos(math.pi * 10 / 75))])
 
 
 def test_stop_and_constant_schedules():
-    assert DropSchedule("constant", 0.3, 10)(10_000, 0) == 0.3
+    assert DropSchedule("constant", 0.3, 10)(10_000, 0).tolist() == [0.3]
     stop = DropSchedule("stop", 0.3, 10, end_step=100)
-    assert stop(100, 0) == 0.3 and stop(110, 0) is None
+    assert stop(100, 0).tolist() == [0.3] and stop(110, 0) is None
+
+
+def test_each_member_has_its_own_fraction_interval_and_end():
+    schedule = DropSchedule("cosine", [0.3, 0.2, 0.4], [10, 20, 10], end_step=[100, 100, 0])
+    # step 20: everyone updates; member 2's T_end is 0.75 x 200 = 150
+    expected = [0.15 * (1 + math.cos(math.pi * 0.2)), 0.1 * (1 + math.cos(math.pi * 0.2)),
+                0.2 * (1 + math.cos(math.pi * 20 / 150))]
+    assert schedule(20, 20, total_steps=200) == pytest.approx(expected)
+    # step 30: member 1 waits for step 40
+    assert schedule(30, 30, total_steps=200)[1] == 0
+    # step 120: past T_end = 100 for members 0 and 1, not for member 2
+    fractions = schedule(120, 120, total_steps=200)
+    assert fractions[:2].tolist() == [0, 0] and fractions[2] == pytest.approx(0.2 * (1 + math.cos(math.pi * 0.8)))
+    assert schedule(160, 160, total_steps=200) is None
 
 
 def test_default_end_step_is_three_quarters_of_the_run_from_the_horizon():
@@ -176,9 +192,9 @@ def test_default_end_step_is_three_quarters_of_the_run_from_the_horizon():
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     strategy = dst.strategies.build("rigl", net, opt, update_interval=10, seed=0)
     with pytest.raises(dst.ConfigError, match="set_horizon"):
-        strategy.fraction(10)
+        strategy.fractions(10)
     strategy.set_horizon(1000)
-    assert strategy.fraction(750) is None and strategy.fraction(740) > 0
+    assert strategy.fractions(750) is None and strategy.fractions(740)[0] > 0
 
 
 def test_rigl_per_task_schedule_restarts_in_the_experiment_loop():
@@ -199,7 +215,9 @@ def test_set_split_sign_drops_within_each_sign():
     layer = strategy.masked[0]
     weight = layer.weight.detach()
     positives, negatives = layer.mask & (weight > 0), layer.mask & (weight < 0)
-    dropped = strategy.drop_indices(0, layer, 0.5)
+    positions, counts = strategy.drop_indices(0, layer, np.array([0]), np.array([0.5]))
+    dropped = positions[0, : counts[0]]
+    assert counts[0] == round(0.5 * int(positives.sum())) + round(0.5 * int(negatives.sum()))
     flat_pos, flat_neg = positives.flatten()[dropped], negatives.flatten()[dropped]
     assert int(flat_pos.sum()) == round(0.5 * int(positives.sum()))
     assert int(flat_neg.sum()) == round(0.5 * int(negatives.sum()))
@@ -233,55 +251,47 @@ def test_connection_strategies_on_a_dense_model_are_a_clear_error():
         dst.strategies.build("rigl", net, opt)
 
 
-@pytest.mark.parametrize("largest", [True, False])
-@pytest.mark.parametrize("k", [1, 37, 5_000, 60_000, 150_000])
-def test_fast_top_k_selects_exactly_the_k_extreme_scores(k, largest):
-    from dst.prune_regrow import top_k
-
-    g = torch.Generator().manual_seed(k)
-    scores = torch.rand(400_000, generator=g)
-    scores[torch.rand(400_000, generator=g) < 0.5] = torch.inf if not largest else -torch.inf
-    scores[:1000] = 0.5  # ties
-    chosen = top_k(scores, k, largest)
-    assert chosen.numel() == k == chosen.unique().numel()
-    reference = torch.topk(scores, k, largest=largest).values
-    assert torch.equal(scores[chosen].sort().values, reference.sort().values)
+def _reference_ranking(scores, largest):
+    """Each row's positions best first, ties to the lower position: a stable sort."""
+    keys = -scores if largest else scores
+    return keys.sort(dim=1, stable=True).indices
 
 
 @pytest.mark.parametrize("largest", [True, False])
-def test_fast_top_k_of_a_large_share_cuts_through_ties_exactly(largest):
-    from dst.prune_regrow import top_k
+@pytest.mark.parametrize("n", [1000, 400_000])  # ranked in full; narrowed by a sampled threshold first
+def test_ranked_picks_each_rows_best_with_ties_to_the_lower_position(n, largest):
+    from dst.prune_regrow import ranked
 
-    scores = torch.rand(300_000, generator=torch.Generator().manual_seed(0))
-    scores[:20_000] = 0.5  # a block of ties straddling the cut
-    beyond = int((scores > 0.5).sum()) if largest else int((scores < 0.5).sum())
-    k = beyond + 7_000
-    chosen = top_k(scores, k, largest)
-    assert chosen.numel() == k == chosen.unique().numel()
-    assert int((scores[chosen] == 0.5).sum()) == 7_000
-    reference = torch.topk(scores, k, largest=largest).values
-    assert torch.equal(scores[chosen].sort().values, reference.sort().values)
+    g = torch.Generator().manual_seed(n)
+    scores = torch.rand(3, n, generator=g)
+    scores[torch.rand(3, n, generator=g) < 0.5] = -torch.inf if largest else torch.inf  # e.g. masked out
+    scores[:, : n // 100] = 0.5  # a block of ties
+    scores[1, n // 2 :] = 0.25  # a row with ties straddling every cut
+    reference = _reference_ranking(scores, largest)
+    for counts in ([1, 1, 1], [n // 40, n // 40, n // 40], [n // 10, 3, n // 40], [0, n // 25, 7]):
+        chosen = ranked(scores, np.array(counts), largest=largest)
+        assert chosen.shape == (3, max(counts))
+        for row, count in enumerate(counts):
+            assert sorted(chosen[row, :count].tolist()) == sorted(reference[row, :count].tolist())
 
 
-def test_set_random_growth_by_rejection_is_a_uniform_subset_of_inactive_positions(monkeypatch):
+def test_set_random_growth_is_a_uniform_subset_of_inactive_positions():
     from scipy.stats import chisquare
 
-    import dst.prune_regrow as prune_regrow
-
-    monkeypatch.setattr(prune_regrow, "_PREFILTER_ABOVE", 0)  # take the sampling path on a small layer
     net = dst.sparsify(dst.nets.mlp(10, [8], 2), density=0.2, distribution="uniform", seed=0)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     strategy = dst.strategies.build("set", net, opt, seed=0)
     layer = strategy.masked[0]
-    mask = layer.mask.view(-1).clone()
+    mask = layer.mask.view(1, -1).clone()
     active = int(mask.sum())
     counts = torch.zeros(mask.numel())
     draws, count = 1000, 4
-    for _ in range(draws):
-        grown = strategy.grow_indices(0, layer, count, mask)
+    for step in range(draws):
+        strategy.step = step  # each step draws afresh
+        grown = strategy.grow_indices(0, layer, np.array([0]), np.array([count]), mask)[0]
         assert grown.numel() == count and grown.unique().numel() == count  # exact count, no repeats
-        assert not mask[grown].any()  # only inactive positions
+        assert not mask[0, grown].any()  # only inactive positions
         counts[grown] += 1
     assert int(layer.mask.sum()) == active
-    inactive = counts[~mask]
+    inactive = counts[~mask[0]]
     assert chisquare(inactive.numpy()).pvalue > 1e-3  # each inactive position equally likely

@@ -217,12 +217,13 @@ def test_objective_directions_follow_the_task_type_and_unknown_names_are_listed(
 
 def test_on_row_sees_every_row_and_an_exception_it_raises_stops_the_run(tmp_path):
     spec = dst.runner.RunSpec("bit-flipping", "cbp", steps=500, bench={"bin_size": 100, "probe_size": 50, "hidden": (5,)})
-    seen: list[dict] = []
+    seen: list[list[dict]] = []
     rows = dst.runner.run(spec, progress=False, on_row=seen.append)
-    assert [r["step"] for r in seen] == list(rows["step"]) == [100, 200, 300, 400, 500]
+    assert [len(members) for members in seen] == [1] * 5  # a population of one: one row per bin
+    assert [members[0]["step"] for members in seen] == list(rows["step"]) == [100, 200, 300, 400, 500]
 
-    def stop(row):
-        if row["step"] == 200:
+    def stop(members):
+        if members[0]["step"] == 200:
             raise optuna.TrialPruned("enough")
 
     with pytest.raises(optuna.TrialPruned):

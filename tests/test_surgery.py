@@ -11,7 +11,9 @@ from torch import nn
 from dst.errors import ConfigError
 from dst.init import fans, init_bound
 from dst.masked import sparsify
+from dst.population import MemberRandom
 from dst.refresh import (
+    UnitSelection,
     fold_into_consumer_bias,
     reinit_incoming,
     replace_units,
@@ -20,8 +22,13 @@ from dst.refresh import (
 )
 from dst.topology import Topology
 
-
 UNITS = torch.tensor([1, 3])
+RANDOM = MemberRandom([12345])  # the one member's random numbers
+
+
+def _pick(units: torch.Tensor) -> UnitSelection:
+    """``units`` of a plain model's only member."""
+    return UnitSelection.of_member(units)
 
 
 def _wide_mlp(tiny_mlp, seed: int = 0):
@@ -52,7 +59,7 @@ def test_replaced_unit_has_fresh_incoming_weights_within_the_kaiming_bound(tiny_
     layer = Topology.from_model(model).hidden_layers[0]
     old = model[0].weight.detach().clone()
     gain = 0.5
-    replace_units(layer, UNITS, None, gain=gain, generator=torch.Generator().manual_seed(1))
+    replace_units(layer, _pick(UNITS), None, RANDOM, step=1, gain=gain)
     bound = gain * math.sqrt(3 / 40)
     new_rows = model[0].weight[UNITS]
     assert new_rows.abs().max() <= bound
@@ -63,7 +70,7 @@ def test_replaced_unit_has_fresh_incoming_weights_within_the_kaiming_bound(tiny_
 def test_replaced_unit_has_zero_bias_and_zero_outgoing_weights(tiny_mlp):
     model = _wide_mlp(tiny_mlp)
     layer = Topology.from_model(model).hidden_layers[0]
-    replace_units(layer, UNITS, None, generator=torch.Generator().manual_seed(1))
+    replace_units(layer, _pick(UNITS), None, RANDOM, step=1)
     assert torch.all(model[0].bias[UNITS] == 0)
     assert torch.all(model[2].weight[:, UNITS] == 0)
 
@@ -72,7 +79,7 @@ def test_replacement_leaves_every_other_unit_and_layer_untouched(tiny_mlp):
     model = _wide_mlp(tiny_mlp)
     before = _snapshot(model)
     layer = Topology.from_model(model).hidden_layers[0]
-    replace_units(layer, UNITS, None, generator=torch.Generator().manual_seed(1))
+    replace_units(layer, _pick(UNITS), None, RANDOM, step=1)
     after = _snapshot(model)
     rows = _others(6, UNITS)
     assert torch.equal(after["0.weight"][rows], before["0.weight"][rows])
@@ -85,7 +92,8 @@ def test_replacement_leaves_every_other_unit_and_layer_untouched(tiny_mlp):
 def test_replacing_no_units_changes_nothing(tiny_mlp):
     model = _wide_mlp(tiny_mlp)
     before = _snapshot(model)
-    replace_units(Topology.from_model(model).hidden_layers[0], torch.tensor([], dtype=torch.long), None)
+    nothing = _pick(torch.tensor([], dtype=torch.long))
+    replace_units(Topology.from_model(model).hidden_layers[0], nothing, None, RANDOM, step=1)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
@@ -93,7 +101,7 @@ def test_masked_incoming_entries_stay_zero_on_a_sparse_producer(tiny_mlp):
     model = sparsify(_wide_mlp(tiny_mlp), 0.5, "uniform", seed=0)
     mask = model[0].mask
     layer = Topology.from_model(model).hidden_layers[0]
-    replace_units(layer, UNITS, None, generator=torch.Generator().manual_seed(1))
+    replace_units(layer, _pick(UNITS), None, RANDOM, step=1)
     rows = model[0].weight[UNITS]
     assert torch.all(rows[~mask[UNITS]] == 0)
     assert torch.all(rows[mask[UNITS]] != 0)  # active entries are re-drawn
@@ -104,7 +112,7 @@ def test_conv_to_linear_replacement_zeroes_the_whole_block_of_consumer_columns(t
     model = tiny_convnet()
     layer = Topology.from_model(model).hidden_layers[1]  # conv "3" (6 channels) -> linear "7", block 4
     before = model[7].weight.detach().clone()
-    replace_units(layer, torch.tensor([2]), None, generator=torch.Generator().manual_seed(1))
+    replace_units(layer, _pick(torch.tensor([2])), None, RANDOM, step=1)
     assert torch.all(model[7].weight[:, 8:12] == 0)
     keep = torch.ones(24, dtype=torch.bool)
     keep[8:12] = False
@@ -118,7 +126,7 @@ def test_conv_to_conv_replacement_zeroes_the_consumer_input_channel(tiny_convnet
     model = tiny_convnet()
     layer = Topology.from_model(model).hidden_layers[0]
     before = model[3].weight.detach().clone()
-    zero_outgoing(layer, torch.tensor([1]))
+    zero_outgoing(layer, _pick(torch.tensor([1])))
     assert torch.all(model[3].weight[:, 1] == 0)
     assert torch.equal(model[3].weight[:, [0, 2, 3]], before[:, [0, 2, 3]])
 
@@ -129,7 +137,7 @@ def test_fold_into_consumer_bias_adds_outgoing_weight_times_mean_activation(tiny
     w_out = model[2].weight.detach().clone()
     bias = model[2].bias.detach().clone()
     mean_activation = torch.tensor([0.5, 2.0])
-    fold_into_consumer_bias(layer, UNITS, mean_activation)
+    fold_into_consumer_bias(layer, _pick(UNITS), mean_activation)
     expected = bias + w_out[:, 1] * 0.5 + w_out[:, 3] * 2.0
     torch.testing.assert_close(model[2].bias, expected, rtol=1e-6, atol=1e-7)
 
@@ -140,8 +148,8 @@ def test_folding_then_zeroing_keeps_the_consumer_output_when_units_sit_at_their_
     h = torch.rand(5, 6, generator=torch.Generator().manual_seed(2))
     h[:, 1], h[:, 3] = 0.7, 1.3
     expected = model[2](h)
-    fold_into_consumer_bias(layer, UNITS, torch.tensor([0.7, 1.3]))
-    zero_outgoing(layer, UNITS)
+    fold_into_consumer_bias(layer, _pick(UNITS), torch.tensor([0.7, 1.3]))
+    zero_outgoing(layer, _pick(UNITS))
     torch.testing.assert_close(model[2](h), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -152,7 +160,7 @@ def test_fold_for_conv_to_linear_sums_the_block_columns(tiny_convnet):
     with torch.no_grad():
         model[7].bias.fill_(0.25)
     units = torch.tensor([0, 4])
-    fold_into_consumer_bias(layer, units, torch.tensor([1.5, -0.5]))
+    fold_into_consumer_bias(layer, _pick(units), torch.tensor([1.5, -0.5]))
     expected = 0.25 + w_out[:, 0:4].sum(1) * 1.5 + w_out[:, 16:20].sum(1) * -0.5
     torch.testing.assert_close(model[7].bias, expected, rtol=1e-6, atol=1e-7)
 
@@ -163,7 +171,7 @@ def test_fold_with_one_mean_per_block_column_weights_each_column(tiny_convnet):
     w_out = model[7].weight.detach().clone()
     bias = model[7].bias.detach().clone()
     per_column = torch.tensor([[1.0, 2.0, 3.0, 4.0]])  # (units, block)
-    fold_into_consumer_bias(layer, torch.tensor([5]), per_column)
+    fold_into_consumer_bias(layer, _pick(torch.tensor([5])), per_column)
     expected = bias + w_out[:, 20:24] @ per_column[0]
     torch.testing.assert_close(model[7].bias, expected, rtol=1e-6, atol=1e-6)
 
@@ -202,7 +210,7 @@ def test_reset_unit_optimizer_state_zeroes_exactly_the_units_rows_bias_and_colum
     before = _states(optimizer, model, keys)
     assert all(torch.all(value != 0) for (name, _), value in before.items() if name.startswith(("0.", "2.")))
     layer = Topology.from_model(model).hidden_layers[0]
-    reset_unit_optimizer_state(optimizer, layer, UNITS)
+    reset_unit_optimizer_state(optimizer, layer, _pick(UNITS))
     after = _states(optimizer, model, keys)
     rows = _others(6, UNITS)
     for key in keys:
@@ -225,7 +233,7 @@ def test_reset_unit_optimizer_state_for_conv_to_linear_zeroes_the_block_columns(
     _step(model, optimizer, x)
     layer = Topology.from_model(model).hidden_layers[1]
     consumer_before = optimizer.state[model[7].weight]["momentum_buffer"].clone()
-    reset_unit_optimizer_state(optimizer, layer, torch.tensor([2]))
+    reset_unit_optimizer_state(optimizer, layer, _pick(torch.tensor([2])))
     consumer_after = optimizer.state[model[7].weight]["momentum_buffer"]
     keep = torch.ones(24, dtype=torch.bool)
     keep[8:12] = False
@@ -238,7 +246,7 @@ def test_replace_units_with_an_optimizer_resets_its_state(tiny_mlp):
     model = _wide_mlp(tiny_mlp)
     optimizer, x = _trained_optimizer(model, "adam")
     _step(model, optimizer, x)
-    replace_units(Topology.from_model(model).hidden_layers[0], UNITS, optimizer)
+    replace_units(Topology.from_model(model).hidden_layers[0], _pick(UNITS), optimizer, RANDOM, step=1)
     for key in STATE_KEYS["adam"]:
         assert torch.all(optimizer.state[model[0].weight][key][UNITS] == 0)
         assert torch.all(optimizer.state[model[2].weight][key][:, UNITS] == 0)
@@ -258,7 +266,7 @@ def test_reinit_respects_the_bound_of_each_init_scheme(tiny_mlp, scheme, gain, e
     model = _wide_mlp(tiny_mlp)
     layer = Topology.from_model(model).hidden_layers[0]
     units = torch.arange(6)
-    reinit_incoming(layer, units, scheme, gain, torch.Generator().manual_seed(0))
+    reinit_incoming(layer, _pick(units), RANDOM, step=1, init=scheme, gain=gain)
     largest = model[0].weight.abs().max()
     assert largest <= expected
     assert largest > 0.9 * expected

@@ -84,12 +84,12 @@ def test_consumer_columns_match_what_flatten_actually_feeds(tiny_convnet, channe
 def test_outgoing_weights_group_consumer_columns_by_unit(tiny_convnet):
     model = tiny_convnet()
     layer = Topology.from_model(model).hidden_layers[1]
-    per_unit = layer.outgoing_weights()
-    assert per_unit.shape == (8, 6, 4)
-    assert torch.equal(per_unit[:, 2], model[7].weight[:, 8:12])
+    per_unit = layer.outgoing_weights()  # a plain model is a population of one: (1, out, units, block)
+    assert per_unit.shape == (1, 8, 6, 4)
+    assert torch.equal(per_unit[0, :, 2], model[7].weight[:, 8:12])
     conv_layer = Topology.from_model(model).hidden_layers[0]
-    assert conv_layer.outgoing_weights(torch.tensor([1])).shape == (6, 1, 9)
-    assert torch.equal(conv_layer.outgoing_weights()[:, 1], model[3].weight[:, 1].reshape(6, 9))
+    assert conv_layer.outgoing_weights().shape == (1, 6, 4, 9)
+    assert torch.equal(conv_layer.outgoing_weights()[0, :, 1], model[3].weight[:, 1].reshape(6, 9))
 
 
 class FunctionalNet(nn.Module):

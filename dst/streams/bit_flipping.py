@@ -8,41 +8,64 @@ tau_i = beta * (m + 1) - S_i and S_i = (m - sum_j W_ij + b_i) / 2 (the released 
 
 Changing the flipping bits: ``flip="one"`` flips exactly one random bit (the paper's wording, the
 released ``flip_one`` option); ``flip="all"`` re-draws all of them at random (the released default).
+
+Populations: the stream serves one member per seed, x shaped (members, batch_size, m) and y
+(members, batch_size, 1). Each member has its own target network (stacked, so one batched matmul
+evaluates all of them), flip schedule and example bits, drawn from its own seed exactly as a one-member
+stream draws them. At a task boundary the members' random bits are drawn (one generator per member)
+and kept compactly as bools; float inputs and targets are then computed for all members at once, a
+chunk of steps at a time (about ``CHUNK_BYTES``), and each step is a view into the chunk. The targets
+are sums of a few integers, so float32 computes them exactly on any device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from ..errors import ConfigError
-from .base import Stream, derive_seed
+from .base import Stream, derive_seed, member_seeds, steps_per_chunk
 
 __all__ = ["BitFlippingStream", "LTUTarget"]
 
 _TARGET, _FLIPS, _EXAMPLES = 1, 2, 3  # seed-derivation keys for the independent random parts
 
 
-class LTUTarget:
-    """The fixed target network: {-1,+1} weights, linear threshold units, {-1,+1} output layer."""
+def _generator(*keys: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*keys))
 
-    def __init__(self, n_inputs: int, n_hidden: int, beta: float, generator: torch.Generator) -> None:
-        def signs(*shape: int) -> torch.Tensor:
+
+class LTUTarget:
+    """The fixed target networks of a population, one per generator: {-1,+1} weights, linear threshold
+    units, {-1,+1} output layer. Parameters are stacked over members (``weight1`` is
+    (members, n_hidden, n_inputs)); inputs are (members, examples, n_inputs)."""
+
+    def __init__(
+        self,
+        n_inputs: int,
+        n_hidden: int,
+        beta: float,
+        generators: Sequence[torch.Generator],
+        device: torch.device | str = "cpu",
+    ) -> None:
+        def signs(generator: torch.Generator, *shape: int) -> torch.Tensor:
             return torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
 
-        self.weight1 = signs(n_hidden, n_inputs)
-        self.bias1 = signs(n_hidden)
-        self.weight2 = signs(1, n_hidden)
-        self.bias2 = signs(1)
-        s = (n_inputs - self.weight1.sum(1) + self.bias1) / 2
+        drawn = [
+            (signs(g, n_hidden, n_inputs), signs(g, n_hidden), signs(g, 1, n_hidden), signs(g, 1)) for g in generators
+        ]
+        self.weight1, self.bias1, self.weight2, self.bias2 = (torch.stack(part).to(device) for part in zip(*drawn))
+        s = (n_inputs - self.weight1.sum(2) + self.bias1) / 2
         self.tau = beta * (n_inputs + 1) - s
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x @ self.weight1.T + self.bias1) > self.tau).float()
+        # (W x + b > tau) as 1.0 / 0.0, computed in place: the hidden layer is the chunk's largest tensor
+        preactivation = torch.bmm(x, self.weight1.transpose(1, 2)).add_(self.bias1.unsqueeze(1))
+        return preactivation.gt_(self.tau.unsqueeze(1))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x) @ self.weight2.T + self.bias2
+        return torch.bmm(self.features(x), self.weight2.transpose(1, 2)).add_(self.bias2.unsqueeze(1))
 
 
 class BitFlippingStream(Stream):
@@ -50,7 +73,7 @@ class BitFlippingStream(Stream):
 
     def __init__(
         self,
-        seed: int = 0,
+        seeds: int | Sequence[int] = 0,
         *,
         n_bits: int = 20,
         n_flipping: int = 15,
@@ -71,52 +94,64 @@ class BitFlippingStream(Stream):
                 f"change_every ({change_every}) must be a multiple of batch_size ({batch_size}) "
                 "so that no batch straddles a change"
             )
-        self.seed = seed
+        self.seeds = member_seeds(seeds)
+        self.members = len(self.seeds)
         self.n_bits, self.n_flipping, self.change_every = n_bits, n_flipping, change_every
         self.flip, self.batch_size = flip, batch_size
         self.steps_per_task = change_every // batch_size
         self.probe_size = min(probe_size, change_every)
         self.device = torch.device(device)
-        self.target = LTUTarget(
-            n_bits, target_hidden, beta, torch.Generator().manual_seed(derive_seed(seed, _TARGET))
-        )
-        self._flip_generator = torch.Generator().manual_seed(derive_seed(seed, _FLIPS))
-        self._flipping_bits: list[torch.Tensor] = []
+        generators = [_generator(seed, _TARGET) for seed in self.seeds]
+        self.target = LTUTarget(n_bits, target_hidden, beta, generators, self.device)
+        self._flip_generators = [_generator(seed, _FLIPS) for seed in self.seeds]
+        self._flipping_bits: list[torch.Tensor] = []  # per task, (members, n_flipping) bool on the CPU
+        # float32 inputs (and their random part), the target's hidden layer and output, per example
+        example_bytes = 4 * (2 * n_bits + target_hidden + 1)
+        self.steps_per_chunk = steps_per_chunk(self.members * batch_size * example_bytes, self.steps_per_task)
 
     def flipping_bits(self, task: int) -> torch.Tensor:
-        """The flipping bits of ``task`` (computed in order and cached, so any task is reproducible)."""
+        """The flipping bits of ``task``, (members, n_flipping) float on the device (computed in order and
+        cached, so any task is reproducible)."""
         while len(self._flipping_bits) <= task:
             if not self._flipping_bits or self.flip == "all":
-                bits = torch.randint(0, 2, (self.n_flipping,), generator=self._flip_generator).float()
+                drawn = [torch.randint(0, 2, (self.n_flipping,), generator=g) for g in self._flip_generators]
+                bits = torch.stack(drawn).bool()
             else:
                 bits = self._flipping_bits[-1].clone()
                 if self.n_flipping:
-                    index = torch.randint(0, self.n_flipping, (1,), generator=self._flip_generator)
-                    bits[index] = 1 - bits[index]
+                    drawn = [torch.randint(0, self.n_flipping, (1,), generator=g) for g in self._flip_generators]
+                    members, index = torch.arange(self.members), torch.cat(drawn)
+                    bits[members, index] = ~bits[members, index]
             self._flipping_bits.append(bits)
-        return self._flipping_bits[task]
+        return self._flipping_bits[task].to(self.device, torch.float32)
 
-    def task_examples(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """All ``change_every`` examples of one task, (x, y), on the CPU."""
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, _EXAMPLES, task))
-        random_bits = torch.randint(
-            0, 2, (self.change_every, self.n_bits - self.n_flipping), generator=generator
-        ).float()
-        fixed = self.flipping_bits(task).expand(self.change_every, self.n_flipping)
-        x = torch.cat((fixed, random_bits), dim=1)
+    def random_bits(self, task: int) -> torch.Tensor:
+        """The i.i.d. bits of every example of ``task``: (members, change_every, n_bits - n_flipping) bool on
+        the device."""
+        shape = (self.change_every, self.n_bits - self.n_flipping)
+        bits = torch.empty((self.members, *shape), dtype=torch.bool)
+        for member, seed in enumerate(self.seeds):
+            bits[member] = torch.randint(0, 2, shape, generator=_generator(seed, _EXAMPLES, task))
+        return bits.to(self.device)
+
+    def _examples(self, flipping: torch.Tensor, random_bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs (members, count, n_bits) and targets (members, count, 1) from a task's flipping bits and
+        ``count`` examples' random bits."""
+        members, count, _ = random_bits.shape
+        x = torch.cat((flipping.unsqueeze(1).expand(members, count, -1), random_bits.float()), dim=2)
         return x, self.target(x)
 
     def probe_batch(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``probe_size`` examples of ``task``, on the device."""
-        x, y = self.task_examples(task)
-        return x[: self.probe_size].to(self.device), y[: self.probe_size].to(self.device)
+        """The first ``probe_size`` examples of ``task``, (members, probe_size, ...) on the device."""
+        return self._examples(self.flipping_bits(task), self.random_bits(task)[:, : self.probe_size])
 
     def batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         task, offset = divmod(start_step, self.steps_per_task)
-        size = self.batch_size
+        size, chunk = self.batch_size, self.steps_per_chunk * self.batch_size
         while True:
-            x, y = self.task_examples(task)
-            x, y = x.to(self.device), y.to(self.device)
-            for i in range(offset * size, self.change_every, size):
-                yield x[i : i + size], y[i : i + size], task
+            flipping, random_bits = self.flipping_bits(task), self.random_bits(task)
+            for first in range(offset * size, self.change_every, chunk):
+                x, y = self._examples(flipping, random_bits[:, first : first + chunk])
+                for i in range(0, x.shape[1], size):
+                    yield x[:, i : i + size], y[:, i : i + size], task
             task, offset = task + 1, 0

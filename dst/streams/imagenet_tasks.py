@@ -12,18 +12,22 @@ being run; a few tasks' tensors are kept in a small LRU cache). Pixels are scale
 (``pixel_scale=1/255``); the released code feeds the raw 0-255 values (``pixel_scale=1``).
 Training and test images of a task are stored interleaved (class 0, class 1, class 0, ...), so the
 probe batch (the first ``probe_size`` training images) holds both classes equally.
+
+Populations: continual ImageNet serves the conv nets, which run as populations of one, so the stream
+takes exactly one seed; its batches still lead with a member dimension of 1, x shaped
+(1, batch_size, 3, 32, 32) and y (1, batch_size).
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from ..errors import ConfigError, DataError
-from .base import Stream, derive_seed
+from .base import Stream, derive_seed, member_seeds
 from .imagenet32 import (
     TEST_IMAGES_PER_CLASS,
     TRAIN_IMAGES_PER_CLASS,
@@ -55,7 +59,7 @@ class ContinualImageNetStream(Stream):
     def __init__(
         self,
         data_dir: str | os.PathLike[str],
-        seed: int = 0,
+        seeds: int | Sequence[int] = 0,
         *,
         epochs: int = 250,
         batch_size: int = 100,
@@ -66,6 +70,13 @@ class ContinualImageNetStream(Stream):
         cached_tasks: int = 3,
         device: torch.device | str = "cpu",
     ) -> None:
+        self.seeds = member_seeds(seeds)
+        if len(self.seeds) > 1:
+            raise ConfigError(
+                f"got {len(self.seeds)} seeds, but continual ImageNet runs one member at a time (conv nets are "
+                "populations of one); run seeds as separate runs"
+            )
+        self.members = 1
         self.data_dir = data_dir
         self.classes = available_classes(data_dir)  # DataError when missing or empty
         if len(self.classes) < 2:
@@ -80,7 +91,6 @@ class ContinualImageNetStream(Stream):
             )
         if per_task % batch_size:
             raise ConfigError(f"the {per_task} training images of a task must be a multiple of batch_size ({batch_size})")
-        self.seed = seed
         self.device = torch.device(device)
         self.epochs, self.batch_size = epochs, batch_size
         self.pixel_scale = pixel_scale
@@ -100,7 +110,7 @@ class ContinualImageNetStream(Stream):
     def task_classes(self, task: int) -> tuple[int, int]:
         """The class indices of ``task``: label 0 is the first, label 1 the second."""
         cycle, pair = divmod(task, self.tasks_per_cycle)
-        order = torch.randperm(len(self.classes), generator=_generator(self.seed, _CLASS_ORDER, cycle))
+        order = torch.randperm(len(self.classes), generator=_generator(self.seeds[0], _CLASS_ORDER, cycle))
         first, second = order[2 * pair : 2 * pair + 2].tolist()
         return self.classes[first], self.classes[second]
 
@@ -127,17 +137,19 @@ class ContinualImageNetStream(Stream):
 
     def order(self, task: int, epoch: int) -> torch.Tensor:
         """The order in which ``epoch`` of ``task`` shows the training images (indices into them)."""
-        return torch.randperm(self.examples_per_task, generator=_generator(self.seed, _ORDER, task, epoch))
+        return torch.randperm(self.examples_per_task, generator=_generator(self.seeds[0], _ORDER, task, epoch))
 
     def probe_batch(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The task's first ``probe_size`` training images (both classes alike) and their labels."""
+        """The task's first ``probe_size`` training images (both classes alike) and their labels,
+        (1, probe_size, ...)."""
         x, y, _, _ = self._task_data(task)
-        return x[: self.probe_size], y[: self.probe_size]
+        return x[None, : self.probe_size], y[None, : self.probe_size]
 
     def test_batch(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The task's held-out test images (``test_images`` per class) and their labels."""
+        """The task's held-out test images (``test_images`` per class) and their labels,
+        (1, 2 * test_images, ...)."""
         _, _, x, y = self._task_data(task)
-        return x, y
+        return x[None], y[None]
 
     def batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         task, offset = divmod(start_step, self.steps_per_task)
@@ -150,5 +162,5 @@ class ContinualImageNetStream(Stream):
                 first = offset % self.steps_per_epoch if epoch == first_epoch else 0
                 for i in range(first * size, self.examples_per_task, size):
                     index = order[i : i + size]
-                    yield x[index], y[index], task
+                    yield x[index][None], y[index][None], task
             task, offset = task + 1, 0

@@ -1,0 +1,236 @@
+"""Populations: S independent learners of one architecture and one strategy, trained in one batched pass.
+
+Every per-unit and per-connection tensor carries a leading member dimension. A population layer
+(``MaskedLinear(..., members=S)``) holds its weight as (S, out, in) and takes inputs (S, batch, in); a
+plain torch model (``nn.Linear`` weights (out, in)) is a population of one, seen through
+:func:`member_view` as (1, out, in). Strategies, surgery and metrics are written once, on the member
+layout, and serve both.
+
+Members differ in seed and may differ in any numeric setting. Their randomness on the training step
+comes from :class:`MemberRandom`: counter-based draws that are a pure function of (member seed, purpose,
+step, index), so member s of a population draws exactly what a population of one with seed s draws,
+whatever the other members do, and a resumed run draws what an uninterrupted one does without any
+generator state to save.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from numbers import Integral
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = [
+    "members",
+    "member_view",
+    "is_population",
+    "is_population_module",
+    "forward",
+    "mse_per_member",
+    "cross_entropy_per_member",
+    "MemberRandom",
+    "check_seeds",
+]
+
+
+def is_population_module(module: nn.Module) -> bool:
+    """Whether ``module`` keeps its parameters with a leading member dimension."""
+    return getattr(module, "members", None) is not None
+
+
+def members(model: nn.Module) -> int:
+    """The population size of ``model``: S of its population layers, or 1 for a plain torch model.
+
+    A model that mixes population layers of different sizes is refused.
+    """
+    sizes = {module.members for module in model.modules() if is_population_module(module)}
+    if len(sizes) > 1:
+        raise ConfigError(f"the model mixes population layers of sizes {sorted(sizes)}; use one size")
+    return sizes.pop() if sizes else 1
+
+
+def is_population(model: nn.Module) -> bool:
+    """Whether ``model`` has population layers (False for a plain torch model, a population of one)."""
+    return any(is_population_module(module) for module in model.modules())
+
+
+def forward(model: nn.Module, x: torch.Tensor, population: bool | None = None) -> torch.Tensor:
+    """``model`` on member-first inputs (S, batch, ...) -> member-first outputs (S, batch, ...).
+
+    A plain model (a population of one) takes its only member's batch. Pass ``population``
+    (:func:`is_population`) to skip looking it up on every call.
+    """
+    if population is None:
+        population = is_population(model)
+    if population:
+        return model(x)
+    if x.shape[0] != 1:
+        raise ConfigError(
+            f"a plain torch model is a population of one, but the inputs hold {x.shape[0]} members; "
+            "build the model with population layers (dst.nets.mlp(..., generators=[...]))"
+        )
+    return model(x[0]).unsqueeze(0)
+
+
+def mse_per_member(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each member over its batch: (S, batch, ...) -> (S,)."""
+    return (output - target).square().flatten(1).mean(1)
+
+
+def cross_entropy_per_member(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each member over its batch: logits (S, batch, classes), labels (S, batch) -> (S,)."""
+    members, batch = target.shape[:2]
+    losses = torch.nn.functional.cross_entropy(output.reshape(members * batch, -1), target.reshape(-1), reduction="none")
+    return losses.view(members, batch).mean(1)
+
+
+def member_view(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (a parameter, gradient, mask, state or activation of ``module``) with its member
+    dimension: as it is for a population layer, a (1, ...) view for a plain layer. Writes through."""
+    return tensor if is_population_module(module) else tensor.unsqueeze(0)
+
+
+def check_seeds(seeds: int | Sequence[int]) -> tuple[int, ...]:
+    """Normalise an int or a sequence of ints to a non-empty tuple of distinct seeds."""
+    if isinstance(seeds, bool):
+        raise ConfigError(f"a seed must be an integer, got {seeds!r}")
+    if isinstance(seeds, Integral):
+        return (int(seeds),)
+    try:
+        values = tuple(seeds)
+    except TypeError:
+        raise ConfigError(f"seeds must be an integer or a sequence of integers, got {seeds!r}") from None
+    if not values:
+        raise ConfigError("a population needs at least one seed (got none); give --seed N or --seeds A:B")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, Integral):
+            raise ConfigError(f"seeds must be integers, got {value!r}")
+    values = tuple(int(value) for value in values)
+    if len(set(values)) != len(values):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        raise ConfigError(f"seeds {repeated} appear twice: members with one seed would be the same run")
+    return values
+
+
+# -- counter-based random numbers ---------------------------------------------------------------
+# splitmix64 (Steele, Lea and Flood 2014) on int64 tensors: the multiplications wrap like uint64, and a
+# logical right shift is an arithmetic one with the sign bits masked off.
+
+
+def _int64(value: int) -> int:
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _int64(0x9E3779B97F4A7C15)
+_MIX1 = _int64(0xBF58476D1CE4E5B9)
+_MIX2 = _int64(0x94D049BB133111EB)
+_STEP = _int64(0xD1B54A32D192ED03)
+_DRAW = _int64(0xABC98388FB8FAC03)
+
+
+def _shift(z: torch.Tensor, bits: int) -> torch.Tensor:
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ _shift(z, 30)) * _MIX1
+    z = (z ^ _shift(z, 27)) * _MIX2
+    return z ^ _shift(z, 31)
+
+
+def _mix_int(z: int) -> int:
+    """The same finaliser on a Python int (host-side keys)."""
+    mask = (1 << 64) - 1
+    z &= mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return _int64(z ^ (z >> 31))
+
+
+class MemberRandom:
+    """Random numbers per member, a pure function of (key, step, draw, index).
+
+    ``keys`` holds one 63-bit key per member (from ``derive_seed(seed, purpose...)``). A draw of
+    ``shape`` at ``step`` gives member s the values hash(key_s, step, draw, i) for flat positions i of
+    ``shape``: the same numbers in any population, for any subset of members asked for, so a member's
+    run does not depend on the population it is in. ``draw`` tells apart several draws of one step.
+    """
+
+    def __init__(self, keys: Sequence[int], device: torch.device | str = "cpu") -> None:
+        self.keys = tuple(int(k) for k in keys)
+        self.device = torch.device(device)
+        self._keys = torch.tensor([_int64(k) for k in self.keys], dtype=torch.int64, device=self.device)
+
+    @classmethod
+    def derived(cls, seeds: Sequence[int], *purpose: int, device: torch.device | str = "cpu") -> "MemberRandom":
+        """One key per seed, derived with ``derive_seed(seed, *purpose)``."""
+        from .streams.base import derive_seed
+
+        return cls([derive_seed(seed, *purpose) for seed in seeds], device)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def to(self, device: torch.device | str) -> "MemberRandom":
+        return MemberRandom(self.keys, device)
+
+    def bits(
+        self,
+        shape: Sequence[int],
+        *,
+        step: int,
+        draw: int = 0,
+        members: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """64 random bits (int64) per position: (M, *shape) for the M members asked for (all by default).
+
+        With ``rows`` (one per entry of ``members``) entry p gets row ``rows[p]`` of a draw shaped
+        (rows, *shape) of member ``members[p]``: the values that draw has there, without making the rest.
+        """
+        keys = self._keys if members is None else self._keys[members]
+        count = 1
+        for size in shape:
+            count *= int(size)
+        base = _mix_int(int(step) * _STEP + int(draw) * _DRAW)
+        start = _mix(keys ^ base)  # one start per member
+        if rows is not None:
+            start = start + rows.to(torch.int64) * _int64(count * _GOLDEN)
+        offsets = torch.arange(1, count + 1, dtype=torch.int64, device=self.device) * _GOLDEN
+        return _mix(start[:, None] + offsets).view(keys.shape[0], *shape)
+
+    def uniform(
+        self,
+        shape: Sequence[int],
+        *,
+        step: int,
+        draw: int = 0,
+        members: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """U[0, 1) with 24 random bits (float32) or 53 (float64), shaped (M, *shape)."""
+        z = self.bits(shape, step=step, draw=draw, members=members, rows=rows)
+        if dtype == torch.float64:
+            return _shift(z, 11).to(dtype) * 2.0**-53
+        return _shift(z, 40).to(dtype) * 2.0**-24
+
+    def normal(
+        self,
+        shape: Sequence[int],
+        *,
+        step: int,
+        draw: int = 0,
+        members: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Standard normal draws (Box-Muller from two 24-bit uniforms of one 64-bit word)."""
+        z = self.bits(shape, step=step, draw=draw, members=members, rows=rows)
+        high = (_shift(z, 40).to(torch.float64) + 1.0) * 2.0**-24  # (0, 1]: the log is finite
+        low = (z & ((1 << 24) - 1)).to(torch.float64) * 2.0**-24
+        return (torch.sqrt(-2.0 * torch.log(high)) * torch.cos(2.0 * torch.pi * low)).to(dtype)
