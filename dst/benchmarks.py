@@ -60,6 +60,12 @@ get = registry.get
 _MODEL, _MASK = 11, 12  # seed-derivation keys
 
 
+def _generators(generators: list[torch.Generator]) -> dict[str, Any]:
+    """``mlp`` arguments: a plain model for one member (a population of one at the cost of a plain torch
+    model), population layers for several. Member s is the same learner either way."""
+    return {"generator": generators[0]} if len(generators) == 1 else {"generators": generators}
+
+
 @dataclass(frozen=True)
 class BenchmarkConfig(Config):
     """Settings every benchmark has: the optimizer, the sparsity of the learner, the logging bin."""
@@ -244,7 +250,7 @@ class BitFlipping(Benchmark):
 
     def make_model(self, generators: list[torch.Generator]) -> nn.Module:
         c = self.config
-        return mlp(c.n_bits, c.hidden, 1, c.activation, init=c.init, generators=generators)
+        return mlp(c.n_bits, c.hidden, 1, c.activation, init=c.init, **_generators(generators))
 
 
 # -- MNIST benchmarks ----------------------------------------------------------------------------
@@ -275,7 +281,7 @@ class MNISTBenchmark(Benchmark):
 
     def make_model(self, generators: list[torch.Generator]) -> nn.Module:
         c = self.config
-        return mlp(784, c.hidden, 10, c.activation, init=c.init, generators=generators)
+        return mlp(784, c.hidden, 10, c.activation, init=c.init, **_generators(generators))
 
 
 @dataclass(frozen=True)

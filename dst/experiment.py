@@ -363,6 +363,7 @@ class Experiment:
         losses: list[torch.Tensor] = []
         corrects: list[torch.Tensor] = []
         examples = 0
+        ones = torch.ones(self.members, device=self.stream.device)
         units = np.zeros(self.members, dtype=np.int64)
         connections = np.zeros(self.members, dtype=np.int64)
         checked = 0
@@ -388,7 +389,7 @@ class Experiment:
                     corrects.append((output.detach().argmax(-1) == y).sum(1))
                 examples += y.shape[1]
                 optimizer.zero_grad(set_to_none=True)
-                loss.sum().backward()
+                loss.backward(ones)  # the sum of the members' losses: each member gets its own gradient
                 strategy.before_step()
                 optimizer.step()
                 stats = strategy.after_step()

@@ -108,6 +108,31 @@ class MaskedMixin:
         return "" if self.mask is None else f", density={self.density:.4f}"
 
 
+class _MemberLinear(torch.autograd.Function):
+    """y_s = x_s W_s^T + b_s for every member s (one batched product), with the gradients written out:
+    for a batch of one the weight gradient g_s^T x_s is an outer product, far cheaper as a broadcast
+    multiply than as S tiny matrix products (what autograd of ``baddbmm`` runs)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if bias is None:
+            return torch.bmm(x, weight.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            transposed = grad.transpose(1, 2)
+            grad_weight = transposed * x if x.shape[1] == 1 else torch.bmm(transposed, x)
+        grad_bias = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
 class MaskedLinear(MaskedMixin, nn.Linear):
     """``nn.Linear`` with an optional boolean connection mask.
 
@@ -165,9 +190,7 @@ class MaskedLinear(MaskedMixin, nn.Linear):
                 f"a population layer of {self.members} members takes inputs shaped (members, batch, "
                 f"{self.in_features}), got {tuple(x.shape)}"
             )
-        if self.bias is None:
-            return torch.bmm(x, self.weight.transpose(1, 2))
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+        return _MemberLinear.apply(x, self.weight, self.bias)
 
     @classmethod
     def from_dense(cls, layer: nn.Linear, mask: torch.Tensor | None = None) -> "MaskedLinear":

@@ -77,7 +77,7 @@ def forward(model: nn.Module, x: torch.Tensor, population: bool | None = None) -
 
 def mse_per_member(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error of each member over its batch: (S, batch, ...) -> (S,)."""
-    return (output - target).square().flatten(1).mean(1)
+    return torch.nn.functional.mse_loss(output, target, reduction="none").mean(tuple(range(1, output.dim())))
 
 
 def cross_entropy_per_member(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

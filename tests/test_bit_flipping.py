@@ -1,8 +1,14 @@
 import pytest
 import torch
 
+import dst.streams.bit_flipping
 from dst.errors import ConfigError
 from dst.streams import BitFlippingStream, LTUTarget
+
+
+def _take(stream, start, steps):
+    batches = stream.batches(start)
+    return [next(batches) for _ in range(steps)]
 
 
 def test_ltu_target_fires_iff_input_exceeds_released_threshold():
@@ -85,3 +91,37 @@ def test_batches_from_a_start_step_equal_the_tail_of_a_full_iteration():
 def test_change_period_must_be_a_multiple_of_the_batch_size():
     with pytest.raises(ConfigError, match="multiple of batch_size"):
         BitFlippingStream(0, change_every=100, batch_size=3)
+
+
+def test_target_table_holds_each_random_bit_patterns_target():
+    stream = BitFlippingStream((0, 7), n_bits=6, n_flipping=3, change_every=8)
+    assert stream.uses_table  # 2^3 = 8 patterns, no more than the task's 8 examples
+    flipping = stream.flipping_bits(0)
+    table = stream.target_table(flipping)
+    assert table.shape == (2, 8)
+    for p in range(8):  # pattern p sets random bit j to bit j of p
+        bits = torch.tensor([(p >> j) & 1 for j in range(3)], dtype=torch.float32)
+        x = torch.cat((flipping, bits.expand(2, 3)), dim=1).unsqueeze(1)
+        assert torch.equal(table[:, p], stream.target(x)[:, 0, 0])
+
+
+def test_table_is_used_only_when_it_is_smaller_than_the_task_and_capped():
+    assert BitFlippingStream(0).uses_table  # 2^5 = 32 patterns per 10,000-example task
+    assert not BitFlippingStream(0, n_flipping=3).uses_table  # 2^17 patterns: more than a task
+    assert BitFlippingStream(0, n_flipping=8, change_every=100_000).uses_table  # 2^12 = TABLE_MAX, task ok
+    assert not BitFlippingStream(0, n_flipping=7, change_every=100_000).uses_table  # 2^13 > TABLE_MAX
+    assert not BitFlippingStream(0, change_every=20).uses_table  # 32 patterns, a 20-example task
+
+
+@pytest.mark.parametrize("flip", ["one", "all"])
+def test_table_and_direct_targets_give_identical_batches_and_probes(flip, monkeypatch):
+    make = lambda: BitFlippingStream((4, 0, 9), flip=flip, change_every=100, batch_size=4, probe_size=30)
+    table = make()
+    monkeypatch.setattr(dst.streams.bit_flipping, "TABLE_MAX", 16)
+    direct = make()
+    assert table.uses_table and not direct.uses_table
+    for (x, y, task), (x1, y1, task1) in zip(_take(table, 10, 60), _take(direct, 10, 60)):  # across 2 changes
+        assert task == task1 and torch.equal(x, x1) and torch.equal(y, y1)
+    for task in (0, 3):
+        for a, b in zip(table.probe_batch(task), direct.probe_batch(task)):
+            assert torch.equal(a, b)

@@ -16,6 +16,15 @@ stream draws them. At a task boundary the members' random bits are drawn (one ge
 and kept compactly as bools; float inputs and targets are then computed for all members at once, a
 chunk of steps at a time (about ``CHUNK_BYTES``), and each step is a view into the chunk. The targets
 are sums of a few integers, so float32 computes them exactly on any device.
+
+Target table: within a task the flipping bits are fixed, so an example's target depends only on its
+k = n_bits - n_flipping random bits, one of 2^k patterns (32 in the paper). When 2^k is at most the
+task's length and at most ``TABLE_MAX`` (``uses_table``), each task evaluates the target network once
+on the 2^k pattern inputs (the same ``LTUTarget`` call, members batched) and each example's target is
+looked up by its pattern index, sum_j bit_j 2^j: 2^k network evaluations per member and task instead
+of ``change_every``, and a gather per example instead of a (n_bits x target_hidden) matmul. Otherwise
+(many random bits, so the table would be larger than the task or than memory allows) every example is
+evaluated directly. Both are the same exact integer arithmetic, so they give identical targets.
 """
 
 from __future__ import annotations
@@ -30,6 +39,9 @@ from .base import Stream, derive_seed, member_seeds, steps_per_chunk
 __all__ = ["BitFlippingStream", "LTUTarget"]
 
 _TARGET, _FLIPS, _EXAMPLES = 1, 2, 3  # seed-derivation keys for the independent random parts
+
+#: The largest target table (patterns of the random bits) a task evaluates; beyond it targets are direct.
+TABLE_MAX = 4096
 
 
 def _generator(*keys: int) -> torch.Generator:
@@ -105,8 +117,13 @@ class BitFlippingStream(Stream):
         self.target = LTUTarget(n_bits, target_hidden, beta, generators, self.device)
         self._flip_generators = [_generator(seed, _FLIPS) for seed in self.seeds]
         self._flipping_bits: list[torch.Tensor] = []  # per task, (members, n_flipping) bool on the CPU
+        n_random = n_bits - n_flipping
+        self.uses_table = 2**n_random <= min(change_every, TABLE_MAX)
+        self._powers = (2 ** torch.arange(n_random, device=self.device)).float()  # pattern index weights
         # float32 inputs (and their random part), the target's hidden layer and output, per example
-        example_bytes = 4 * (2 * n_bits + target_hidden + 1)
+        self._direct_bytes = 4 * (2 * n_bits + target_hidden + 1)
+        # with the table: float32 inputs (and their random part), the pattern index (as float and int64), y
+        example_bytes = 4 * (2 * n_bits + 1) + 12 if self.uses_table else self._direct_bytes
         self.steps_per_chunk = steps_per_chunk(self.members * batch_size * example_bytes, self.steps_per_task)
 
     def flipping_bits(self, task: int) -> torch.Tensor:
@@ -134,24 +151,44 @@ class BitFlippingStream(Stream):
             bits[member] = torch.randint(0, 2, shape, generator=_generator(seed, _EXAMPLES, task))
         return bits.to(self.device)
 
-    def _examples(self, flipping: torch.Tensor, random_bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def target_table(self, flipping: torch.Tensor) -> torch.Tensor:
+        """The targets of a task's 2^k random-bit patterns, (members, 2^k): entry p is the target of the
+        input with the task's flipping bits and random bit j equal to bit j of p. Evaluated a chunk of
+        patterns at a time (about ``CHUNK_BYTES``), like the examples."""
+        n_random, count = self.n_bits - self.n_flipping, 2 ** (self.n_bits - self.n_flipping)
+        patterns = (torch.arange(count).unsqueeze(1) >> torch.arange(n_random)) & 1
+        patterns = patterns.bool().to(self.device).expand(self.members, -1, -1)
+        rows = steps_per_chunk(self.members * self._direct_bytes, count)
+        parts = [self._examples(flipping, patterns[:, i : i + rows])[1] for i in range(0, count, rows)]
+        return torch.cat(parts, dim=1).squeeze(2)
+
+    def _examples(
+        self, flipping: torch.Tensor, random_bits: torch.Tensor, table: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs (members, count, n_bits) and targets (members, count, 1) from a task's flipping bits and
-        ``count`` examples' random bits."""
+        ``count`` examples' random bits; the targets are looked up in the task's ``table`` if one is given,
+        else evaluated."""
         members, count, _ = random_bits.shape
         x = torch.cat((flipping.unsqueeze(1).expand(members, count, -1), random_bits.float()), dim=2)
-        return x, self.target(x)
+        if table is None:
+            return x, self.target(x)
+        index = torch.matmul(x[:, :, self.n_flipping :], self._powers).long()  # exact: below 2^24
+        return x, table.gather(1, index).unsqueeze(2)
 
     def probe_batch(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``probe_size`` examples of ``task``, (members, probe_size, ...) on the device."""
-        return self._examples(self.flipping_bits(task), self.random_bits(task)[:, : self.probe_size])
+        flipping = self.flipping_bits(task)
+        table = self.target_table(flipping) if self.uses_table else None
+        return self._examples(flipping, self.random_bits(task)[:, : self.probe_size], table)
 
     def batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         task, offset = divmod(start_step, self.steps_per_task)
         size, chunk = self.batch_size, self.steps_per_chunk * self.batch_size
         while True:
             flipping, random_bits = self.flipping_bits(task), self.random_bits(task)
+            table = self.target_table(flipping) if self.uses_table else None
             for first in range(offset * size, self.change_every, chunk):
-                x, y = self._examples(flipping, random_bits[:, first : first + chunk])
+                x, y = self._examples(flipping, random_bits[:, first : first + chunk], table)
                 for i in range(0, x.shape[1], size):
                     yield x[:, i : i + size], y[:, i : i + size], task
             task, offset = task + 1, 0
