@@ -133,7 +133,8 @@ def _mnist_experiment(members: int, steps: int):
     images = torch.randint(0, 256, (60_000, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, 10, (60_000,), generator=torch.Generator().manual_seed(1))
     seeds = tuple(range(members))
-    _, model, optimizer = benchmark.build(seeds, "cpu")
+    model = benchmark.make_model([torch.Generator().manual_seed(seed) for seed in seeds])
+    optimizer = benchmark.make_optimizer(model)
     stream = PermutedMNISTStream(images, labels, seeds, examples_per_task=60_000)
     import dst
 

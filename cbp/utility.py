@@ -105,7 +105,12 @@ class UnitUtility:
         self.rate = 1 - self.eta  # the weight 1 - eta of this step's value
         arrays = arrays or Arrays(host=False)
         block = arrays.state(self.block)
-        self._arrays = (block, block[0], block[1], block[2], arrays.state(self.eta), arrays.state(self.rate))
+        # numpy multiplies arrays of one shape faster than it broadcasts a column: full-shaped copies there
+        shape = (members, units) if arrays.host else (members, 1)
+        decay = arrays.state(self.eta.expand(3, *shape).contiguous())  # eta for each of f, u and eta^age
+        rate = arrays.state(self.rate.expand(shape).contiguous())
+        self._arrays = (block, block[0], block[1], block[2], decay, rate)
+        self._deviation = kind in ("zero_contribution", "adaptable_contribution")
         self._fresh = torch.tensor([0.0, 0.0, 1.0], dtype=weight.dtype, device=weight.device)[:, None]
 
     @property
@@ -124,20 +129,19 @@ class UnitUtility:
         self.steps += 1
         block *= eta  # f, u and eta^age all decay by eta, so that with the next lines
         mean += rate * (h if single else _batch_mean(h))  # f <- eta f + (1 - eta) h
-        kind = self.kind
-        if kind == "random":
-            return
-        if kind in ("adaptation", "weight"):
-            y = weight_factor
-        elif kind == "contribution":
-            y = (abs(h) if single else _batch_mean(abs(h))) * weight_factor  # |h| mean|w_out|
-        else:  # zero_contribution, adaptable_contribution: |h - f_hat| times the weight factor
+        if self._deviation:  # zero_contribution, adaptable_contribution: |h - f_hat| times the weight factor
             f_hat = _corrected(mean, decay_power)
             if single:
                 deviation = abs(h - f_hat)
             else:
                 deviation = _batch_mean(abs(h - f_hat.reshape(*f_hat.shape[:1], 1, -1, *(1,) * (h.ndim - 3))))
             y = deviation * weight_factor
+        elif self.kind == "random":
+            return
+        elif self.kind == "contribution":
+            y = (abs(h) if single else _batch_mean(abs(h))) * weight_factor  # |h| mean|w_out|
+        else:  # adaptation, weight
+            y = weight_factor
         utility += rate * y  # u <- eta u + (1 - eta) y
 
     def corrected_utility(self, members: torch.Tensor | None = None) -> torch.Tensor:

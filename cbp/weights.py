@@ -101,8 +101,9 @@ class WeightFactors:
         self.matrices = list(matrices.values())
         for matrix in self.matrices:
             matrix.ones = self.arrays.state(matrix.ones)
-        self.in_counts = [layer.incoming()[0, 0].numel() for layer in self.layers]
-        self.out_counts = [_per_member(layer.outgoing()) // layer.n_units for layer in self.layers]
+        self.in_counts = [self._constant(layer, layer.incoming()[0, 0].numel()) for layer in self.layers]
+        self.out_counts = [self._constant(layer, _per_member(layer.outgoing()) // layer.n_units) for layer in self.layers]
+        self.min_incoming = [self._constant(layer, MIN_INCOMING) for layer in self.layers]
         self.in_sums: list[Array | None] = [None] * len(self.layers)
         self.out_sums: list[Array | None] = [None] * len(self.layers)
         self._scratch: torch.Tensor | None = None  # |W| of one block of rows (see _blocked_sums)
@@ -110,6 +111,14 @@ class WeightFactors:
         self.amortises = every > 1 and any(matrix.size >= AMORTISE_FROM for matrix in self.matrices)
         if self.arrays.host and (self.amortises or any(m.size >= _FUSED_BELOW for m in self.matrices)):
             raise ValueError("host (numpy) weight factors are for small layers summed every step")
+
+    def _constant(self, layer: HiddenLayer, value: float) -> float | np.ndarray:
+        """``value`` as an operand of the per-step factors: itself, or on the host an (S, units) array of it
+        (numpy combines arrays of one shape about twice as fast as an array and a Python number)."""
+        if not self.arrays.host:
+            return value
+        weight = layer.incoming()
+        return np.full(weight.shape[:2], value, dtype=self.arrays.state(weight.detach()).dtype)
 
     def _blocked_sums(self, weight: torch.Tensor, units: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(row sums, column sums per unit of the consumed layer) of a large weight, from one pass.
@@ -159,8 +168,8 @@ class WeightFactors:
             if columns_of is not None:
                 out_sums[columns_of] = column_sums
         factors = []
-        for index, (in_count, out_count) in enumerate(zip(self.in_counts, self.out_counts)):
-            mean_in = None if in_sums[index] is None else in_sums[index] / in_count + MIN_INCOMING  # mean|w_in|
+        for index, (in_count, out_count, floor) in enumerate(zip(self.in_counts, self.out_counts, self.min_incoming)):
+            mean_in = None if in_sums[index] is None else in_sums[index] / in_count + floor  # mean|w_in|
             mean_out = None if out_sums[index] is None else out_sums[index] / out_count  # mean|w_out|
             if self.kind == "adaptation":
                 factors.append(1 / mean_in)

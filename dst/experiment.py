@@ -306,7 +306,9 @@ class Experiment:
         finally:
             self.model.train(was_training)
         losses = self.loss_fn(output, targets).tolist()
-        accuracies = (output.argmax(-1) == targets).float().mean(1).tolist() if self.task_type == "classification" else None
+        accuracies = None
+        if self.task_type == "classification":
+            accuracies = (output.argmax(-1) == targets).float().mean(1).tolist()
         self._tested = [
             {"test_loss": loss, **({"test_accuracy": accuracies[m]} if accuracies is not None else {})}
             for m, loss in enumerate(losses)

@@ -83,7 +83,8 @@ def mse_per_member(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def cross_entropy_per_member(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of each member over its batch: logits (S, batch, classes), labels (S, batch) -> (S,)."""
     members, batch = target.shape[:2]
-    losses = torch.nn.functional.cross_entropy(output.reshape(members * batch, -1), target.reshape(-1), reduction="none")
+    flat = output.reshape(members * batch, -1)
+    losses = torch.nn.functional.cross_entropy(flat, target.reshape(-1), reduction="none")
     return losses.view(members, batch).mean(1)
 
 

@@ -117,7 +117,7 @@ def test_stream_has_one_member_and_refuses_more_seeds_with_a_fix(data_dir):
     assert stream(data_dir, seed=(7,)).task_classes(5) == s.task_classes(5)
     with pytest.raises(ConfigError, match="one member at a time.*run seeds as separate runs"):
         stream(data_dir, seed=(0, 1))
-    with pytest.raises(ConfigError, match="seeds is empty"):
+    with pytest.raises(ConfigError, match="at least one seed"):
         stream(data_dir, seed=())
 
 

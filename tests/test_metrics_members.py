@@ -13,7 +13,7 @@ from torch import nn
 from dst import metrics
 from dst.errors import ConfigError
 from dst.masked import MaskedLinear, sparsify
-from dst.nets import convnet, mlp
+from dst.nets import mlp
 from dst.population import cross_entropy_per_member, forward, mse_per_member
 from dst.probe import Probe
 from dst.topology import Topology

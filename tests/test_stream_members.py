@@ -114,7 +114,7 @@ def test_an_int_seed_is_one_member_and_no_seeds_is_a_config_error(name):
     stream = MAKERS[name](5)
     assert stream.seeds == (5,) and stream.members == 1
     assert MAKERS[name](range(4)).seeds == (0, 1, 2, 3)
-    with pytest.raises(ConfigError, match="seeds is empty.*at least one seed"):
+    with pytest.raises(ConfigError, match="at least one seed"):
         MAKERS[name](())
 
 

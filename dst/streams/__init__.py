@@ -1,6 +1,6 @@
 """Continual problems: each yields (x, y, task) batches for a population of members, one seed each."""
 
-from .base import Stream, derive_seed, member_seeds
+from .base import Stream, derive_seed
 from .bit_flipping import BitFlippingStream, LTUTarget
 from .imagenet32 import available_classes, load_imagenet32_class
 from .imagenet_tasks import ContinualImageNetStream
@@ -10,7 +10,6 @@ from .mnist_tasks import PermutedMNISTStream, RandomLabelMNISTStream
 __all__ = [
     "Stream",
     "derive_seed",
-    "member_seeds",
     "BitFlippingStream",
     "LTUTarget",
     "PermutedMNISTStream",

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from numbers import Integral
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from ..errors import ConfigError
-
-__all__ = ["CHUNK_BYTES", "Stream", "derive_seed", "member_seeds", "steps_per_chunk"]
+__all__ = ["CHUNK_BYTES", "Stream", "derive_seed", "steps_per_chunk"]
 
 #: About how many bytes of batches a stream computes at once (all members together, one chunk of steps).
 CHUNK_BYTES = 64 * 2**20
@@ -20,16 +17,6 @@ CHUNK_BYTES = 64 * 2**20
 def derive_seed(*keys: int) -> int:
     """A 63-bit seed derived from integer keys (numpy SeedSequence): independent streams per key."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def member_seeds(seeds: int | Sequence[int]) -> tuple[int, ...]:
-    """The seeds of a population: an int is one member, a sequence is one member per seed."""
-    if isinstance(seeds, Integral):
-        return (int(seeds),)
-    seeds = tuple(int(seed) for seed in seeds)
-    if not seeds:
-        raise ConfigError("seeds is empty, so the stream would have no members; pass an int or at least one seed")
-    return seeds
 
 
 def steps_per_chunk(bytes_per_step: int, steps_per_task: int) -> int:

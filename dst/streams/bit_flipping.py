@@ -34,7 +34,8 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..errors import ConfigError
-from .base import Stream, derive_seed, member_seeds, steps_per_chunk
+from ..population import check_seeds
+from .base import Stream, derive_seed, steps_per_chunk
 
 __all__ = ["BitFlippingStream", "LTUTarget"]
 
@@ -106,7 +107,7 @@ class BitFlippingStream(Stream):
                 f"change_every ({change_every}) must be a multiple of batch_size ({batch_size}) "
                 "so that no batch straddles a change"
             )
-        self.seeds = member_seeds(seeds)
+        self.seeds = check_seeds(seeds)
         self.members = len(self.seeds)
         self.n_bits, self.n_flipping, self.change_every = n_bits, n_flipping, change_every
         self.flip, self.batch_size = flip, batch_size

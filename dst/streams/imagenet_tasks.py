@@ -27,7 +27,8 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..errors import ConfigError, DataError
-from .base import Stream, derive_seed, member_seeds
+from ..population import check_seeds
+from .base import Stream, derive_seed
 from .imagenet32 import (
     TEST_IMAGES_PER_CLASS,
     TRAIN_IMAGES_PER_CLASS,
@@ -70,7 +71,7 @@ class ContinualImageNetStream(Stream):
         cached_tasks: int = 3,
         device: torch.device | str = "cpu",
     ) -> None:
-        self.seeds = member_seeds(seeds)
+        self.seeds = check_seeds(seeds)
         if len(self.seeds) > 1:
             raise ConfigError(
                 f"got {len(self.seeds)} seeds, but continual ImageNet runs one member at a time (conv nets are "

@@ -24,7 +24,8 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..errors import ConfigError
-from .base import Stream, derive_seed, member_seeds, steps_per_chunk
+from ..population import check_seeds
+from .base import Stream, derive_seed, steps_per_chunk
 
 __all__ = ["PermutedMNISTStream", "RandomLabelMNISTStream"]
 
@@ -61,7 +62,7 @@ class PermutedMNISTStream(Stream):
             raise ConfigError(
                 f"examples_per_task ({examples_per_task}) must be a multiple of batch_size ({batch_size})"
             )
-        self.seeds = member_seeds(seeds)
+        self.seeds = check_seeds(seeds)
         self.members = len(self.seeds)
         self.device = torch.device(device)
         self.images = _scaled(images, self.device)
@@ -126,7 +127,7 @@ class RandomLabelMNISTStream(Stream):
             raise ConfigError(f"subset must be in [1, {count}], got {subset}")
         if subset % batch_size:
             raise ConfigError(f"subset ({subset}) must be a multiple of batch_size ({batch_size})")
-        self.seeds = member_seeds(seeds)
+        self.seeds = check_seeds(seeds)
         self.members = len(self.seeds)
         self.device = torch.device(device)
         self.images = _scaled(images, self.device)
