@@ -1,21 +1,25 @@
 """Property-based invariants of the strategy protocol, for every registered strategy.
 
-Hypothesis draws a tiny network (an MLP or a ConvNet on tiny images), a density (dense, or sparse with
-each registered layer-density distribution), an optimizer (SGD with momentum / Nesterov / weight decay,
-Adam and AMSGrad, AdamW, ``dst.ElementwiseAdam`` coupled or decoupled), the strategy's settings (every
-choice and flag from its config, numeric settings from small ranges that make refreshes happen within a
-few steps) and a schedule (steps, task length). It then trains with the protocol
+Hypothesis draws a tiny network (an MLP or a ConvNet on tiny images; about a fifth of the examples
+are populations of 2 or 3 MLP members, built with ``dst.nets.mlp(..., generators=[...])``, each with
+its own seeds and numeric settings, trained on member-first data through ``dst.population.forward``), a
+density (dense, or sparse with each registered layer-density distribution), an optimizer (SGD with
+momentum / Nesterov / weight decay, Adam and AMSGrad, AdamW, ``dst.ElementwiseAdam`` coupled or
+decoupled), the strategy's settings (every choice and flag from its config, numeric settings from small
+ranges that make refreshes happen within a few steps) and a schedule (steps, task length). It then
+trains with the protocol
 
     forward, loss, zero_grad, backward, strategy.before_step(), opt.step(), strategy.after_step()
 
-calling ``on_task_start`` at task boundaries, and checks after every step:
+calling ``on_task_start`` at task boundaries, and checks after every step, member by member:
 
 - the gradient handed to the optimizer is exactly zero at masked positions (after ``before_step``);
 - masked weights are exactly zero;
 - every optimizer state tensor shaped like a masked weight (momentum buffers, exp_avg, exp_avg_sq,
   AMSGrad's max, ElementwiseAdam's per-element step) is exactly zero at masked positions;
-- every layer keeps exactly the number of active connections it started with, and no layer gains or
-  loses its mask;
+- every layer of every member keeps exactly the number of active connections it started with, and no
+  layer gains or loses its mask;
+- ``after_step`` reports its counts per member (an int, or an array of shape (members,));
 - no parameter, gradient or optimizer state is NaN or infinite.
 
 In about half the examples the run is checkpointed mid-way (model, optimizer and strategy state dicts)
@@ -41,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, note, settings
@@ -52,8 +57,9 @@ from torch import nn
 import dst
 import dst.strategies
 from dst.errors import TopologyError
-from dst.masked import MaskedMixin
 from dst.optim import ElementwiseAdam
+from dst.population import forward, is_population, member_view, mse_per_member
+from dst.population import members as population_size
 from dst.sparsity import DISTRIBUTIONS
 
 # -- profiles ---------------------------------------------------------------------------------
@@ -115,6 +121,9 @@ NUMERIC_SETTINGS: dict[str, st.SearchStrategy] = {
     "strength": st.floats(0.0, 0.5),
 }
 
+#: Numeric settings every member of a population shares (the strategy refuses members that differ).
+SHARED_SETTINGS = {"magnitude_every"}  # cbp: when the population's weight sums are read
+
 ACTIVATIONS = ["relu", "tanh", "sigmoid", "leaky_relu", "elu", "selu", "gelu", "swish", "linear"]
 
 
@@ -153,10 +162,20 @@ def strategy_settings(draw, name: str) -> dict[str, Any]:
     return values
 
 
+@st.composite
+def member_settings(draw, name: str, members: int) -> tuple[dict[str, Any], ...]:
+    """One settings dict per member: the choices and flags shared, each member's numeric settings drawn."""
+    first = draw(strategy_settings(name))
+    numeric = [key for key in first if key in NUMERIC_SETTINGS and key not in SHARED_SETTINGS]
+    others = [{**first, **{key: draw(NUMERIC_SETTINGS[key]) for key in numeric}} for _ in range(members - 1)]
+    return (first, *others)
+
+
 @dataclass(frozen=True)
 class Case:
     strategy: str
-    settings: dict[str, Any]
+    members: int  # 1: a plain torch model; 2 or 3: a population MLP
+    settings: tuple[dict[str, Any], ...]  # one per member
     network: dict[str, Any]
     density: float
     distribution: str
@@ -220,12 +239,14 @@ def cases(draw, name: str) -> Case:
     density = draw(st.floats(0.1, 0.9) if sparse_only else st.one_of(st.just(1.0), st.floats(0.1, 0.9)))
     steps = draw(st.integers(4, 12))
     network = draw(networks())
+    members = draw(st.sampled_from([1, 2, 3])) if network["kind"] == "mlp" else 1
     layers = len(network["hidden"]) + 1 + len(network.get("channels", ()))
     dense_first = draw(st.booleans()) and draw(st.booleans())  # a quarter of the examples
     dense_last = draw(st.booleans()) and draw(st.booleans()) and not (dense_first and layers == 2)
     return Case(
         strategy=name,
-        settings=draw(strategy_settings(name)),
+        members=members,
+        settings=draw(member_settings(name, members)),
         network=network,
         density=density,
         distribution=draw(st.sampled_from(DISTRIBUTIONS)),
@@ -245,11 +266,19 @@ def cases(draw, name: str) -> Case:
 # -- building and training --------------------------------------------------------------------
 
 
-def _build_network(spec: dict[str, Any], generator: torch.Generator) -> tuple[nn.Module, tuple[int, ...]]:
+def _seeds(case: Case, purpose: int) -> list[int]:
+    """One distinct seed per member for each purpose (network, masks, strategy, data)."""
+    return [case.seed + purpose + 10 * member for member in range(case.members)]
+
+
+def _build_network(spec: dict[str, Any], seeds: list[int]) -> tuple[nn.Module, tuple[int, ...]]:
+    """A plain torch model for one seed, a population MLP (one member per seed) for several."""
     spec = dict(spec)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    generator = generators[0] if len(seeds) == 1 else None
     if spec.pop("kind") == "mlp":
         model = dst.nets.mlp(spec["in_features"], spec["hidden"], spec["out_features"], spec["activation"],
-                             generator=generator)
+                             generator=generator, generators=None if generator else generators)
         return model, (spec["in_features"],)
     model = dst.nets.convnet(spec["in_channels"], spec["image_size"], spec["out_features"],
                              channels=spec["channels"], kernel_sizes=spec["kernel_sizes"], hidden=spec["hidden"],
@@ -273,16 +302,26 @@ def _weight_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
 
-def _active(layer: nn.Module) -> int:
-    return layer.active_connections if isinstance(layer, MaskedMixin) else layer.weight.numel()
+def _active(layer: nn.Module) -> tuple[int, ...]:
+    """Active connections of each member of ``layer``."""
+    mask = getattr(layer, "mask", None)
+    active = member_view(layer, torch.ones_like(layer.weight, dtype=torch.bool) if mask is None else mask)
+    return tuple(active.flatten(1).sum(1).tolist())
 
 
 def _masked(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in _weight_layers(model).items() if getattr(m, "mask", None) is not None}
 
 
-def _nonzero(values: torch.Tensor) -> str:
-    return f"{int((values != 0).sum())} non-zero of {values.numel()}, max |value| {values.abs().max().item():.3g}"
+def _leak(layer: nn.Module, values: torch.Tensor) -> str | None:
+    """``None`` when ``values`` (shaped like ``layer``'s weight) is zero at every masked position, else
+    what leaked, member by member."""
+    leaked = member_view(layer, values.detach() * ~layer.mask)
+    per_member = (leaked != 0).flatten(1).sum(1)
+    if not per_member.any():
+        return None
+    return (f"non-zero at masked positions of members {per_member.nonzero().flatten().tolist()} "
+            f"({per_member.tolist()} per member), max |value| {leaked.abs().max().item():.3g}")
 
 
 def _check_masked_gradients(model: nn.Module, where: str) -> None:
@@ -290,18 +329,18 @@ def _check_masked_gradients(model: nn.Module, where: str) -> None:
         grad = layer.weight.grad
         if grad is None:
             continue
-        at_masked = grad[~layer.mask]
-        assert torch.all(at_masked == 0), f"{where}: {name}.weight.grad at masked positions: {_nonzero(at_masked)}"
+        leak = _leak(layer, grad)
+        assert leak is None, f"{where}: {name}.weight.grad {leak}"
 
 
-def _check_state(model: nn.Module, optimizer: torch.optim.Optimizer, counts: dict[str, tuple[int, bool]],
+def _check_state(model: nn.Module, optimizer: torch.optim.Optimizer, counts: dict[str, tuple[tuple[int, ...], bool]],
                  where: str) -> None:
     layers = _weight_layers(model)
     masked = _masked(model)
     assert sorted(masked) == sorted(n for n, c in counts.items() if c[1]), f"{where}: the set of masked layers changed"
     for name, layer in layers.items():
         assert _active(layer) == counts[name][0], (
-            f"{where}: {name} has {_active(layer)} active connections, started with {counts[name][0]}"
+            f"{where}: {name} has {_active(layer)} active connections per member, started with {counts[name][0]}"
         )
     for param_name, param in model.named_parameters():
         assert torch.isfinite(param).all(), f"{where}: parameter {param_name} is not finite"
@@ -313,21 +352,20 @@ def _check_state(model: nn.Module, optimizer: torch.optim.Optimizer, counts: dic
     for name, layer in masked.items():
         mask = layer.mask
         assert mask.dtype == torch.bool and mask.shape == layer.weight.shape
-        at_masked = layer.weight.detach()[~mask]
-        assert torch.all(at_masked == 0), f"{where}: {name}.weight at masked positions: {_nonzero(at_masked)}"
+        leak = _leak(layer, layer.weight)
+        assert leak is None, f"{where}: {name}.weight {leak}"
         for key, value in optimizer.state.get(layer.weight, {}).items():
             if isinstance(value, torch.Tensor) and value.shape == layer.weight.shape:
-                at_masked = value[~mask]
-                assert torch.all(at_masked == 0), (
-                    f"{where}: optimizer state {key!r} of {name}.weight at masked positions: {_nonzero(at_masked)}"
-                )
+                leak = _leak(layer, value)
+                assert leak is None, f"{where}: optimizer state {key!r} of {name}.weight {leak}"
 
 
 @dataclass
 class Outcome:
     strategy: str
+    members: int
     sparse: bool
-    refreshes: int  # units replaced + connections regrown + head resets
+    refreshes: int  # units replaced + connections regrown (over all members) + head resets
     dense_grad_at_masked: bool  # backward produced a non-zero gradient at some masked position
     masked_state: bool  # the optimizer keeps state shaped like a masked weight (checked at masked positions)
     stateful: bool  # the optimizer keeps per-element state (all but plain SGD without momentum)
@@ -335,16 +373,17 @@ class Outcome:
 
 def _build(case: Case):
     """The case's model (sparsified), optimizer and strategy, with the run's horizon set."""
-    model, input_shape = _build_network(case.network, torch.Generator().manual_seed(case.seed))
+    model, input_shape = _build_network(case.network, _seeds(case, 0))
     optimizer = None
     if case.optimizer_before_sparsify:  # masked layers share the dense layers' Parameter objects
         optimizer = _build_optimizer(case.optimizer, model.parameters())
     if case.density < 1.0:
         dst.sparsify(model, case.density, case.distribution, dense_first=case.dense_first,
-                     dense_last=case.dense_last, seed=case.seed + 1)
+                     dense_last=case.dense_last, seed=_seeds(case, 1))
     if optimizer is None:
         optimizer = _build_optimizer(case.optimizer, model.parameters())
-    strategy = dst.strategies.build(case.strategy, model, optimizer, seed=case.seed + 2, **case.settings)
+    configs = [dst.strategies.config(case.strategy, **settings) for settings in case.settings]
+    strategy = dst.strategies.build(case.strategy, model, optimizer, config=configs, seed=_seeds(case, 2))
     strategy.set_horizon(case.steps, case.steps_per_task)
     return model, optimizer, strategy, input_shape
 
@@ -354,6 +393,8 @@ def run_case(case: Case) -> Outcome:
     ``case.resume_at`` the run is checkpointed after that many steps and continued in fresh objects."""
     torch.manual_seed(case.seed)
     model, optimizer, strategy, input_shape = _build(case)
+    population = is_population(model)
+    assert population_size(model) == strategy.members == case.members
     counts = {name: (_active(layer), getattr(layer, "mask", None) is not None)
               for name, layer in _weight_layers(model).items()}
     note(f"active connections per layer: {counts}")
@@ -373,9 +414,9 @@ def run_case(case: Case) -> Outcome:
             _check_state(model, optimizer, counts, f"resumed after step {step}")
         if step % case.steps_per_task == 0:
             strategy.on_task_start(step // case.steps_per_task)
-        x = torch.randn(case.batch, *input_shape, generator=data)
-        y = torch.randn(case.batch, out_features, generator=data)
-        loss = nn.functional.mse_loss(model(x), y)
+        x = torch.randn(case.members, case.batch, *input_shape, generator=data)
+        y = torch.randn(case.members, case.batch, out_features, generator=data)
+        loss = mse_per_member(forward(model, x, population), y).sum()  # each member its own gradient
         optimizer.zero_grad()
         loss.backward()
         dense_grad_at_masked |= any(
@@ -386,7 +427,10 @@ def run_case(case: Case) -> Outcome:
         _check_masked_gradients(model, f"step {step + 1} after before_step")
         optimizer.step()
         stats = strategy.after_step()
-        refreshes += stats.units_replaced + stats.connections_regrown
+        for count in (stats.units_replaced, stats.connections_regrown):
+            assert isinstance(count, int) or np.shape(count) == (case.members,), f"step {step + 1}: {stats}"
+            assert np.all(np.asarray(count) >= 0), f"step {step + 1}: {stats}"
+            refreshes += int(np.sum(count))
         _check_state(model, optimizer, counts, f"step {step + 1} after after_step ({stats})")
     refreshes += getattr(strategy, "resets", 0)  # head-reset counts its resets
     masked_state = any(
@@ -394,9 +438,10 @@ def run_case(case: Case) -> Outcome:
         for layer in _masked(model).values() for value in optimizer.state.get(layer.weight, {}).values()
     )
     stateful = case.optimizer["kind"] != "sgd" or case.optimizer["momentum"] > 0
-    outcome = Outcome(case.strategy, case.density < 1.0, refreshes, dense_grad_at_masked, masked_state, stateful)
+    outcome = Outcome(case.strategy, case.members, case.density < 1.0, refreshes, dense_grad_at_masked,
+                      masked_state, stateful)
     event(f"{case.strategy}: {'refreshed' if refreshes else 'no refresh'}")
-    event(f"network: {case.network['kind']}, {'sparse' if outcome.sparse else 'dense'}")
+    event(f"network: {case.network['kind']}, {'sparse' if outcome.sparse else 'dense'}, {case.members} member(s)")
     event(f"optimizer: {case.optimizer['kind']}")
     return outcome
 
@@ -435,9 +480,11 @@ def assert_not_vacuous(name: str, outcomes: list[Outcome], examples: int, share:
         )
     # every optimizer with per-element state had state shaped like each masked weight to check
     assert all(o.masked_state for o in sparse if o.stateful), "an optimizer kept no state for a masked weight"
-    return (f"{name}: {len(outcomes)} examples ({len(sparse)} sparse), {refreshed} with a refresh "
-            f"({sum(o.refreshes for o in outcomes)} refreshes in all); of the sparse ones {leaked} had a dense "
-            f"gradient at masked positions and {stateful} per-element optimizer state there")
+    populations = sum(1 for o in outcomes if o.members > 1)
+    return (f"{name}: {len(outcomes)} examples ({len(sparse)} sparse, {populations} populations), "
+            f"{refreshed} with a refresh ({sum(o.refreshes for o in outcomes)} refreshes in all); of the sparse "
+            f"ones {leaked} had a dense gradient at masked positions and {stateful} per-element optimizer state "
+            "there")
 
 
 # -- tests ------------------------------------------------------------------------------------
@@ -474,5 +521,6 @@ def test_masked_weights_grads_and_optimizer_state_stay_zero_and_densities_exact_
     summary = assert_not_vacuous(name, outcomes, SLOW.max_examples, share=0.4)
     counts = Counter(o.sparse for o in outcomes)
     assert counts[True] > 0, "no sparse example was drawn"
+    assert Counter(o.members for o in outcomes).keys() == {1, 2, 3}, "populations of 1, 2 and 3 were not all drawn"
     with capsys.disabled():
         print(f"\n[hypothesis] {summary}")
