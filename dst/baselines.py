@@ -70,17 +70,23 @@ class ShrinkPerturb(RefreshStrategy):
                 module = owners[id(param)]
                 view = member_view(module, param)
                 self.params.append((param, module, _per_member(1 - lr * decay, view), _per_member(noise, view)))
+        self.numel = sum(member_view(module, param)[0].numel() for param, module, _, _ in self.params)
 
     @torch.no_grad()
     def after_step(self) -> RefreshStats:
         super().after_step()
-        for draw, (param, module, factor, sigma) in enumerate(self.params):
+        # one draw per step for every parameter (per-call cost dominates small nets), split in order
+        noise = self.random.normal((self.numel,), step=self.step) if self.perturb else None
+        offset = 0
+        for param, module, factor, sigma in self.params:
             param = member_view(module, param)
             if self.shrink:
                 param.mul_(factor)
-            if self.perturb:
-                noise = self.random.normal(param.shape[1:], step=self.step, draw=draw, dtype=param.dtype)
-                param.add_(noise.mul_(sigma))
+            if noise is not None:
+                size = param[0].numel()
+                part = noise[:, offset : offset + size].view(param.shape).to(param.dtype)
+                param.add_(part.mul_(sigma))
+                offset += size
         for layer in self.masked:
             layer.apply_mask()
         return NO_REFRESH

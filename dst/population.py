@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from numbers import Integral
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -193,16 +194,27 @@ class MemberRandom:
         With ``rows`` (one per entry of ``members``) entry p gets row ``rows[p]`` of a draw shaped
         (rows, *shape) of member ``members[p]``: the values that draw has there, without making the rest.
         """
-        keys = self._keys if members is None else self._keys[members]
+        keys = self._keys if members is None else self._keys[torch.as_tensor(members, device=self.device)]
         count = 1
         for size in shape:
             count *= int(size)
         base = _mix_int(int(step) * _STEP + int(draw) * _DRAW)
+        # On the CPU the same operators run on numpy views of the same values: numpy's per-call cost is a
+        # fraction of torch's, and int64 arithmetic wraps identically, so the bits are the same.
+        host = self.device.type == "cpu"
+        if host:
+            keys = keys.numpy()
         start = _mix(keys ^ base)  # one start per member
         if rows is not None:
-            start = start + rows.to(torch.int64) * _int64(count * _GOLDEN)
-        offsets = torch.arange(1, count + 1, dtype=torch.int64, device=self.device) * _GOLDEN
-        return _mix(start[:, None] + offsets).view(keys.shape[0], *shape)
+            rows = torch.as_tensor(rows, device=self.device).to(torch.int64)
+            rows = rows.numpy() if host else rows
+            start = start + rows * _int64(count * _GOLDEN)
+        if host:
+            offsets = np.arange(1, count + 1, dtype=np.int64)
+        else:
+            offsets = torch.arange(1, count + 1, dtype=torch.int64, device=self.device)
+        z = _mix(start[:, None] + offsets * _GOLDEN).reshape(keys.shape[0], *shape)
+        return torch.from_numpy(z) if host else z
 
     def uniform(
         self,
