@@ -26,7 +26,8 @@ from dst.config import setting
 from dst.errors import TopologyError
 from dst.init import INIT_SCHEMES, module_gain
 from dst.population import forward
-from dst.refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig, UnitSelection, replace_units
+from dst.refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig
+from dst.surgery import UnitSelection, replace_units
 from dst.topology import Topology
 
 __all__ = ["ReDoConfig", "ReDo"]

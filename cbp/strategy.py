@@ -1,7 +1,7 @@
 """Continual backpropagation (``cbp``) as a dst refresh strategy, on the member layout.
 
 It registers into ``dst.strategies`` through the entry-point group, exactly as a third-party package
-would, and uses dst's shared surgery (``dst.refresh.replace_units``); it copies none of it.
+would, and uses dst's shared surgery (``dst.surgery.replace_units``); it copies none of it.
 
 A population of S members is refreshed in one pass: utilities are (S, units) tensors
 (:mod:`cbp.utility`, :mod:`cbp.weights`), and the replacement counts are host integers per member
@@ -28,7 +28,8 @@ from dst.config import setting
 from dst.errors import ConfigError, TopologyError
 from dst.init import INIT_SCHEMES, module_gain
 from dst.population import MemberRandom
-from dst.refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig, UnitSelection, replace_units
+from dst.refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig
+from dst.surgery import UnitSelection, replace_units
 from dst.topology import HiddenLayer, Topology
 
 from .arrays import Arrays

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dst.population import member_view
-from dst.refresh import UnitSelection
+from dst.surgery import UnitSelection
 from dst.topology import HiddenLayer
 
 from .arrays import Arrays

@@ -14,7 +14,8 @@ from .errors import ConfigError, DataError, DSTError, NonFiniteLossError, Topolo
 from .masked import MaskedConv2d, MaskedLinear, apply_masks, mask_gradients, masked_layers, sparsify
 from .optim import ElementwiseAdam, build_optimizer, reset_optimizer_state
 from .population import MemberRandom, forward
-from .refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig, UnitSelection, replace_units
+from .refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig
+from .surgery import UnitSelection, replace_units
 from .runner import RunSpec
 from .topology import HiddenLayer, Topology
 

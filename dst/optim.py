@@ -77,7 +77,8 @@ def _check_lr(owner: str, lr: LearningRate) -> float | torch.Tensor:
 
 class _PopulationOptimizer(torch.optim.Optimizer):
     """What every optimizer here shares: the learning rate check, the member-dimension check, the cached
-    per-member lr views, and a step that hands each group's parameters with a gradient to ``_update``."""
+    per-member lr views, and a step that hands each group's parameters with a gradient to the subclass's
+    ``_update(group, params, member_lrs)`` (``member_lrs``: the (S, 1, ...) rate views, or None for one rate)."""
 
     def __init__(self, params: Iterable, defaults: dict) -> None:
         self._member_cache: dict[tuple[torch.Tensor, str], tuple] = {}
@@ -163,9 +164,6 @@ class _PopulationOptimizer(torch.optim.Optimizer):
                     param.grad = None
                 else:
                     param.grad.detach_().requires_grad_(False).zero_()
-
-    def _update(self, group: dict, params: list[torch.Tensor], member_lrs: list[torch.Tensor] | None) -> None:
-        raise NotImplementedError
 
 
 def _adam_moments(group: dict, grads: list, exp_avgs: list, exp_avg_sqs: list) -> None:

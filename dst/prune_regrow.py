@@ -12,9 +12,9 @@ A strategy only says what differs (in the spirit of RigL's TF2 mask updaters):
 
 - ``drop_scores``: lower is dropped first (magnitude |w| by default), member-first like the weight
   (members, *weight shape), read at the active positions;
-- ``grow_scores``: higher is grown first (RigL: |dense gradient|), shaped alike, read at the inactive
-  positions; ``grow_indices`` may pick the positions without a score (SET samples uniform random
-  inactive positions);
+- ``grow_indices`` (each strategy's own): which inactive positions grow; RigL takes the highest
+  ``grow_scores`` (|dense gradient|, shaped like the drop scores), SET samples uniform random inactive
+  positions without a score;
 - ``drop_indices``: the count rule (SET's sign split overrides it);
 - ``grown_values``: 0, or small random values (``grow_init``);
 - the optimizer-state fix is shared (``dst.optim.reset_optimizer_state``).
@@ -35,6 +35,7 @@ population does exactly what a population of one with its seed and settings does
 from __future__ import annotations
 
 import math
+from abc import ABCMeta, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -178,7 +179,7 @@ class PruneRegrowConfig(StrategyConfig):
     )
 
 
-class PruneRegrow(RefreshStrategy):
+class PruneRegrow(RefreshStrategy, metaclass=ABCMeta):
     """The shared update; subclasses give the grow score or positions (and may change drop score or count
     rule). ``members`` in the hooks is the host array (M,) of the population indices that update."""
 
@@ -229,10 +230,6 @@ class PruneRegrow(RefreshStrategy):
         active positions are read)."""
         return self.rows(member_view(layer, layer.weight).detach(), members).abs()
 
-    def grow_scores(self, index: int, layer: nn.Module, members: np.ndarray) -> torch.Tensor:
-        """Higher is grown first, shaped like :meth:`drop_scores` (only inactive positions are read)."""
-        raise NotImplementedError(f"{type(self).__name__} gives grow_scores or overrides grow_indices")
-
     def drop_indices(
         self, index: int, layer: nn.Module, members: np.ndarray, fractions: np.ndarray
     ) -> tuple[torch.Tensor, np.ndarray]:
@@ -246,13 +243,12 @@ class PruneRegrow(RefreshStrategy):
         scores = self.drop_scores(index, layer, members).reshape(len(members), -1)
         return ranked(scores.masked_fill_(~active, torch.inf), counts, largest=False), counts
 
+    @abstractmethod
     def grow_indices(
         self, index: int, layer: nn.Module, members: np.ndarray, counts: np.ndarray, mask: torch.Tensor
     ) -> torch.Tensor:
-        """(M, max count) flat positions, member m growing the first counts[m] of its row: its inactive
-        positions (``mask`` (M, positions) is the mask after the drop) with the highest grow scores."""
-        scores = self.grow_scores(index, layer, members).reshape(len(members), -1)
-        return ranked(scores.masked_fill_(mask, -torch.inf), counts, largest=True)
+        """(M, max count) flat positions, member m growing the first counts[m] of its row, all inactive
+        (``mask`` (M, positions) is the mask after the drop)."""
 
     def grown_values(self, index: int, layer: nn.Module, member: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Values of the grown weights (``position[p]`` of member ``member[p]``): 0, or U(-b, b) with
@@ -405,10 +401,18 @@ class RigL(PruneRegrow):
         super().before_step()
 
     def grow_scores(self, index: int, layer: nn.Module, members: np.ndarray) -> torch.Tensor:
+        """|dense gradient|, shaped like the drop scores (a fresh tensor)."""
         grad = self.dense_grads[index]
         if grad is None:
             raise RuntimeError("rigl has no dense gradient for this update: call before_step() after backward")
         return self.rows(grad, members).abs()
+
+    def grow_indices(
+        self, index: int, layer: nn.Module, members: np.ndarray, counts: np.ndarray, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Each member's inactive positions with the highest grow scores."""
+        scores = self.grow_scores(index, layer, members).reshape(len(members), -1)
+        return ranked(scores.masked_fill_(mask, -torch.inf), counts, largest=True)
 
     def after_step(self) -> RefreshStats:
         stats = super().after_step()

@@ -11,7 +11,7 @@ from torch import nn
 import dst
 from dst.errors import TopologyError
 from dst.population import MemberRandom
-from dst.refresh import UnitSelection, replace_units
+from dst.surgery import UnitSelection, replace_units
 from dst.topology import HiddenLayer, Topology
 
 RANDOM = MemberRandom([12345])

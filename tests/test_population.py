@@ -31,7 +31,8 @@ from dst.population import (
     mse_per_member,
 )
 from dst.population import _DRAW, _GOLDEN, _STEP
-from dst.refresh import Backprop, BackpropConfig, RefreshStrategy, StrategyConfig, UnitSelection, replace_units
+from dst.refresh import Backprop, BackpropConfig, RefreshStrategy, StrategyConfig
+from dst.surgery import UnitSelection, replace_units
 from dst.sparsity import layer_densities
 from dst.topology import Topology
 

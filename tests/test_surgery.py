@@ -12,7 +12,7 @@ from dst.errors import ConfigError
 from dst.init import fans, init_bound
 from dst.masked import sparsify
 from dst.population import MemberRandom
-from dst.refresh import (
+from dst.surgery import (
     UnitSelection,
     fold_into_consumer_bias,
     reinit_incoming,
