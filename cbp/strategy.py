@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from dst import strategies
+from dst.arrays import Arrays
 from dst.config import setting
 from dst.errors import ConfigError, TopologyError
 from dst.init import INIT_SCHEMES, module_gain
@@ -32,7 +33,6 @@ from dst.refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfi
 from dst.surgery import UnitSelection, replace_units
 from dst.topology import HiddenLayer, Topology
 
-from .arrays import Arrays
 from .turnover import Turnover
 from .utility import UTILITIES, UnitUtility
 from .weights import WeightFactors
@@ -120,8 +120,9 @@ class ContinualBackprop(RefreshStrategy):
                 f"cbp: members differ in magnitude_every ({sorted(set(self.per_member('magnitude_every').tolist()))}), "
                 "which sets when the weight sums of the whole population are read; give every member one value"
             )
-        # small layers on the CPU: the per-step update in numpy on the tensors' memory (cbp.arrays)
-        self.arrays = Arrays(host=c.magnitude_every == 1 and Arrays.suits(self.layers, self.device))
+        # small layers on the CPU: the per-step update in numpy on the tensors' memory (dst.arrays)
+        sizes = [layer.incoming()[0].numel() + layer.outgoing()[0].numel() for layer in self.layers]
+        self.arrays = Arrays(host=c.magnitude_every == 1 and Arrays.suits(self.device, sizes))
         decay = self.per_member("decay_rate")
         self.utilities = [
             UnitUtility(layer, c.utility, decay, random=self.random, draw=4 * index + _UTILITY, arrays=self.arrays)

@@ -23,7 +23,7 @@ and incoming weights w_in[i, :], the instantaneous utility y_i is
 
 and units are ranked by the bias-corrected u_hat (ranking by the raw u would re-replace just-matured units).
 The update is written once and runs on torch tensors or, for small CPU layers, on numpy views of the same
-memory (:mod:`cbp.arrays`).
+memory (:mod:`dst.arrays`).
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from dst.arrays import Arrays
 from dst.population import MemberRandom
 from dst.surgery import UnitSelection
 from dst.topology import HiddenLayer
-
-from .arrays import Arrays
 
 __all__ = ["UTILITIES", "UnitUtility"]
 
@@ -121,7 +120,7 @@ class UnitUtility:
     def update(self, h: Array, weight_factor: Array | None) -> None:
         """One step from this step's activation ``h`` (S, batch, units[, H, W], detached) and the layer's
         weight factor (S, units) from :class:`cbp.weights.WeightFactors` (None for ``random``): torch
-        tensors, or numpy arrays on the host (see :class:`cbp.arrays.Arrays`)."""
+        tensors, or numpy arrays on the host (see :class:`dst.arrays.Arrays`)."""
         block, mean, utility, decay_power, eta, rate = self._arrays
         single = h.ndim == 3 and h.shape[1] == 1  # batch 1, MLP: nothing to average
         if single:

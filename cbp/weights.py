@@ -11,7 +11,7 @@ once a step, and both sums a matrix serves (its rows are the units it produces, 
 consumes) from that; a matrix of 65,536+ entries per member that serves both is read a cache-sized block
 of rows at a time on the CPU. With ``every=N`` the sums of matrices that large are refreshed every N steps
 and patched exactly around each replacement. The per-step sums and factors are written once and run on
-torch tensors or, for small CPU layers, on numpy views of the same weights (:mod:`cbp.arrays`).
+torch tensors or, for small CPU layers, on numpy views of the same weights (:mod:`dst.arrays`).
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dst.arrays import Arrays
 from dst.population import member_view
 from dst.surgery import UnitSelection
 from dst.topology import HiddenLayer
-
-from .arrays import Arrays
 
 __all__ = ["WeightFactors", "weight_factors", "MIN_INCOMING"]
 
@@ -82,7 +81,7 @@ class WeightFactors:
     call, and those of larger matrices only when ``refresh`` is true (the caller's every-N-steps
     schedule) or ``every`` is 1. Around a replacement, :meth:`neighbour_shares` (before) and :meth:`patch`
     (after) update the cached sums by exactly what the replacement changed, so a fresh unit never
-    inherits the old unit's factor. ``arrays`` (:class:`cbp.arrays.Arrays`) says whether the per-step
+    inherits the old unit's factor. ``arrays`` (:class:`dst.arrays.Arrays`) says whether the per-step
     sums run in torch or numpy.
     """
 

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -131,11 +131,10 @@ class Benchmark(ABC):
     def make_model(self, generators: list[torch.Generator]) -> nn.Module:
         """The dense learner, one member per generator (member s initialised from ``generators[s]``)."""
 
-    def loss_fn(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """One loss per member, shape (S,)."""
-        if self.task_type == "classification":
-            return cross_entropy_per_member(output, target)
-        return mse_per_member(output, target)
+    @property
+    def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``loss_fn(output, target)`` -> one loss per member, shape (S,)."""
+        return cross_entropy_per_member if self.task_type == "classification" else mse_per_member
 
     def make_probe(self) -> "Probe | None":
         from .probe import Probe

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from .errors import ConfigError, NonFiniteLossError
 from .population import forward, is_population, member_view
 from .refresh import NO_REFRESH, RefreshStrategy
+from .step import TrainingStep
 from .rundir import CHECKPOINT, FAILURE, METRICS, check_config, check_output_dir, write_failure
 from .streams import Stream
 
@@ -71,6 +72,9 @@ class Experiment:
     loss_fn:
         ``loss_fn(output, target)`` -> one loss per member, shape (S,) (``dst.population.mse_per_member``,
         ``cross_entropy_per_member``).
+    fused:
+        ``None`` lets :class:`dst.step.TrainingStep` write the gradients out (no autograd) whenever the model
+        and loss allow it; ``False`` always runs autograd.
     task_type:
         ``"classification"`` adds an online ``accuracy`` column.
     bin_size:
@@ -111,6 +115,7 @@ class Experiment:
         progress: bool = True,
         probe: "Probe | None" = None,
         on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+        fused: bool | None = None,
     ) -> None:
         if not isinstance(steps, int) or steps <= 0:
             raise ConfigError(f"steps must be a positive integer, got {steps!r}")
@@ -128,6 +133,7 @@ class Experiment:
             )
         self.population = is_population(model)
         self.steps, self.loss_fn, self.task_type = steps, loss_fn, task_type
+        self.train_step = TrainingStep(model, optimizer, loss_fn, self.members, stream.device, fused)
         self.bin_size = bin_size
         self.check_every = max(1, min(check_every, bin_size))
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -249,14 +255,21 @@ class Experiment:
             if not self.rows[member] and not (directory / METRICS).stat().st_size:
                 (directory / METRICS).write_text(",".join(self._columns()) + "\n")
             write_failure(directory, "non-finite-loss", str(error), step)
-        with torch.no_grad():
-            for module in self.model.modules():
-                for param in module.parameters(recurse=False):
-                    member_view(module, param)[member] = 0
-                    for value in self.optimizer.state.get(param, {}).values():
-                        if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                            member_view(module, value)[member] = 0
+        self._zero_failed()
         return error
+
+    @torch.no_grad()
+    def _zero_failed(self) -> None:
+        """Zero the parameters and optimizer state of the stopped members, whose non-finite values would
+        otherwise reach batched operations (the probe's SVDs); they go on training unseen, and may diverge
+        again, so this runs again before every probe and test."""
+        members = list(self.failed)
+        for module in self.model.modules():
+            for param in module.parameters(recurse=False):
+                member_view(module, param)[members] = 0
+                for value in self.optimizer.state.get(param, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                        member_view(module, value)[members] = 0
 
     def run(self, resume: bool = False) -> list[pd.DataFrame]:
         """Train for ``steps`` steps (continuing from the checkpoint with ``resume``); return each member's rows."""
@@ -290,6 +303,8 @@ class Experiment:
         return min(events)
 
     def _run_probe(self, task: int) -> None:
+        if self.failed:
+            self._zero_failed()
         inputs, targets = self.stream.probe_batch(task)  # type: ignore[attr-defined]
         self._probed = self.probe(  # type: ignore[misc]
             self.model, self.strategy.topology, inputs, targets, self.loss_fn
@@ -298,6 +313,8 @@ class Experiment:
     @torch.no_grad()
     def _run_test(self, task: int) -> None:
         """Test the model (eval mode, no gradient, no RNG) on the held-out data of a finished task."""
+        if self.failed:
+            self._zero_failed()
         inputs, targets = self.stream.test_batch(task)  # type: ignore[attr-defined]
         was_training = self.model.training
         self.model.eval()
@@ -360,12 +377,11 @@ class Experiment:
         return rows
 
     def _loop(self, step: int, task: int) -> None:
-        model, optimizer, strategy, loss_fn = self.model, self.optimizer, self.strategy, self.loss_fn
-        population, classify = self.population, self.task_type == "classification"
+        model, optimizer, strategy, train_step = self.model, self.optimizer, self.strategy, self.train_step
+        classify = self.task_type == "classification"
         losses: list[torch.Tensor] = []
         corrects: list[torch.Tensor] = []
         examples = 0
-        ones = torch.ones(self.members, device=self.stream.device)
         units = np.zeros(self.members, dtype=np.int64)
         connections = np.zeros(self.members, dtype=np.int64)
         checked = 0
@@ -384,14 +400,11 @@ class Experiment:
                     strategy.on_task_start(task)
                     if self.probe is not None:
                         self._run_probe(task)
-                output = forward(model, x, population)
-                loss = loss_fn(output, y)
-                losses.append(loss.detach())
+                output, loss = train_step(x, y)  # the output, (S,) losses, and gradients in .grad
+                losses.append(loss)
                 if classify:
-                    corrects.append((output.detach().argmax(-1) == y).sum(1))
+                    corrects.append((output.argmax(-1) == y).sum(1))
                 examples += y.shape[1]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward(ones)  # the sum of the members' losses: each member gets its own gradient
                 strategy.before_step()
                 optimizer.step()
                 stats = strategy.after_step()

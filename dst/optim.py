@@ -31,6 +31,7 @@ import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from .errors import ConfigError
 from .masked import mask_of
@@ -142,6 +143,16 @@ class _PopulationOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
+        """One update of every parameter with a gradient. The step hooks of ``torch.optim`` (registered on
+        this optimizer, or globally) run as torch runs them, but without the profiler scope torch wraps
+        around every ``step``, which costs as much as a small population's whole update (so the class's
+        ``step`` is marked ``hooked``: torch's ``Optimizer`` then leaves it unwrapped)."""
+        args, kwargs = ((closure,) if closure is not None else ()), {}
+        for hook in (*_global_optimizer_pre_hooks.values(), *self._optimizer_step_pre_hooks.values()):
+            result = hook(self, args, kwargs)
+            if result is not None:  # a hook may replace the arguments, as torch allows
+                args, kwargs = result
+        closure = args[0] if args else kwargs.get("closure")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -151,7 +162,12 @@ class _PopulationOptimizer(torch.optim.Optimizer):
             if params:
                 per_member = isinstance(group["lr"], torch.Tensor)
                 self._update(group, params, self._member_views(group, params, "lr") if per_member else None)
+        self._optimizer_step_code()
+        for hook in (*self._optimizer_step_post_hooks.values(), *_global_optimizer_post_hooks.values()):
+            hook(self, args, kwargs)
         return loss
+
+    step.hooked = True  # type: ignore[attr-defined]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop (or zero) every gradient: torch's ``zero_grad`` without its profiler scope, which costs

@@ -176,10 +176,10 @@ def test_stats_count_units_per_member():
 
 @pytest.mark.parametrize("path", ["numpy", "torch"])
 def test_population_steps_that_replace_nothing_never_synchronise_with_the_device(monkeypatch, path):
-    import cbp.arrays
+    import dst.arrays
 
     if path == "torch":  # the path a GPU takes: nothing may leave the device either
-        monkeypatch.setattr(cbp.arrays, "HOST_MAX_WEIGHTS", 0)
+        monkeypatch.setattr(dst.arrays, "HOST_MAX_WEIGHTS", 0)
     model = _model(SEEDS)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     strategy = dst.strategies.build("cbp", model, optimizer, config=CBP_MEMBERS, seed=list(SEEDS))
@@ -231,7 +231,7 @@ def _step(model, optimizer, strategy, x, y):
 @pytest.mark.parametrize("host", [True, False], ids=["numpy", "torch"])
 @pytest.mark.parametrize("kind", ["zero_contribution", "contribution", "adaptable_contribution"])
 def test_running_statistics_are_the_papers_bias_corrected_averages_for_each_members_eta(host, kind):
-    from cbp.arrays import Arrays
+    from dst.arrays import Arrays
     from cbp.utility import UnitUtility
 
     layer = dst.Topology.from_model(dst.nets.mlp(4, [6], 2, generators=_generators(2))).hidden_layers[0]

@@ -272,3 +272,22 @@ def test_reset_zeroes_every_state_tensor_of_a_population_parameter_at_the_index_
         assert torch.all(value[where] == 0) and torch.all(value[~where] != 0), key
     bias_state = [v for v in optimizer.state[bias].values() if isinstance(v, torch.Tensor) and v.dim()]
     assert all(torch.all(v != 0) for v in bias_state)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "elementwise-adam"])
+def test_step_runs_torch_step_hooks_and_a_closure_without_torch_profiler_wrapper(name):
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = build_optimizer(name, [param], lr=0.1)
+    calls = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append(("pre", args)))
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append(("post", args)))
+
+    def closure():
+        calls.append(("closure", ()))
+        param.grad = torch.ones(2)
+        return torch.tensor(3.0)
+
+    assert optimizer.step(closure).item() == 3.0
+    assert [call[0] for call in calls] == ["pre", "closure", "post"]
+    assert calls[0][1] == (closure,)
+    assert bool((param < 1).all())  # the update ran

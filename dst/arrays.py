@@ -1,26 +1,30 @@
-"""Where CBP's per-step update reads and writes its arrays: torch tensors, or numpy views of the same memory.
+"""Where per-step formulas read and write their arrays: torch tensors, or numpy views of the same memory.
 
 On the CPU, torch spends a few microseconds on every call, which for a layer of a few units costs more
-than the arithmetic; numpy's per-call cost is several times lower. So the per-step formulas
-(:class:`cbp.utility.UnitUtility`, :class:`cbp.weights.WeightFactors`) are written once, with the
-operators and methods numpy arrays and torch tensors share (``*=``, ``+``, ``abs()``, ``.sum(axes)``,
-``.reshape``, ``.clip``), and run on what an :class:`Arrays` hands them: member-first torch views, or on the
-host numpy views of the very same memory, so both paths read and write one state. Everything else
-(ranking, surgery, checkpoints) uses the torch tensors.
+than the arithmetic; numpy's per-call cost is several times lower. So the per-step formulas (the fused
+training step :mod:`dst.fused`, CBP's :class:`cbp.utility.UnitUtility` and :class:`cbp.weights.WeightFactors`)
+are written once, with the operators, methods and module functions numpy and torch share (``*=``, ``+``,
+``@``, ``abs()``, ``.sum(axes)``, ``.reshape``, ``.clip``; ``xp.tanh``, ``xp.exp``, ``xp.swapaxes`` with
+``xp`` the module :attr:`Arrays.xp`), and run on what an :class:`Arrays` hands them: member-first torch
+views, or on the host numpy views of the very same memory, so both paths read and write one state.
+Everything else (ranking, surgery, checkpoints) uses the torch tensors.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from dst.population import is_population_module, member_view
-from dst.topology import HiddenLayer
+from .population import is_population_module, member_view
+from .topology import HiddenLayer
 
 __all__ = ["Arrays", "HOST_MAX_WEIGHTS"]
 
-#: Per member, producer + consumer weights of a layer up to which the per-step update on the CPU uses numpy.
+#: Weights per member (of a layer, or of a layer and its consumer) up to which a per-step update on the CPU
+#: uses numpy.
 HOST_MAX_WEIGHTS = 1 << 15
 
 
@@ -31,15 +35,19 @@ class Arrays:
 
     def __init__(self, host: bool) -> None:
         self.host = host
+        #: the array module of the formulas: numpy on the host, torch otherwise
+        self.xp = np if host else torch
         self._views: dict[tuple[int, str], tuple[int, torch.Tensor | np.ndarray]] = {}
         self._population: dict[int, bool] = {}
 
     @staticmethod
-    def suits(layers: list[HiddenLayer], device: torch.device) -> bool:
-        """Whether numpy pays off: CPU tensors, every layer at most :data:`HOST_MAX_WEIGHTS` weights per member."""
-        return device.type == "cpu" and all(
-            layer.incoming()[0].numel() + layer.outgoing()[0].numel() <= HOST_MAX_WEIGHTS for layer in layers
-        )
+    def suits(device: torch.device, weights: Iterable[int]) -> bool:
+        """Whether numpy pays off: CPU tensors, each of ``weights`` (per member) at most :data:`HOST_MAX_WEIGHTS`."""
+        return device.type == "cpu" and all(count <= HOST_MAX_WEIGHTS for count in weights)
+
+    def tensor(self, array: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """A result of the formulas as a torch tensor (sharing a host array's memory)."""
+        return torch.from_numpy(array) if self.host else array
 
     def state(self, tensor: torch.Tensor) -> torch.Tensor | np.ndarray:
         """A state tensor as the update writes it: itself, or a numpy view of its memory."""
