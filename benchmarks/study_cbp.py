@@ -2,6 +2,7 @@
 
     python benchmarks/study_cbp.py --trials 30 --steps 200000 --workers 2 --out benchmarks/results/study-cbp
     python benchmarks/study_cbp.py --storage postgresql://USER@HOST:PORT/DB --workers 4
+    python benchmarks/study_cbp.py --trials 60 --seeds 3 --batch 10 --workers 2   # populations of 30 members
 
 Runs ``studies tune`` (which continues the study if it exists, up to --trials finished trials), then
 ``studies report``, and prints the wall time of each, the best trial and the parameter importances.
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=30, help="finished trials the study should reach")
     parser.add_argument("--steps", type=int, default=200_000, help="training steps per trial")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per trial (values averaged)")
+    parser.add_argument("--batch", type=int, default=1, help="trials per population (studies tune --batch)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
     parser.add_argument("--storage", default=None, help="default: OUT/STUDY.journal")
     parser.add_argument("--study", default="cbp-bit-flipping")
@@ -41,7 +43,7 @@ def main() -> None:
     storage = ["--storage", args.storage] if args.storage else []
     tune = [sys.executable, "-m", "studies", "tune", "--strategy", "cbp", "--benchmark", "bit-flipping",
             "--study", args.study, "--trials", str(args.trials), "--steps", str(args.steps),
-            "--seeds", str(args.seeds), "--workers", str(args.workers), "--objective", args.objective,
+            "--seeds", str(args.seeds), "--batch", str(args.batch), "--workers", str(args.workers), "--objective", args.objective,
             "--pruner", args.pruner, "--out", args.out, "--device", "cpu", *storage]
     tune += [f"--bench={b}" for b in args.bench] + [f"--param={p}" for p in args.param]
     start = time.perf_counter()

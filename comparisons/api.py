@@ -53,19 +53,22 @@ def prepare_comparison(comparison: Comparison, out: str | os.PathLike, *, fmt: s
 
 
 def run_prepared(prepared: Prepared, *, workers: int | None = None, progress: bool = True,
-                 retry_failed: bool = False) -> dict[str, Any]:
+                 retry_failed: bool = False, population: bool = True) -> dict[str, Any]:
     """Record the comparison, run every job of ``prepared`` not yet finished, then write the report.
 
     Returns ``{"outcomes": [RunOutcome, ...], "summary": DataFrame, "states": DataFrame, "paths": [Path, ...]}``.
     Runs that fail (a NaN loss, a dead worker) are reported in ``outcomes``; the others still finish. A run
     that diverged before (its ``failure.json``) is reported failed again, not redone, unless ``retry_failed``.
+    With ``population`` (the default) each arm's seeds train as populations where the benchmark can batch
+    them (:func:`comparisons.execute.populations`); the run directories are the same either way.
     """
     try:
         prepared.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"cannot create output directory {str(prepared.out)!r}: {err.strerror or err}") from None
     write_record(prepared.out, prepared.record)
-    outcomes = run_jobs(prepared.jobs, workers=workers, progress=progress, retry_failed=retry_failed)
+    outcomes = run_jobs(prepared.jobs, workers=workers, progress=progress, retry_failed=retry_failed,
+                        population=population)
     failed = sum(outcome.status == "failed" for outcome in outcomes)
     if failed:
         log.warning("%d of %d runs failed (see the outcomes)", failed, len(outcomes))
@@ -74,8 +77,8 @@ def run_prepared(prepared: Prepared, *, workers: int | None = None, progress: bo
 
 def run_comparison(comparison: Comparison, out: str | os.PathLike, *, workers: int | None = None,
                    progress: bool = True, fmt: str = "csv", command: str = "",
-                   retry_failed: bool = False) -> dict[str, Any]:
+                   retry_failed: bool = False, population: bool = True) -> dict[str, Any]:
     """:func:`prepare_comparison` then :func:`run_prepared`: run every (arm, seed) of ``comparison`` not yet
     finished under ``out`` and write the report (the returned dict is :func:`run_prepared`'s)."""
     return run_prepared(prepare_comparison(comparison, out, fmt=fmt, command=command), workers=workers,
-                        progress=progress, retry_failed=retry_failed)
+                        progress=progress, retry_failed=retry_failed, population=population)

@@ -31,7 +31,7 @@ from pathlib import Path
 from dst.errors import ConfigError, DSTError
 
 from .api import Prepared, prepare_comparison, run_prepared
-from .execute import CHECKPOINT, earlier_failure, is_finished
+from .execute import CHECKPOINT, earlier_failure, is_finished, populations
 from .presets import PRESETS, describe_presets, free_form, preset
 from .report import format_summary, write_report
 from .spec import Comparison, UnexpectedError
@@ -67,6 +67,9 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="output folder (default: results/<preset or benchmark>)")
     parser.add_argument("--workers", type=int, default=None,
                         help=f"parallel runs (default: one per core, here {os.cpu_count()})")
+    parser.add_argument("--population", choices=("on", "off"), default="on",
+                        help="on: each arm's seeds train as populations, one batched pass each, where the benchmark "
+                             "can batch them (default); off: one process per run. The run folders are the same")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA if present)")
     parser.add_argument("--format", dest="fmt", choices=("csv", "parquet"), default="csv",
                         help="format of the combined table runs.<format> (parquet needs pyarrow)")
@@ -125,22 +128,24 @@ def _comparisons(args: argparse.Namespace) -> list[Comparison]:
     return result
 
 
-def _start_line(prepared: Prepared, workers: int | None, retry_failed: bool) -> str:
-    """What is about to happen: runs already finished, to resume, failed before, and the worker count."""
+def _start_line(prepared: Prepared, workers: int | None, retry_failed: bool, population: bool) -> str:
+    """What is about to happen: runs already finished, to resume, failed before, and how they run."""
     comparison, jobs = prepared.comparison, prepared.jobs
     done = [is_finished(job) for job in jobs]
     failed_before = [not d and earlier_failure(job) is not None for job, d in zip(jobs, done)]
     resumable = sum(not d and not f and (job.out_dir / CHECKPOINT).exists()
                     for job, d, f in zip(jobs, done, failed_before))
-    kept = 0 if retry_failed else sum(failed_before)
     note = ""
     if any(failed_before):
         note = f", {sum(failed_before)} failed before: " + (
             "to redo" if retry_failed else "kept as failed, --retry-failed redoes them")
-    workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) - sum(done) - kept))
+    todo = [job for job, d, f in zip(jobs, done, failed_before) if not d and (retry_failed or not f)]
+    workers = workers or os.cpu_count() or 1
+    units = populations(todo, workers) if population else todo
+    how = f"{len(units)} population(s) and single runs" if population and len(units) < len(todo) else f"{len(units)} run(s)"
     return (f"comparison {comparison.name} on {comparison.benchmark}: {len(prepared.arms)} arms x "
             f"{len(comparison.seeds)} seeds = {len(jobs)} runs ({sum(done)} already finished, {resumable} "
-            f"to resume{note}), {workers} worker process(es) -> {prepared.out}")
+            f"to resume{note}): {how} on {max(1, min(workers, len(units)))} worker process(es) -> {prepared.out}")
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -152,9 +157,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 for c, out in zip(comparisons, outs)]
     failed = 0
     for item in prepared:
-        print(_start_line(item, args.workers, args.retry_failed), flush=True)
+        print(_start_line(item, args.workers, args.retry_failed, args.population == "on"), flush=True)
         result = run_prepared(item, workers=args.workers, progress=not args.no_progress,
-                              retry_failed=args.retry_failed)
+                              retry_failed=args.retry_failed, population=args.population == "on")
         bad = [o for o in result["outcomes"] if o.status == "failed"]
         failed += len(bad)
         for error in dict.fromkeys(o.error for o in bad):  # one line per distinct error

@@ -13,8 +13,10 @@ arms, but an arm whose label is already recorded with other settings is an error
 from __future__ import annotations
 
 import concurrent.futures as futures
+import hashlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -24,13 +26,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dst.errors import ConfigError
-from dst.rundir import CHECKPOINT, CONFIG, FAILURE, METRICS, SUMMARY
+from dst import benchmarks
+from dst.errors import ConfigError, NonFiniteLossError
+from dst.rundir import CHECKPOINT, CONFIG, FAILURE, METRICS, SUMMARY, read_population
 from dst.runner import RunSpec
 
 from .spec import Comparison, ResolvedArm, dir_name, jsonable
 
-__all__ = ["Job", "RunOutcome", "plan", "record_comparison", "write_record", "run_jobs", "run_dir", "read_failure",
+__all__ = ["Job", "Population", "populations", "RunOutcome", "plan", "record_comparison", "write_record", "run_jobs", "run_dir", "read_failure",
            "earlier_failure", "COMPARISON_FILE"]
 
 log = logging.getLogger(__name__)
@@ -184,6 +187,83 @@ def write_record(out: str | os.PathLike, record: dict[str, Any]) -> None:
     (Path(out) / COMPARISON_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
+@dataclass(frozen=True)
+class Population:
+    """Unfinished jobs of one arm trained as one population (:mod:`dst.population`): one batched pass for
+    their seeds, each member writing its job's run directory, exactly the run the job alone would be.
+    Its checkpoint and ``population.json`` go to ``out_dir`` (``runs/<arm>/.population-<seeds>/``),
+    removed once the population has finished."""
+
+    label: str
+    jobs: tuple[Job, ...]
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return tuple(job.seed for job in self.jobs)
+
+    @property
+    def out_dir(self) -> Path:
+        seeds = self.seeds
+        contiguous = seeds == tuple(range(seeds[0], seeds[0] + len(seeds)))
+        name = f"{seeds[0]}-{seeds[-1]}" if contiguous else hashlib.sha1(repr(seeds).encode()).hexdigest()[:12]
+        return self.jobs[0].out_dir.parent / f".population-{name}"
+
+
+def populations(jobs: Sequence[Job], workers: int) -> list[Job | Population]:
+    """The jobs as populations: each arm's jobs in ``ceil(workers / arms)`` populations (so that every worker
+    has one) when its benchmark can batch members, else (and for an arm with one job left) one by one."""
+    by_arm: dict[str, list[Job]] = {}
+    units: list[Job | Population] = []
+    for job in jobs:
+        if benchmarks.get(job.spec.benchmark).cls.batchable:
+            by_arm.setdefault(job.label, []).append(job)
+        else:
+            units.append(job)
+    parts = max(1, math.ceil(workers / max(1, len(by_arm))))
+    for label, arm_jobs in by_arm.items():
+        count = min(parts, len(arm_jobs))
+        size, extra = divmod(len(arm_jobs), count)
+        start = 0
+        for part in range(count):
+            chunk = tuple(arm_jobs[start : start + size + (part < extra)])
+            start += len(chunk)
+            units.append(chunk[0] if len(chunk) == 1 else Population(label, chunk))
+    return units
+
+
+def execute_population(population: Population) -> list[RunOutcome]:
+    """Run ``population``, resuming it from its checkpoint when an earlier attempt at the same seeds left one
+    (else its member folders are cleared and it starts afresh); one outcome per member."""
+    from dst import runner
+
+    start = time.perf_counter()
+    directory, jobs = population.out_dir, population.jobs
+    try:
+        saved = read_population(directory)
+    except ConfigError:
+        saved = {}
+    resume = saved.get("seeds") == list(population.seeds) and (directory / CHECKPOINT).exists()
+    if not resume:
+        for folder in (directory, *(job.out_dir for job in jobs)):
+            if folder.exists():
+                log.info("clearing %s: unfinished and without a population checkpoint", folder)
+                shutil.rmtree(folder)
+    spec = replace(jobs[0].spec, seeds=population.seeds)
+    try:
+        runner.run(spec, directory, member_dirs=[job.out_dir for job in jobs], resume=resume, progress=False)
+    except NonFiniteLossError:
+        pass  # every member diverged: each has its failure.json, reported below
+    seconds = time.perf_counter() - start
+    outcomes = []
+    for job in jobs:
+        reason = read_failure(job.out_dir)
+        outcomes.append(RunOutcome(job.label, job.seed, "failed", seconds, reason) if reason is not None
+                        else RunOutcome(job.label, job.seed, "finished", seconds))
+    if directory.exists():  # finished: the members' run directories hold everything
+        shutil.rmtree(directory)
+    return outcomes
+
+
 def execute_job(job: Job) -> RunOutcome:
     """Do one job in this process: skip it if finished, resume it from its checkpoint, or start it afresh."""
     from dst import runner
@@ -206,20 +286,25 @@ def _worker_init(level: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _worker(job: Job) -> RunOutcome:
+def _jobs(unit: Job | Population) -> tuple[Job, ...]:
+    return unit.jobs if isinstance(unit, Population) else (unit,)
+
+
+def _worker(unit: Job | Population) -> list[RunOutcome]:
     try:
-        return execute_job(job)
+        return execute_population(unit) if isinstance(unit, Population) else [execute_job(unit)]
     except Exception as err:  # report and go on: one diverging run must not stop the others
-        return RunOutcome(job.label, job.seed, "failed", error=f"{type(err).__name__}: {err}")
+        return [RunOutcome(job.label, job.seed, "failed", error=f"{type(err).__name__}: {err}") for job in _jobs(unit)]
 
 
 def run_jobs(jobs: Sequence[Job], workers: int | None = None, progress: bool = True,
-             retry_failed: bool = False) -> list[RunOutcome]:
+             retry_failed: bool = False, population: bool = True) -> list[RunOutcome]:
     """Run the jobs, ``workers`` at a time (default: one per core); finished ones are skipped.
 
-    A job that failed before (:func:`earlier_failure`) is reported failed again without running, unless
-    ``retry_failed``: then its folder is cleared and it starts afresh. ``workers=1`` runs in this process
-    (no pool), which keeps tests and debugging simple.
+    With ``population`` each arm's unfinished seeds train as populations (:func:`populations`), else
+    one process per run. A job that failed before (:func:`earlier_failure`) is reported failed again
+    without running, unless ``retry_failed``: then its folder is cleared and it starts afresh.
+    ``workers=1`` runs in this process (no pool), which keeps tests and debugging simple.
     """
     from tqdm.auto import tqdm
 
@@ -235,7 +320,9 @@ def run_jobs(jobs: Sequence[Job], workers: int | None = None, progress: bool = T
                 log.info("clearing %s to retry it: it failed before (%s)", job.out_dir, reason)
                 shutil.rmtree(job.out_dir)
             todo.append(job)
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    workers = workers or os.cpu_count() or 1
+    units: list[Job | Population] = populations(todo, workers) if population else list(todo)
+    workers = max(1, min(workers, len(units) or 1))
     bar = tqdm(total=len(jobs), initial=len(done), unit="run", desc="runs", disable=not progress,
                dynamic_ncols=True)
     outcomes = list(done)
@@ -246,13 +333,13 @@ def run_jobs(jobs: Sequence[Job], workers: int | None = None, progress: bool = T
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                for job in todo:
-                    outcomes.append(_worker(job))
-                    bar.update(1)
+                for unit in units:
+                    outcomes += _worker(unit)
+                    bar.update(len(_jobs(unit)))
             finally:
                 torch.set_num_threads(threads)
         else:
-            outcomes += _run_pool(todo, workers, bar)
+            outcomes += _run_pool(units, workers, bar)
     finally:
         bar.close()
     return outcomes
@@ -269,21 +356,21 @@ def _context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def _run_pool(todo: Sequence[Job], workers: int, bar: Any) -> list[RunOutcome]:
+def _run_pool(todo: Sequence[Job | Population], workers: int, bar: Any) -> list[RunOutcome]:
     context = _context()
     level = logging.getLogger().getEffectiveLevel()
     outcomes: list[RunOutcome] = []
     pool = futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(level,))
     try:
-        pending = {pool.submit(_worker, job): job for job in todo}
+        pending = {pool.submit(_worker, unit): unit for unit in todo}
         for future in futures.as_completed(pending):
-            job = pending[future]
+            jobs = _jobs(pending[future])
             try:
-                outcomes.append(future.result())
+                outcomes += future.result()
             except futures.process.BrokenProcessPool:
-                outcomes.append(RunOutcome(job.label, job.seed, "failed",
-                                           error="its worker process died (killed, or out of memory)"))
-            bar.update(1)
+                outcomes += [RunOutcome(job.label, job.seed, "failed",
+                                        error="its worker process died (killed, or out of memory)") for job in jobs]
+            bar.update(len(jobs))
     except BaseException:  # Ctrl-C or an error here: stop the runs in flight now, keep what is finished
         for process in list((getattr(pool, "_processes", None) or {}).values()):
             process.terminate()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from .tables import (
     write_table,
 )
 
-__all__ = ["write_report", "format_summary", "markdown_table"]
+__all__ = ["write_report", "format_summary", "markdown_table", "verdict"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ def format_summary(summary: pd.DataFrame, states: pd.DataFrame | None = None) ->
     per run of ``states`` (:func:`run_states`) that did not finish, with its reason."""
     text = (display_frame(summary).to_string(index=False) + f"\n(mean [low, high]: {INTERVAL})"
             if len(summary) else "(no finished runs yet)")
+    found = verdict(summary) if len(summary) else ""
+    if found:
+        text += "\n\n" + textwrap.fill("Verdict: " + found, width=110)
     lines = [f"  {row.arm} seed {row.seed}: {row.reason}" for row in _not_finished(states).itertuples()]
     return "\n".join([text, "runs that did not finish:", *lines]) if lines else text
 
@@ -177,6 +181,57 @@ def write_report(out: str | os.PathLike, fmt: str = "csv") -> dict[str, Any]:
     return {"summary": summary, "states": states, "paths": paths}
 
 
+def _interval(row: pd.Series, key: str) -> tuple[float, float, float]:
+    return float(row[f"{key}_mean"]), float(row[f"{key}_low"]), float(row[f"{key}_high"])
+
+
+def _change(row: pd.Series) -> str:
+    """Whether the arm lost plasticity, by the 95% interval of its plasticity loss."""
+    mean, low, high = _interval(row, "plasticity_loss")
+    cell = _cell(mean, low, high)
+    if math.isnan(low) or math.isnan(high):
+        return "has no interval for its change from early to late (one run, or windows that coincide)"
+    if low > 0:
+        return f"lost plasticity (plasticity loss {cell}: the 95% CI is above 0)"
+    if high < 0:
+        return f"got better from the early to the late window (plasticity loss {cell}: the 95% CI is below 0)"
+    return f"did not measurably lose plasticity (plasticity loss {cell}: the 95% CI includes 0)"
+
+
+def _against(row: pd.Series, base: pd.Series, key: str, name: str) -> str:
+    """``row``'s ``key`` beside the baseline's: above / below with disjoint 95% CIs, or not told apart."""
+    mean, low, high = _interval(row, key)
+    base_mean, base_low, base_high = _interval(base, key)
+    if any(math.isnan(v) for v in (low, high, base_low, base_high)):
+        return f"{name} {_number(mean)} against {_number(base_mean)}"
+    relation = "above" if low > base_high else "below" if high < base_low else None
+    pair = f"{_cell(mean, low, high)} against {_cell(base_mean, base_low, base_high)}"
+    if relation is None:
+        return f"{name} not told apart from {base['arm']}'s ({pair}: the 95% CIs overlap)"
+    return f"{name} {relation} {base['arm']}'s ({pair}, disjoint 95% CIs)"
+
+
+def verdict(summary: pd.DataFrame) -> str:
+    """The comparison's finding in words, against the first dense ``bp`` arm with 2+ finished runs: whether
+    each arm lost plasticity, and its late-window performance, dead fraction and effective rank beside
+    backprop's, each by its 95% CI. Empty without such a baseline."""
+    ready = summary[summary["n"] >= 2] if len(summary) else summary
+    bases = ready[(ready["strategy"] == "bp") & (ready["density"] == 1.0)] if len(ready) else ready
+    if not len(bases):
+        return ""
+    base, metric = bases.iloc[0], _performance_metric(summary)
+    sentences = [f"{base['arm']} {_change(base)}."]
+    for _, row in ready.iterrows():
+        if row["arm"] == base["arm"]:
+            continue
+        parts = [_against(row, base, "late_window", f"its late-window {metric} is")]
+        parts += [_against(row, base, f"final_{key}", f"its final {name} is")
+                  for key, name in (("dead_fraction", "dead fraction"), ("effective_rank", "effective rank"))
+                  if f"final_{key}_mean" in row and not math.isnan(float(row[f"final_{key}_mean"]))]
+        sentences.append(f"{row['arm']} {_change(row)}; " + "; ".join(parts) + ".")
+    return " ".join(sentences)
+
+
 def _not_finished_lines(states: pd.DataFrame) -> list[str]:
     """The report's section on runs that did not finish, with their reasons and how to recover."""
     rest = _not_finished(states)
@@ -233,6 +288,7 @@ def _markdown(record: dict[str, Any], summary: pd.DataFrame, states: pd.DataFram
         markdown_table(display_frame(summary)) if len(summary) else "(no finished runs yet)",
         "",
         *_one_window_lines(summary),
+        *([f"**Verdict.** {verdict(summary)}", ""] if len(summary) and verdict(summary) else []),
         "Which way is better:",
         "",
         *_directions(metric),

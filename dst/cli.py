@@ -126,7 +126,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
                     f"--seeds {text}: the range {low}:{high} is empty (A:B means seeds A..B-1, so B must exceed A)"
                 )
             return tuple(range(low, high))
-        return check_seeds([int(part) for part in text.split(",")])
+        return check_seeds([int(part) for part in text.split(",")], distinct=True)
     except ValueError as err:
         if isinstance(err, ConfigError):
             raise

@@ -95,8 +95,10 @@ def member_view(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     return tensor if is_population_module(module) else tensor.unsqueeze(0)
 
 
-def check_seeds(seeds: int | Sequence[int]) -> tuple[int, ...]:
-    """Normalise an int or a sequence of ints to a non-empty tuple of distinct seeds."""
+def check_seeds(seeds: int | Sequence[int], *, distinct: bool = False) -> tuple[int, ...]:
+    """Normalise an int or a sequence of ints to a non-empty tuple of seeds; with ``distinct``, refuse a seed
+    given twice. (A population may hold one seed twice, e.g. two study trials' members with other settings:
+    each is the run of that seed with its own settings. Where run directories are named by seed, it may not.)"""
     if isinstance(seeds, bool):
         raise ConfigError(f"a seed must be an integer, got {seeds!r}")
     if isinstance(seeds, Integral):
@@ -111,9 +113,10 @@ def check_seeds(seeds: int | Sequence[int]) -> tuple[int, ...]:
         if isinstance(value, bool) or not isinstance(value, Integral):
             raise ConfigError(f"seeds must be integers, got {value!r}")
     values = tuple(int(value) for value in values)
-    if len(set(values)) != len(values):
+    if distinct and len(set(values)) != len(values):
         repeated = sorted({v for v in values if values.count(v) > 1})
-        raise ConfigError(f"seeds {repeated} appear twice: members with one seed would be the same run")
+        raise ConfigError(f"seeds {repeated} appear twice: members with one seed and the same settings would be "
+                          "the same run, and their folders seed-<s> one; give each seed once")
     return values
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,11 +114,12 @@ def prepare(
     *,
     progress: bool = True,
     on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+    member_dirs: Sequence[str | os.PathLike] | None = None,
 ) -> Experiment:
     """Build the benchmark's stream, learner and optimizer, the strategy, and the experiment.
 
-    A population spec (``seeds``) writes member s to ``out_dir/seed-<s>/`` and its checkpoint to
-    ``out_dir``. ``on_row`` is passed to :class:`~dst.experiment.Experiment`."""
+    A population spec (``seeds``) writes its checkpoint to ``out_dir`` and member s to ``member_dirs[s]``,
+    by default ``out_dir/seed-<s>/``. ``on_row`` is passed to :class:`~dst.experiment.Experiment`."""
     if spec.steps is not None and (not isinstance(spec.steps, int) or spec.steps <= 0):
         raise ConfigError(f"steps must be a positive integer, got {spec.steps!r}")
     seeds = spec.member_seeds
@@ -156,8 +157,11 @@ def prepare(
         }
         for member, seed in enumerate(seeds)
     ]
-    member_dirs = None
-    if out_dir is not None:
+    if member_dirs is not None and (out_dir is None or spec.seeds is None):
+        raise ConfigError("member_dirs are for a population spec (seeds) with an out_dir for its checkpoint")
+    if out_dir is not None and member_dirs is None:
+        if spec.seeds is not None:
+            check_seeds(seeds, distinct=True)  # one folder per seed
         member_dirs = [Path(out_dir)] if spec.seeds is None else [member_dir(out_dir, seed) for seed in seeds]
     return Experiment(
         stream,
@@ -196,12 +200,14 @@ def run(
     resume: bool = False,
     progress: bool = True,
     on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+    member_dirs: Sequence[str | os.PathLike] | None = None,
 ) -> pd.DataFrame | list[pd.DataFrame]:
     """Prepare and run ``spec``; returns the metrics rows (also in ``metrics.csv``, with the run's
     :func:`dst.summary.summarize` in ``summary.json``): one DataFrame for a single-seed spec, a list (one
     per member) for a population (``seeds``). ``on_row(rows)`` is called after each bin's rows are
-    written; an exception it raises stops the run (the rows written so far are kept)."""
-    experiment = prepare(spec, out_dir, progress=progress, on_row=on_row)
+    written; an exception it raises stops the run (the rows written so far are kept). ``member_dirs``: as
+    for :func:`prepare`."""
+    experiment = prepare(spec, out_dir, progress=progress, on_row=on_row, member_dirs=member_dirs)
     if spec.seeds is not None and out_dir is not None:
         record = {**asdict(spec), "seeds": list(spec.member_seeds)}
         write_population(out_dir, record, resume=resume)

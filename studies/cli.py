@@ -32,6 +32,7 @@ from .space import build_space
 from .study import (
     PRUNERS,
     TargetNotReached,
+    check_batch,
     check_target,
     counts,
     open_study,
@@ -60,6 +61,9 @@ def _running(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, default=None, help="target of finished (complete + pruned) trials")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA if present)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    parser.add_argument("--batch", type=int, default=1, metavar="B",
+                        help="ask B trials at once and train all their seeds as one population (every tuned "
+                             "setting a numeric strategy setting or lr; default: %(default)s)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="Optuna sampler (default: %(default)s)")
     parser.add_argument("--sampler-seed", type=int, default=None,
                         help="seed of the sampler; a rerun continues its sequence of proposals (default: random)")
@@ -124,6 +128,7 @@ def _run(args: argparse.Namespace, spec, storage, study, settings, out: str) -> 
         import torch
 
         torch.set_num_threads(args.threads)
+    check_batch(settings, args.batch)
     if args.requeue_running:
         requeue_running(study)
     finished, running = counts(study)
@@ -140,7 +145,7 @@ def _run(args: argparse.Namespace, spec, storage, study, settings, out: str) -> 
         if failed:
             raise DSTError(f"{len(failed)} of {workers} workers failed (exit codes {codes})")
     else:
-        run_study(study, settings, storage, target=target, out=out, device=args.device)
+        run_study(study, settings, storage, target=target, out=out, device=args.device, batch=args.batch)
     _print_result(study, spec, out)
 
 
@@ -160,7 +165,7 @@ def _spawn_workers(args, spec, name: str, target: int, out: str, workers: int) -
     command = [sys.executable, "-m", "studies", "worker", "--study", name, "--storage", spec.url,
                "--trials", str(target), "--out", out, "--device", args.device, "--threads", str(threads),
                "--sampler", args.sampler, "--heartbeat-interval", str(args.heartbeat_interval),
-               "--grace-period", str(args.grace_period)]
+               "--grace-period", str(args.grace_period), "--batch", str(args.batch)]
     if args.sampler_seed is not None:  # one seed for all: each trial's proposal is seeded by its own index
         command += ["--sampler-seed", str(args.sampler_seed)]
     processes = [subprocess.Popen(command) for _ in range(workers)]

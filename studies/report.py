@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
@@ -43,8 +44,26 @@ def _trial_record(trial: FrozenTrial, settings: StudySettings) -> dict[str, Any]
         "settings": strategy,
         "bench": bench,
         "summary": trial.user_attrs.get("summary"),
+        "seed_spread": _spread(trial),
         "run_dir": trial.user_attrs.get("run_dir"),
     }
+
+
+def _spread(trial: FrozenTrial) -> dict[str, dict[str, float]]:
+    """Per objective, the trial's seeds' values: their standard deviation, lowest and highest."""
+    spread = {}
+    for name, values in (trial.user_attrs.get("seed_values") or {}).items():
+        finite = np.array([v for v in values if v is not None], dtype=float)
+        if len(finite):
+            spread[name] = {"seeds": len(finite), "std": float(finite.std(ddof=1)) if len(finite) > 1 else 0.0,
+                            "min": float(finite.min()), "max": float(finite.max())}
+    return spread
+
+
+def _spread_text(record: dict[str, Any]) -> str:
+    parts = [f"{name} over {s['seeds']} seeds: std {s['std']:.4g}, range [{s['min']:.4g}, {s['max']:.4g}]"
+             for name, s in record.get("seed_spread", {}).items() if s["seeds"] > 1]
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _sign(direction: str) -> float:
@@ -201,7 +220,7 @@ def _markdown(study, settings: StudySettings, best, rows, message: str, files: l
              "Trials: " + ", ".join(f"{k.lower()} {v}" for k, v in best["trials"].items() if v), ""]
     lines += ["Tuned: " + "; ".join(p.describe() for p in settings.search_space().params), ""]
     for record in best.get("pareto_front", [best["best"]] if "best" in best else []):
-        lines.append(f"- trial {record['number']}: {record['values']} with {record['params']}")
+        lines.append(f"- trial {record['number']}: {record['values']} with {record['params']}{_spread_text(record)}")
     lines += ["", "## Parameter importances (PED-ANOVA)", ""]
     if rows:
         lines += ["| objective | parameter | importance |", "| --- | --- | --- |"]

@@ -28,14 +28,16 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from dst import benchmarks
 from dst.errors import ConfigError, DSTError
 
 from .sampler import make_sampler
+from .space import BENCH_PREFIX
 from .storage import MAX_RETRY, StorageSpec, _retry_callback, has_heartbeat
 from .trial import SETTINGS_KEYS, StudySettings, SurplusTrial, TrialObjective
 from .workers import ALIVE, DEAD, STATUS_TEXT, RunningTrial, running_trials
 
-__all__ = ["PRUNERS", "TargetNotReached", "open_study", "counts", "check_target", "run_study",
+__all__ = ["PRUNERS", "TargetNotReached", "open_study", "counts", "check_target", "run_study", "check_batch",
            "requeue_running", "make_pruner"]
 
 log = logging.getLogger(__name__)
@@ -51,9 +53,9 @@ def make_pruner(settings: StudySettings) -> optuna.pruners.BasePruner:
     if settings.multi_objective or settings.pruner == "none":
         return optuna.pruners.NopPruner()
     if settings.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=max(1, settings.warmup_steps), max_resource=settings.steps * settings.seeds
-        )
+        # a trial reports at its cumulative step: up to steps x seeds one seed after another, steps as a population
+        resource = settings.steps if settings.population else settings.steps * settings.seeds
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, settings.warmup_steps), max_resource=resource)
     return optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS, n_warmup_steps=settings.warmup_steps)
 
 
@@ -198,10 +200,13 @@ def run_study(
     out: str | Path,
     device: str = "auto",
     poll: float = 1.0,
+    batch: int = 1,
 ) -> int:
     """Run trials until COMPLETE + PRUNED trials reach ``target``; returns the trials this process ran.
 
-    Raises :class:`TargetNotReached` when trials stuck RUNNING (storage without heartbeat) hold the rest."""
+    ``batch`` > 1 asks for that many trials at once and trains all their seeds as one population
+    (:func:`check_batch` says when it can). Raises :class:`TargetNotReached` when trials stuck RUNNING
+    (storage without heartbeat) hold the rest."""
     objective = TrialObjective(settings, out, target, device)
     heartbeat = has_heartbeat(storage)
     stop_at_target = optuna.study.MaxTrialsCallback(target, states=(*FINISHED, TrialState.RUNNING))
@@ -226,6 +231,61 @@ def run_study(
                 optuna.storages.fail_stale_trials(study)  # heartbeats: fails (and re-queues) dead ones
             continue
         log.info("study %r: %d of %d trials finished, %d running", study.study_name, finished, target, running)
+        if batch > 1:
+            ran += _run_batch(study, objective, min(batch, target - finished - running))
+            continue
         study.optimize(
             objective, catch=(SurplusTrial,), callbacks=[stop_at_target, count_mine], gc_after_trial=False
         )
+
+
+def check_batch(settings: StudySettings, batch: int) -> None:
+    """``--batch`` trains several trials in one population, whose members may differ only in numbers:
+    every tuned setting must be a numeric strategy setting or the benchmark's ``lr``, and the benchmark
+    must batch members. A :class:`ConfigError` naming the obstacle otherwise."""
+    if batch < 1:
+        raise ConfigError(f"--batch must be at least 1, got {batch}")
+    if batch == 1:
+        return
+    if not benchmarks.get(settings.benchmark).cls.batchable:
+        raise ConfigError(f"--batch {batch}: benchmark {settings.benchmark!r} trains one member at a time, so "
+                          "trials cannot share a population; leave --batch out (or use --workers)")
+    for param in settings.search_space().params:
+        if param.kind == "categorical" or (param.name.startswith(BENCH_PREFIX) and param.name != BENCH_PREFIX + "lr"):
+            what = "a categorical setting" if param.kind == "categorical" else "a benchmark setting other than lr"
+            raise ConfigError(
+                f"--batch {batch}: {param.name} is {what}, but the members of one population may differ only in "
+                "numeric strategy settings and lr; fix it (--param NAME=VALUE) or leave --batch out"
+            )
+
+
+def _run_batch(study: optuna.Study, objective: TrialObjective, size: int) -> int:
+    """Ask ``size`` trials, train them as one population, tell each its outcome; the trials finished."""
+    entries = []
+    for _ in range(size):
+        trial = study.ask()
+        try:
+            entries.append(objective.start(trial))
+        except SurplusTrial:  # another worker took the last trials meanwhile
+            study.tell(trial, state=TrialState.FAIL)
+            break
+    if not entries:
+        return 0
+    try:
+        objective.run(entries)
+    except BaseException:  # Ctrl-C or a bug: the trials are not left RUNNING
+        for entry in entries:
+            study.tell(entry.trial, state=TrialState.FAIL)
+        raise
+    error = None
+    for entry in entries:
+        if isinstance(entry.outcome, optuna.TrialPruned):
+            study.tell(entry.trial, state=TrialState.PRUNED)
+        elif isinstance(entry.outcome, BaseException):
+            study.tell(entry.trial, state=TrialState.FAIL)
+            error = error or entry.outcome
+        else:
+            study.tell(entry.trial, entry.outcome)
+    if error is not None:
+        raise error
+    return len(entries)

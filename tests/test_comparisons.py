@@ -55,9 +55,9 @@ def calls(monkeypatch) -> list[tuple[dst.runner.RunSpec, Path, bool]]:
     made: list[tuple[dst.runner.RunSpec, Path, bool]] = []
     real = dst.runner.run
 
-    def spy(spec, out_dir=None, *, resume=False, progress=True):
+    def spy(spec, out_dir=None, *, resume=False, progress=True, member_dirs=None):
         made.append((spec, Path(out_dir), resume))
-        return real(spec, out_dir, resume=resume, progress=progress)
+        return real(spec, out_dir, resume=resume, progress=progress, member_dirs=member_dirs)
 
     monkeypatch.setattr(dst.runner, "run", spy)
     monkeypatch.setattr(comparisons_api, "write_report", _no_report)
@@ -304,8 +304,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(grid_out, tmp_path, calls):
 def test_half_written_run_without_checkpoint_starts_afresh(grid_out, tmp_path, calls):
     out = _copy(grid_out, tmp_path)
     run = out / "runs" / "bp_dense" / "seed-1"
-    for name in ("summary.json", "checkpoint.pt"):
-        (run / name).unlink()
+    for name in ("summary.json", "checkpoint.pt"):  # a member of a population has no checkpoint of its own
+        (run / name).unlink(missing_ok=True)
     (run / "metrics.csv").write_text("step,task,loss\n200,0,9.9\n")
     assert main([*GRID, "--out", str(out)]) == 0
     assert [(c[1], c[2]) for c in calls] == [(run, False)]
@@ -388,7 +388,7 @@ def test_each_arm_is_resolved_once_before_the_runs(tmp_path, monkeypatch):
     argv = ["--strategies", "bp,cbp,set", "--seeds", "2", "--workers", "1", *TINY, "--bench", "bp.hidden=6",
             "--bench", "cbp.hidden=7", "--bench", "set.hidden=9", "--out", str(tmp_path / "out")]
     assert main(argv) == 0
-    assert at_runs == [["6", "7", "9"]] * 6  # 3 arms x 2 seeds, each arm's benchmark built once before them
+    assert at_runs == [["6", "7", "9"]] * 3  # 3 arms (a population of 2 seeds each), each arm's benchmark built once before them
     assert counts == {"plan": 1, "record_comparison": 1}
 
 
@@ -454,7 +454,7 @@ def test_report_subcommand_and_preset_listing(grid_out, tmp_path, capsys):
     assert {"summary.csv", "runs.csv", "report.md", "performance.png"} <= {p.name for p in out.iterdir()}
     assert main(["presets"]) == 0
     listing = capsys.readouterr().out
-    assert "quick:" in listing and "set (sparse 0.5)" in listing and "permuted-mnist-cpu" in listing
+    assert "quick:" in listing and "set (sparse 0.3)" in listing and "permuted-mnist-cpu" in listing
 
 
 def test_runs_go_to_worker_processes(tmp_path, monkeypatch, capsys):
@@ -463,7 +463,7 @@ def test_runs_go_to_worker_processes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     assert main(["--strategies", "bp,set", "--seeds", "1", "--workers", "2", *TINY, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "2 arms x 1 seeds = 2 runs (0 already finished, 0 to resume), 2 worker process(es)" in printed
+    assert "2 arms x 1 seeds = 2 runs (0 already finished, 0 to resume): 2 run(s) on 2 worker process(es)" in printed
     summaries = sorted(out.glob("runs/*/seed-0/summary.json"))
     assert [p.parent.parent.name for p in summaries] == ["bp_dense", "set_sparse_0.5"]
     assert json.loads((summaries[1].parent / "config.json").read_text())["bench"]["density"] == 0.5
@@ -500,8 +500,8 @@ DAMAGE = {
 
 def _damage(run: Path, metrics: str, failure: str | None) -> None:
     """Make ``run`` look like a run that stopped before its first bin: no summary, no checkpoint, no rows."""
-    for name in ("summary.json", "checkpoint.pt"):
-        (run / name).unlink()
+    for name in ("summary.json", "checkpoint.pt"):  # a member of a population has no checkpoint of its own
+        (run / name).unlink(missing_ok=True)
     (run / "metrics.csv").write_text(metrics)
     if failure is not None:
         (run / "failure.json").write_text(failure)

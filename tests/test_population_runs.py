@@ -141,7 +141,7 @@ def test_a_diverging_member_stops_alone_and_keeps_its_rows(tmp_path):
         (dict(seeds=(0, 1), bench={"n_bits": "20,21"}), "per-member values are for strategy settings and lr"),
     ],
 )
-def test_bad_population_input_is_a_clear_error(spec, message):
+def test_bad_population_input_is_a_clear_error(spec, message, tmp_path):
     fields = dict(benchmark="bit-flipping", strategy="cbp", steps=10, bench=SMALL, device="cpu")
     fields.update(spec)
     fields["bench"] = {**SMALL, **spec.get("bench", {})}
@@ -149,7 +149,7 @@ def test_bad_population_input_is_a_clear_error(spec, message):
         prepare(RunSpec(**fields), progress=False)
         return
     with pytest.raises(ConfigError, match=message):
-        prepare(RunSpec(**fields), progress=False)
+        prepare(RunSpec(**fields), tmp_path / "out", progress=False)  # folders named by seed
 
 
 def test_a_benchmark_that_cannot_batch_refuses_a_population(tmp_path):
