@@ -128,7 +128,11 @@ def plot_metrics(runs: pd.DataFrame, arms: Sequence[dict[str, Any]], path: str |
         ax.set_ylabel(PROBE_METRICS[metric])
     for ax in list(axes.flat)[len(present):]:
         ax.set_visible(False)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend: dict[str, Any] = {}  # every arm drawn in any panel (an arm without hidden layers has only some)
+    for ax in list(axes.flat)[: len(present)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(labels)),
                title="arm (density)", frameon=False)
     fig.suptitle("Plasticity metrics on the probe batch (mean and 95% bootstrap CI over seeds)")

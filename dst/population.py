@@ -15,6 +15,7 @@ generator state to save.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from numbers import Integral
 
@@ -147,6 +148,13 @@ def _mix(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shift(z, 31)
 
 
+def _to_float(z: torch.Tensor | np.ndarray, wide: bool) -> torch.Tensor | np.ndarray:
+    """Integers as float32 (float64 when ``wide``), numpy or torch as given."""
+    if isinstance(z, np.ndarray):
+        return z.astype(np.float64 if wide else np.float32)
+    return z.to(torch.float64 if wide else torch.float32)
+
+
 def _mix_int(z: int) -> int:
     """The same finaliser on a Python int (host-side keys)."""
     mask = (1 << 64) - 1
@@ -197,6 +205,11 @@ class MemberRandom:
         With ``rows`` (one per entry of ``members``) entry p gets row ``rows[p]`` of a draw shaped
         (rows, *shape) of member ``members[p]``: the values that draw has there, without making the rest.
         """
+        z = self._bits(shape, step, draw, members, rows)
+        return torch.from_numpy(z) if isinstance(z, np.ndarray) else z
+
+    def _bits(self, shape, step, draw, members, rows) -> torch.Tensor | np.ndarray:
+        """:meth:`bits` as the arithmetic leaves them: a numpy array on the CPU, else a torch tensor."""
         keys = self._keys if members is None else self._keys[torch.as_tensor(members, device=self.device)]
         count = 1
         for size in shape:
@@ -216,8 +229,7 @@ class MemberRandom:
             offsets = np.arange(1, count + 1, dtype=np.int64)
         else:
             offsets = torch.arange(1, count + 1, dtype=torch.int64, device=self.device)
-        z = _mix(start[:, None] + offsets * _GOLDEN).reshape(keys.shape[0], *shape)
-        return torch.from_numpy(z) if host else z
+        return _mix(start[:, None] + offsets * _GOLDEN).reshape(keys.shape[0], *shape)
 
     def uniform(
         self,
@@ -245,8 +257,12 @@ class MemberRandom:
         rows: torch.Tensor | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """Standard normal draws (Box-Muller from two 24-bit uniforms of one 64-bit word)."""
-        z = self.bits(shape, step=step, draw=draw, members=members, rows=rows)
-        high = (_shift(z, 40).to(torch.float64) + 1.0) * 2.0**-24  # (0, 1]: the log is finite
-        low = (z & ((1 << 24) - 1)).to(torch.float64) * 2.0**-24
-        return (torch.sqrt(-2.0 * torch.log(high)) * torch.cos(2.0 * torch.pi * low)).to(dtype)
+        """Standard normal draws (Box-Muller from two 24-bit uniforms of one 64-bit word), computed in
+        float32 (float64 when asked for), on the CPU with numpy."""
+        z = self._bits(shape, step, draw, members, rows)
+        wide = dtype == torch.float64
+        high = (_to_float(_shift(z, 40), wide) + 1.0) * 2.0**-24  # (0, 1]: the log is finite
+        low = _to_float(z & ((1 << 24) - 1), wide) * 2.0**-24
+        xp = np if isinstance(z, np.ndarray) else torch
+        value = xp.sqrt(-2.0 * xp.log(high)) * xp.cos(2.0 * math.pi * low)
+        return (torch.from_numpy(value) if xp is np else value).to(dtype)

@@ -176,8 +176,9 @@ class TrainingStep:
                 )
 
     def _store(self, param: torch.Tensor, value: Array) -> None:
-        """``value`` (member-first, fresh) becomes ``param.grad``, as autograd's gradient after ``zero_grad``."""
-        param.grad = self.arrays.tensor(value).view(param.shape)
+        """``value`` (member-first, fresh) becomes ``param.grad``, as autograd's gradient after ``zero_grad``.
+        (Reshaped before it becomes a tensor: a torch ``view`` costs more than a small layer's arithmetic.)"""
+        param.grad = self.arrays.tensor(value.reshape(param.shape))
 
 
 # The three products per member (numpy's einsum runs tiny stacked products faster than its matmul; torch's

@@ -123,3 +123,34 @@ def test_verdict_states_each_finding_from_the_intervals():
     assert "its late-window loss is not told apart from bp (dense)'s" in text
     assert verdict(summary[summary["arm"] != "bp (dense)"]) != ""  # l2 is a dense bp arm: the baseline
     assert verdict(summary[summary["strategy"] != "bp"]) == ""  # no backprop arm: nothing to state
+
+
+@pytest.mark.parametrize("name", ["quick", "paper-bit-flipping", "sparse-bit-flipping"])  # MNIST ones need the data
+def test_every_bit_flipping_preset_resolves_before_anything_runs(name):
+    from comparisons.presets import preset
+    from comparisons.spec import resolve
+
+    for comparison in preset(name):
+        arms = resolve(comparison)
+        assert arms and all(arm.spec.benchmark == comparison.benchmark for arm in arms)
+
+
+def test_the_paper_presets_hold_the_papers_protocols():
+    from comparisons.presets import preset
+    from comparisons.spec import resolve
+
+    (flipping,) = preset("paper-bit-flipping")
+    assert (flipping.steps, len(flipping.seeds)) == (1_000_000, 100)
+    arms = {arm.label: arm.spec for arm in resolve(flipping)}
+    assert [spec.strategy for spec in arms.values()] == ["bp", "cbp", "shrink-perturb", "bp", "bp"]
+    widths = [tuple(spec.bench["hidden"]) for spec in arms.values()]
+    assert widths == [(5,), (5,), (5,), (5,), ()]  # the linear learner has no hidden layer
+    assert all(spec.bench["lr"] == 0.01 and spec.bench["bin_size"] == 20_000 for spec in arms.values())
+    (narrow,) = preset("paper-permuted-mnist-narrow")
+    assert len(narrow.seeds) == 10
+    for arm in narrow.arms:  # as given (resolving them reads MNIST)
+        bench = arm.bench
+        assert (tuple(bench["hidden"]), bench["lr"], bench["batch_size"]) == ((100, 100, 100), 0.003, 1)
+        assert (bench["examples_per_task"], bench["tasks"]) == (10_000, 100)
+    (quick,) = preset("quick")
+    assert (quick.steps, len(quick.seeds), [a.strategy for a in quick.arms]) == (400_000, 30, ["bp", "cbp"])
