@@ -3,6 +3,7 @@ with the values, pruning and divergence of trials run one seed and one trial at 
 
 from __future__ import annotations
 
+import numpy as np
 import optuna
 import pytest
 
@@ -58,6 +59,15 @@ def test_a_batch_of_trials_in_one_population_gives_each_trial_its_own_values(tmp
         assert together.intermediate_values.keys() == apart.intermediate_values.keys()
     assert len({t.value for t in batched.trials}) == 3  # the settings differ, so the values do
     assert not list((tmp_path / "a" / "batched").glob("batch-*/checkpoint.pt"))
+    from studies.report import write_report
+
+    for key, value in settings.attrs().items():
+        batched.set_user_attr(key, value)
+    write_report(batched, tmp_path / "report")
+    best = batched.best_trial
+    values = best.user_attrs["seed_values"]["late_window"]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert f"late_window over 2 seeds: std {float(np.std(values, ddof=1)):.4g}" in text
 
 
 def test_a_pruned_trial_of_a_batch_stops_alone_and_the_others_complete(tmp_path):
