@@ -112,3 +112,13 @@ def test_batch_refuses_what_members_of_one_population_cannot_differ_in(space, be
     with pytest.raises(ConfigError, match=message):
         check_batch(settings, 2)
     check_batch(settings, 1)  # one trial at a time: anything goes
+
+
+def test_batch_below_one_is_a_clear_error_before_any_trial(tmp_path, capsys):
+    from studies.cli import main
+
+    code = main(["tune", "--study", "b", "--out", str(tmp_path), "--trials", "2", "--steps", "200", "--batch", "0",
+                 "--bench", "bin_size=100"])
+    assert code == 2
+    assert "--batch must be at least 1, got 0" in capsys.readouterr().err
+    assert not list(tmp_path.glob("b/trial-*"))
