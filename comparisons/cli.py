@@ -31,7 +31,7 @@ from pathlib import Path
 from dst.errors import ConfigError, DSTError
 
 from .api import Prepared, prepare_comparison, run_prepared
-from .execute import CHECKPOINT, earlier_failure, is_finished, populations
+from .execute import CHECKPOINT, Population, earlier_failure, is_finished, populations
 from .presets import PRESETS, describe_presets, free_form, preset
 from .report import format_summary, write_report
 from .spec import Comparison, UnexpectedError
@@ -142,7 +142,10 @@ def _start_line(prepared: Prepared, workers: int | None, retry_failed: bool, pop
     todo = [job for job, d, f in zip(jobs, done, failed_before) if not d and (retry_failed or not f)]
     workers = workers or os.cpu_count() or 1
     units = populations(todo, workers) if population else todo
-    how = f"{len(units)} population(s) and single runs" if population and len(units) < len(todo) else f"{len(units)} run(s)"
+    groups = sum(isinstance(unit, Population) for unit in units)
+    how = f"{len(units)} run(s)"
+    if groups:
+        how = f"{groups} population(s)" + (f" and {len(units) - groups} single run(s)" if len(units) > groups else "")
     return (f"comparison {comparison.name} on {comparison.benchmark}: {len(prepared.arms)} arms x "
             f"{len(comparison.seeds)} seeds = {len(jobs)} runs ({sum(done)} already finished, {resumable} "
             f"to resume{note}): {how} on {max(1, min(workers, len(units)))} worker process(es) -> {prepared.out}")

@@ -21,9 +21,11 @@ def _runs(out: Path) -> dict[str, pd.DataFrame]:
     return {str(p.parent.relative_to(out)): pd.read_csv(p).drop(columns=TIMING) for p in out.glob("runs/*/seed-*/metrics.csv")}
 
 
-def test_population_runs_write_the_folders_one_process_per_run_writes(tmp_path):
+def test_population_runs_write_the_folders_one_process_per_run_writes(tmp_path, capsys):
     assert main([*ARMS, *TINY, "--out", str(tmp_path / "pop")]) == 0
+    assert "6 runs (0 already finished, 0 to resume): 2 population(s) on 1 worker process(es)" in capsys.readouterr().out
     assert main([*ARMS, *TINY, "--population", "off", "--out", str(tmp_path / "single")]) == 0
+    assert ": 6 run(s) on 1 worker process(es)" in capsys.readouterr().out
     together, alone = _runs(tmp_path / "pop"), _runs(tmp_path / "single")
     assert sorted(together) == sorted(alone) and len(together) == 6
     for name, rows in together.items():
