@@ -269,9 +269,10 @@ def sparsify(
     """Convert ``model``'s Linear/Conv2d layers to masked layers in place and return ``model``.
 
     ``density`` is the global fraction of active weights over the layers that are sparsified;
-    ``distribution`` (``uniform``, ``er``, ``erk``) spreads it over layers (``dst.sparsity``). Layers named in
-    ``skip`` and, with ``dense_first``/``dense_last``, the first/last layer stay dense and are not part of
-    the budget. Each layer gets exactly ``round(density_l * numel)`` active weights at random positions
+    ``distribution`` (``uniform``, ``er``, ``erk``, ``constant-fan-in``) spreads it over layers
+    (``dst.sparsity``). Layers named in ``skip`` and, with ``dense_first``/``dense_last``, the first/last
+    layer stay dense and are not part of the budget. Each layer gets exactly ``round(density_l * numel)``
+    active weights at random positions (with ``constant-fan-in``, exactly ``fan_in_l`` in every unit's row)
     drawn from ``generator`` (or a fresh one seeded with ``seed``, or the global RNG). Density 1.0 leaves
     the model untouched.
 
@@ -279,7 +280,7 @@ def sparsify(
     drawn layer by layer exactly as a population of one with that seed draws them.
     """
     from .population import check_seeds, is_population_module, members
-    from .sparsity import layer_densities, random_mask
+    from .sparsity import fan_in_mask, layer_densities, layer_fan_ins, random_mask
 
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
         raise ConfigError(f"density must be in (0, 1], got {density!r}")
@@ -318,10 +319,14 @@ def sparsify(
         if len(seeds) != size:
             raise ConfigError(f"sparsify: {len(seeds)} seeds for a population of {size} members")
         generators = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+    fan_ins = layer_fan_ins(shapes, densities) if distribution == "constant-fan-in" else None
     masks: list[list[torch.Tensor]] = [[] for _ in targets]
     for member_generator in generators:  # member by member, each drawing its layers in order
-        for layer_masks, shape, layer_density in zip(masks, shapes, densities):
-            layer_masks.append(random_mask(shape, layer_density, member_generator))
+        for index, (layer_masks, shape) in enumerate(zip(masks, shapes)):
+            if fan_ins is None:
+                layer_masks.append(random_mask(shape, densities[index], member_generator))
+            else:
+                layer_masks.append(fan_in_mask(shape, fan_ins[index], member_generator))
     for (name, module), layer_masks in zip(targets, masks):
         mask = torch.stack(layer_masks) if is_population_module(module) else layer_masks[0]
         if isinstance(module, MaskedMixin):

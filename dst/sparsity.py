@@ -8,6 +8,11 @@ per-layer density d_l so that sum_l d_l * n_l = D * sum_l n_l (n_l: the layer's 
 - ``erk`` (Erdos-Renyi-Kernel, Evci et al. 2020): for a conv,
   d_l = eps * (n_in + n_out + k_h + k_w) / (n_in * n_out * k_h * k_w); for a linear layer as ``er``.
 
+- ``constant-fan-in`` (the layout of SRigL, Lasby et al. 2024): the densities of ``erk``, and every unit
+  (a row: an output feature, or a conv's output channel over its in x k_h x k_w weights) of a layer gets
+  the same number of incoming connections, fan_in_l = round(d_l * row size), at least one
+  (:func:`layer_fan_ins`). The rounding moves the realised budget by at most half a weight per row.
+
 eps is solved for the budget. A layer whose density would exceed 1 is made dense and the budget it frees
 is spread over the others; this repeats until no layer exceeds 1.
 """
@@ -21,9 +26,9 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["DISTRIBUTIONS", "layer_densities", "layer_counts", "random_mask"]
+__all__ = ["DISTRIBUTIONS", "layer_densities", "layer_counts", "layer_fan_ins", "random_mask", "fan_in_mask"]
 
-DISTRIBUTIONS = ("uniform", "er", "erk")
+DISTRIBUTIONS = ("uniform", "er", "erk", "constant-fan-in")
 
 
 def _raw_density(shape: Sequence[int], distribution: str) -> float:
@@ -47,7 +52,7 @@ def layer_densities(
     sizes = [math.prod(shape) for shape in shapes]
     if distribution == "uniform":
         return [density] * len(shapes)
-    raw = [_raw_density(shape, distribution) for shape in shapes]
+    raw = [_raw_density(shape, "erk" if distribution == "constant-fan-in" else distribution) for shape in shapes]
     budget = density * sum(sizes)
     dense: set[int] = set()
     while True:
@@ -78,4 +83,25 @@ def random_mask(
         mask[:] = True
     else:
         mask[torch.randperm(numel, generator=generator)[:count]] = True
+    return mask.view(*shape)
+
+
+def layer_fan_ins(shapes: Sequence[Sequence[int]], densities: Sequence[float]) -> list[int]:
+    """Incoming connections per unit of each layer for ``constant-fan-in``: round(d_l * row size), at least
+    one and at most the row size (a row: everything but the leading output dimension)."""
+    rows = [math.prod(shape[1:]) for shape in shapes]
+    return [max(1, min(row, round(d * row))) for row, d in zip(rows, densities)]
+
+
+def fan_in_mask(shape: Sequence[int], fan_in: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A boolean mask in which every row (output unit) has exactly ``fan_in`` True entries at random."""
+    rows, row = shape[0], math.prod(shape[1:])
+    if not 1 <= fan_in <= row:
+        raise ConfigError(
+            f"a constant fan-in of {fan_in} does not fit rows of {row} inputs; give a fan-in in [1, {row}] "
+            "(a density in (0, 1])"
+        )
+    order = torch.rand(rows, row, generator=generator).argsort(dim=1)
+    mask = torch.zeros(rows, row, dtype=torch.bool)
+    mask.scatter_(1, order[:, :fan_in], True)
     return mask.view(*shape)
