@@ -83,17 +83,29 @@ class MaskedMixin:
     def active_connections(self) -> int:
         return self.weight.numel() if self.mask is None else int(self.mask.sum())
 
+    def _multiplier(self, like: torch.Tensor) -> torch.Tensor:
+        """The mask as 1.0 / 0.0 in ``like``'s dtype, cached until the mask is replaced or changed in place
+        (its ``_version``): a multiply by a float mask costs a fifth of one by a boolean mask on the CPU."""
+        mask = self.mask
+        assert mask is not None
+        cached = self.__dict__.get("_float_mask")
+        if (cached is None or cached[0] is not mask or cached[1] != mask._version
+                or cached[2].dtype != like.dtype or cached[2].device != like.device):
+            cached = (mask, mask._version, mask.to(like.dtype))
+            self.__dict__["_float_mask"] = cached
+        return cached[2]
+
     @torch.no_grad()
     def apply_mask(self) -> None:
         """Zero the weights at masked positions."""
         if self.mask is not None:
-            self.weight.mul_(self.mask)
+            self.weight.mul_(self._multiplier(self.weight))
 
     @torch.no_grad()
     def mask_grad(self) -> None:
         """Zero the gradient at masked positions (call after backward, before the optimizer step)."""
         if self.mask is not None and self.weight.grad is not None:
-            self.weight.grad.mul_(self.mask)
+            self.weight.grad.mul_(self._multiplier(self.weight.grad))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         key = prefix + "mask"

@@ -174,3 +174,20 @@ def test_masked_weights_grads_and_optimizer_state_stay_exactly_zero(
         if isinstance(optimizer, ElementwiseAdam):
             # masked positions never advance their clock; active ones advanced once per step
             assert torch.all(state["step"][mask] == 25)
+
+
+def test_the_float_mask_cache_follows_in_place_mask_changes_and_loaded_states():
+    layer = MaskedLinear(4, 3)
+    mask = torch.tensor([[True, False, True, False]] * 3)
+    layer.set_mask(mask)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    layer.mask[:, 1] = True  # a refresh writes the mask in place
+    layer.apply_mask()
+    assert layer.weight.detach().tolist() == [[1.0, 1.0, 1.0, 0.0]] * 3
+    state = {key: value.clone() for key, value in layer.state_dict().items()}
+    state["mask"][:, 0] = False
+    layer.load_state_dict(state)  # copies into the mask in place
+    layer.weight.grad = torch.ones(3, 4)
+    layer.mask_grad()
+    assert layer.weight.grad.tolist() == [[0.0, 1.0, 1.0, 0.0]] * 3
