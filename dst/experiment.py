@@ -26,7 +26,6 @@ members go on. When no member is left, the run raises :class:`~dst.errors.NonFin
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -42,10 +41,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, NonFiniteLossError
-from .population import forward, is_population, member_view
+from .population import forward, is_population, zero_members
 from .refresh import NO_REFRESH, RefreshStrategy
 from .step import TrainingStep
-from .rundir import CHECKPOINT, FAILURE, METRICS, check_config, check_output_dir, write_failure
+from .rundir import (
+    CHECKPOINT,
+    FAILURE,
+    METRICS,
+    append_metrics,
+    check_config,
+    check_output_dir,
+    write_failure,
+    write_metrics,
+)
 from .streams import Stream
 
 if TYPE_CHECKING:
@@ -223,22 +231,13 @@ class Experiment:
         """Each member's ``metrics.csv`` holds exactly its rows so far (none for a fresh run)."""
         assert self.member_dirs is not None
         for directory, rows in zip(self.member_dirs, self.rows):
-            with (directory / METRICS).open("w", newline="") as handle:
-                if rows:
-                    writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n", restval="")
-                    writer.writeheader()
-                    writer.writerows(rows)
+            write_metrics(directory, rows)
 
     def _emit(self, member: int, row: dict[str, Any]) -> None:
         rows = self.rows[member]
         rows.append(row)
-        if self.member_dirs is None:
-            return
-        with (self.member_dirs[member] / METRICS).open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n", restval="")
-            if handle.tell() == 0:
-                writer.writeheader()
-            writer.writerow(row)
+        if self.member_dirs is not None:
+            append_metrics(self.member_dirs[member], row, list(rows[0]))
 
     def _columns(self) -> list[str]:
         return ["step", "task", "loss", *(["accuracy"] if self.task_type == "classification" else []),
@@ -258,18 +257,11 @@ class Experiment:
         self._zero_failed()
         return error
 
-    @torch.no_grad()
     def _zero_failed(self) -> None:
-        """Zero the parameters and optimizer state of the stopped members, whose non-finite values would
-        otherwise reach batched operations (the probe's SVDs); they go on training unseen, and may diverge
-        again, so this runs again before every probe and test."""
-        members = list(self.failed)
-        for module in self.model.modules():
-            for param in module.parameters(recurse=False):
-                member_view(module, param)[members] = 0
-                for value in self.optimizer.state.get(param, {}).values():
-                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                        member_view(module, value)[members] = 0
+        """Zero the stopped members' parameters and optimizer state, whose non-finite values would otherwise
+        reach batched operations (the probe's SVDs); they go on training unseen, and may diverge again, so
+        this runs again before every probe and test."""
+        zero_members(self.model, self.optimizer, list(self.failed))
 
     def run(self, resume: bool = False) -> list[pd.DataFrame]:
         """Train for ``steps`` steps (continuing from the checkpoint with ``resume``); return each member's rows."""

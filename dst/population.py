@@ -35,6 +35,7 @@ __all__ = [
     "cross_entropy_per_member",
     "MemberRandom",
     "check_seeds",
+    "zero_members",
 ]
 
 
@@ -94,6 +95,20 @@ def member_view(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` (a parameter, gradient, mask, state or activation of ``module``) with its member
     dimension: as it is for a population layer, a (1, ...) view for a plain layer. Writes through."""
     return tensor if is_population_module(module) else tensor.unsqueeze(0)
+
+
+@torch.no_grad()
+def zero_members(model: nn.Module, optimizer: torch.optim.Optimizer, members: Sequence[int]) -> None:
+    """Zero ``members``' slices of every parameter of ``model`` and of every optimizer state tensor shaped
+    like its parameter."""
+    if not members:
+        return
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            member_view(module, param)[list(members)] = 0
+            for value in optimizer.state.get(param, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    member_view(module, value)[list(members)] = 0
 
 
 def check_seeds(seeds: int | Sequence[int], *, distinct: bool = False) -> tuple[int, ...]:

@@ -16,6 +16,7 @@ forward from each.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -25,7 +26,7 @@ from .errors import ConfigError
 
 __all__ = ["CHECKPOINT", "METRICS", "CONFIG", "SUMMARY", "FAILURE", "RESUME_MAY_CHANGE", "check_output_dir",
            "read_config", "check_config", "write_failure", "setting_differences", "POPULATION", "read_population",
-           "write_population"]
+           "write_population", "write_metrics", "append_metrics"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
@@ -145,3 +146,21 @@ def write_population(out_dir: str | os.PathLike, record: dict[str, Any], *, resu
     tmp = path / (POPULATION + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path / POPULATION)
+
+
+def write_metrics(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """``metrics.csv`` holding exactly ``rows`` (an empty file for none)."""
+    with (out_dir / METRICS).open("w", newline="") as handle:
+        if rows:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n", restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def append_metrics(out_dir: Path, row: dict[str, Any], columns: list[str]) -> None:
+    """Append ``row`` to ``metrics.csv`` (with the header ``columns`` first, if the file is empty)."""
+    with (out_dir / METRICS).open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n", restval="")
+        if handle.tell() == 0:
+            writer.writeheader()
+        writer.writerow(row)
