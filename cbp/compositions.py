@@ -1,4 +1,4 @@
-"""Strategies built from shared pieces: CBP on a RigL/SET-sparse net, and RigL with a utility drop score.
+"""Strategies built from shared pieces: CBP on a RigL/SRigL/SET-sparse net, and RigL with a utility drop score.
 
 Member layout as everywhere: the composed parts refresh every member of a population at once, and
 RigL-utility's unit utilities are (S, units) tensors (:mod:`cbp.utility`); its drop scores are shaped
@@ -24,10 +24,13 @@ from . import strategy as _registers_cbp  # noqa: F401  (cbp must be registered 
 from .utility import UTILITIES, UnitUtility
 from .weights import WeightFactors
 
-__all__ = ["CBPRigL", "CBPSET", "RigLUtilityConfig", "RigLUtility"]
+__all__ = ["CBPRigL", "CBPSRigL", "CBPSET", "RigLUtilityConfig", "RigLUtility"]
 
 #: RigL first, so it reads the dense gradient before any part masks it.
 CBPRigL = compose("cbp-rigl", "rigl", "cbp", summary="CBP on a RigL-sparse net: units and connections both refreshed.")
+CBPSRigL = compose(
+    "cbp-srigl", "srigl", "cbp", summary="CBP on an SRigL-sparse net: units replaced, connections refreshed within each unit's row."
+)
 CBPSET = compose("cbp-set", "set", "cbp", summary="CBP on a SET-sparse net: units and connections both refreshed.")
 
 

@@ -6,7 +6,8 @@ member layout of populations (``dst.population``): S learners in one batched pas
 """
 
 from . import (
-    baselines, benchmarks, init, metrics, nets, optim, population, prune_regrow, runner, sparsity, strategies, streams,
+    baselines, benchmarks, init, metrics, nets, optim, population, prune_regrow, runner, sparsity, srigl, strategies,
+    streams,
 )
 from .config import Config, setting
 from .experiment import Experiment
@@ -61,5 +62,6 @@ __all__ = [
     "setting",
     "sparsify",
     "sparsity",
+    "srigl",
     "strategies",
 ]

@@ -90,6 +90,11 @@ REFRESHING = {
     "rigl-utility": ({"update_interval": 50}, {"density": 0.5}),
     "cbp-rigl": ({"update_interval": 50, "replacement_rate": 0.01, "maturity_threshold": 50}, {"density": 0.5}),
     "cbp-set": ({"update_interval": 50, "replacement_rate": 0.01, "maturity_threshold": 50}, {"density": 0.5}),
+    "srigl": ({"update_interval": 50}, {"density": 0.5, "distribution": "constant-fan-in"}),
+    "cbp-srigl": (
+        {"update_interval": 50, "replacement_rate": 0.01, "maturity_threshold": 50},
+        {"density": 0.5, "distribution": "constant-fan-in"},
+    ),
     "shrink-perturb": ({"noise_std": 1e-3}, {}),
     "l2-init": ({}, {}),
     "head-reset": ({}, {}),

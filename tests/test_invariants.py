@@ -61,6 +61,7 @@ from dst.optim import ElementwiseAdam
 from dst.population import forward, is_population, member_view, mse_per_member
 from dst.population import members as population_size
 from dst.sparsity import DISTRIBUTIONS
+from dst.srigl import row_fan_ins
 
 # -- profiles ---------------------------------------------------------------------------------
 
@@ -99,6 +100,10 @@ STRATEGY_NAMES = sorted(dst.strategies.available())
 #: Strategies that change weights or optimizer state without a topology refresh to count.
 NO_TOPOLOGY_REFRESH = {"bp", "l2-init", "shrink-perturb"}
 
+#: Strategies that need a constant fan-in mask, and the distributions that give one.
+FAN_IN_ONLY = {"srigl", "cbp-srigl"}
+FAN_IN_DISTRIBUTIONS = ["constant-fan-in"]
+
 #: Small ranges for numeric settings, by field name, chosen so refreshes happen within a few steps.
 NUMERIC_SETTINGS: dict[str, st.SearchStrategy] = {
     # cbp and its compositions
@@ -111,6 +116,7 @@ NUMERIC_SETTINGS: dict[str, st.SearchStrategy] = {
     "update_interval": st.integers(1, 3),
     "end_step": st.sampled_from([0, 6, 10]),  # 0: 0.75 x the horizon given by set_horizon
     "grow_scale": st.floats(0.0, 1.0),
+    "gamma_sal": st.floats(0.0, 0.9),  # srigl's neuron ablation
     # redo: a unit scoring at most tau is reset; the lowest score is at most 1, so tau >= 1 always resets
     "period": st.integers(1, 3),
     "tau": st.floats(0.5, 2.0),
@@ -249,7 +255,8 @@ def cases(draw, name: str) -> Case:
         settings=draw(member_settings(name, members)),
         network=network,
         density=density,
-        distribution=draw(st.sampled_from(DISTRIBUTIONS)),
+        # srigl keeps constant fan-ins, so it needs them to start from
+        distribution=draw(st.sampled_from(FAN_IN_DISTRIBUTIONS if name in FAN_IN_ONLY else DISTRIBUTIONS)),
         dense_first=dense_first,
         dense_last=dense_last,
         optimizer=draw(optimizers()),
@@ -334,14 +341,24 @@ def _check_masked_gradients(model: nn.Module, where: str) -> None:
 
 
 def _check_state(model: nn.Module, optimizer: torch.optim.Optimizer, counts: dict[str, tuple[tuple[int, ...], bool]],
-                 where: str) -> None:
+                 where: str, ablates: bool = False) -> None:
+    """``ablates``: SRigL may empty units and spread their budget B over the A others, floor(B / A) each."""
     layers = _weight_layers(model)
     masked = _masked(model)
     assert sorted(masked) == sorted(n for n, c in counts.items() if c[1]), f"{where}: the set of masked layers changed"
     for name, layer in layers.items():
-        assert _active(layer) == counts[name][0], (
-            f"{where}: {name} has {_active(layer)} active connections per member, started with {counts[name][0]}"
-        )
+        if not (ablates and name in masked):
+            assert _active(layer) == counts[name][0], (
+                f"{where}: {name} has {_active(layer)} active connections per member, started with {counts[name][0]}"
+            )
+            continue
+        fan_ins = row_fan_ins(member_view(layer, layer.mask))
+        for member, (budget, row) in enumerate(zip(counts[name][0], fan_ins.tolist())):
+            units = [count for count in row if count]
+            assert set(units) == {budget // len(units)}, (
+                f"{where}: {name} member {member} has fan-ins {row}; a budget of {budget} over {len(units)} units "
+                f"gives {budget // len(units)} each"
+            )
     for param_name, param in model.named_parameters():
         assert torch.isfinite(param).all(), f"{where}: parameter {param_name} is not finite"
         if param.grad is not None:
@@ -398,7 +415,8 @@ def run_case(case: Case) -> Outcome:
     counts = {name: (_active(layer), getattr(layer, "mask", None) is not None)
               for name, layer in _weight_layers(model).items()}
     note(f"active connections per layer: {counts}")
-    _check_state(model, optimizer, counts, "before training")
+    ablates = case.strategy in FAN_IN_ONLY
+    _check_state(model, optimizer, counts, "before training", ablates)
 
     data = torch.Generator().manual_seed(case.seed + 3)
     out_features = case.network["out_features"]
@@ -411,7 +429,7 @@ def run_case(case: Case) -> Outcome:
             model.load_state_dict(saved[0])
             optimizer.load_state_dict(saved[1])
             strategy.load_state_dict(saved[2])
-            _check_state(model, optimizer, counts, f"resumed after step {step}")
+            _check_state(model, optimizer, counts, f"resumed after step {step}", ablates)
         if step % case.steps_per_task == 0:
             strategy.on_task_start(step // case.steps_per_task)
         x = torch.randn(case.members, case.batch, *input_shape, generator=data)
@@ -431,7 +449,7 @@ def run_case(case: Case) -> Outcome:
             assert isinstance(count, int) or np.shape(count) == (case.members,), f"step {step + 1}: {stats}"
             assert np.all(np.asarray(count) >= 0), f"step {step + 1}: {stats}"
             refreshes += int(np.sum(count))
-        _check_state(model, optimizer, counts, f"step {step + 1} after after_step ({stats})")
+        _check_state(model, optimizer, counts, f"step {step + 1} after after_step ({stats})", ablates)
     refreshes += getattr(strategy, "resets", 0)  # head-reset counts its resets
     masked_state = any(
         isinstance(value, torch.Tensor) and value.shape == layer.weight.shape

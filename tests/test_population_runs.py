@@ -27,6 +27,7 @@ CASES = {
     "set": ({"update_interval": 50}, {"density": 0.5}),
     "rigl": ({"update_interval": 50}, {"density": 0.5}),
     "cbp-rigl": ({"update_interval": 50, "replacement_rate": 0.02, "maturity_threshold": 20}, {"density": 0.5}),
+    "srigl": ({"update_interval": 50, "gamma_sal": 0.6}, {"density": 0.5, "distribution": "constant-fan-in"}),
     "shrink-perturb": ({"noise_std": 1e-3}, {}),
     "l2-init": ({}, {}),
     "head-reset": ({}, {}),
@@ -52,7 +53,7 @@ def test_member_s_of_a_population_is_the_run_of_seed_s_alone(tmp_path, name):
     bench = {**SMALL, "hidden": (8,), **bench}
     frames = run(RunSpec("bit-flipping", name, steps=1500, seeds=(4, 1, 7), bench=bench, settings=settings,
                          device="cpu"), tmp_path / "pop", progress=False)
-    if name in ("cbp", "redo", "set", "rigl", "cbp-rigl"):
+    if name in ("cbp", "redo", "set", "rigl", "cbp-rigl", "srigl"):
         refreshed = sum(int((f["units_replaced"] + f["connections_regrown"]).sum()) for f in frames)
         assert refreshed > 0, "no refresh happened: the comparison would prove nothing"
     single = run(RunSpec("bit-flipping", name, steps=1500, seed=1, bench=bench, settings=settings, device="cpu"),
