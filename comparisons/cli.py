@@ -78,6 +78,8 @@ def _run_parser() -> argparse.ArgumentParser:
                              "without it they stay failed, since a rerun would diverge again")
     parser.add_argument("--checkpoints", type=int, default=10,
                         help="checkpoints per run, for resuming (default: %(default)s; 0: none)")
+    parser.add_argument("--estimate", action="store_true",
+                        help="train each arm briefly, print the comparison's expected time, and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each run does")
     return parser
@@ -133,8 +135,6 @@ def _start_line(prepared: Prepared, workers: int | None, retry_failed: bool, pop
     comparison, jobs = prepared.comparison, prepared.jobs
     done = [is_finished(job) for job in jobs]
     failed_before = [not d and earlier_failure(job) is not None for job, d in zip(jobs, done)]
-    resumable = sum(not d and not f and (job.out_dir / CHECKPOINT).exists()
-                    for job, d, f in zip(jobs, done, failed_before))
     note = ""
     if any(failed_before):
         note = f", {sum(failed_before)} failed before: " + (
@@ -142,6 +142,9 @@ def _start_line(prepared: Prepared, workers: int | None, retry_failed: bool, pop
     todo = [job for job, d, f in zip(jobs, done, failed_before) if not d and (retry_failed or not f)]
     workers = workers or os.cpu_count() or 1
     units = populations(todo, workers) if population else todo
+    # a population's checkpoint is its own folder's; it resumes all its members
+    resumable = sum(len(unit.jobs) if isinstance(unit, Population) else 1
+                    for unit in units if (unit.out_dir / CHECKPOINT).exists())
     groups = sum(isinstance(unit, Population) for unit in units)
     how = f"{len(units)} run(s)"
     if groups:
@@ -158,6 +161,13 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     command = "python -m comparisons " + shlex.join(argv)
     prepared = [prepare_comparison(c, out, fmt=args.fmt, command=command)  # all checks, no run yet
                 for c, out in zip(comparisons, outs)]
+    if args.estimate:
+        from .estimate import estimate, format_estimate
+
+        workers = args.workers or os.cpu_count() or 1
+        for item in prepared:
+            print(format_estimate(item, estimate(item, workers), workers), flush=True)
+        return 0
     failed = 0
     for item in prepared:
         print(_start_line(item, args.workers, args.retry_failed, args.population == "on"), flush=True)

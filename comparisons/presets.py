@@ -119,6 +119,57 @@ def sparse_bit_flipping() -> list[Comparison]:
                        name="sparse-bit-flipping")]
 
 
+CBP = {"replacement_rate": 1e-4, "maturity_threshold": 100}  # the paper's CBP settings
+
+
+def _budget_arms(prefix: str, bench: Mapping[str, Any], width: int, hidden_layers: int,
+                 widths: Sequence[int], erk_width: int | None, strategies_: Sequence[str]) -> list[Arm]:
+    """Arms at one weight budget: dense bp and cbp at ``width``; constant fan-in at each of ``widths`` (x
+    ``width``) with ``strategies_``; ERK at ``erk_width`` x with bp, cbp, rigl and cbp-rigl (SRigL needs
+    constant fan-in). A sparse arm's density is the dense arm's weight count over its own."""
+    n_in, n_out = bench["n_in"], bench["n_out"]
+    shared = {key: value for key, value in bench.items() if key not in ("n_in", "n_out")}
+
+    def weights(w: int) -> int:
+        return n_in * w + (hidden_layers - 1) * w * w + w * n_out
+
+    def arm(name: str, strategy: str, w: int, distribution: str | None = None) -> Arm:
+        settings = CBP if "cbp" in strategy else {}
+        sized = {**shared, "hidden": (w,) * hidden_layers}
+        if distribution is not None:
+            sized |= {"density": round(weights(width) / weights(w), 6), "distribution": distribution}
+        return Arm(f"{prefix}-{name}", strategy, settings=settings, bench=sized)
+
+    arms = [arm("dense-bp", "bp", width), arm("dense-cbp", "cbp", width)]
+    for factor in widths:
+        arms += [arm(f"fanin{factor}x-{s}", s, factor * width, "constant-fan-in") for s in strategies_]
+    if erk_width is not None:
+        arms += [arm(f"erk{erk_width}x-{s}", s, erk_width * width, "erk") for s in ("bp", "cbp", "rigl", "cbp-rigl")]
+    return arms
+
+
+def sparse_budget() -> list[Comparison]:
+    """The seed question per weight budget: does a structured sparse topology keep plasticity as well as
+    dense CBP with the same number of weights, and at what cost? Bit-flipping (the paper's stream, 1M steps,
+    20 seeds) at three budgets, the paper's 20-5-1 learner's weights, 5x and 25x them: dense bp and cbp at
+    the width the budget buys (5, 25, 125), and 2x, 5x and 10x wider nets with the same weights, constant
+    fan-in, with bp (static), cbp, rigl, srigl and cbp-srigl, plus 5x with ERK (bp, cbp, rigl, cbp-rigl).
+    Permuted MNIST (784-100x3-10's weights, SGD 0.003, batch 1, 30 tasks of 10,000 images, 5 seeds): dense
+    bp and cbp; constant fan-in at 2x and 5x the width with bp, cbp, srigl and cbp-srigl. Several hours on
+    2 CPU cores: ``--estimate`` measures each arm briefly and prints the expected time."""
+    flipping = {"n_in": 20, "n_out": 1}
+    budgets = []
+    for index, width in enumerate((5, 25, 125)):
+        budgets += _budget_arms(f"b{5 ** index}x", {**flipping}, width, 1, (2, 5, 10), 5,
+                                ("bp", "cbp", "rigl", "srigl", "cbp-srigl"))
+    mnist = {"n_in": 784, "n_out": 10, "lr": 0.003, "batch_size": 1, "examples_per_task": 10_000, "tasks": 30}
+    mnist_arms = _budget_arms("mnist", mnist, 100, 3, (2, 5), None, ("bp", "cbp", "srigl", "cbp-srigl"))
+    return [
+        Comparison("bit-flipping", tuple(budgets), seeds=tuple(range(20)), steps=1_000_000, name="sparse-budget-bit-flipping"),
+        Comparison("permuted-mnist", tuple(mnist_arms), seeds=tuple(range(5)), name="sparse-budget-permuted-mnist"),
+    ]
+
+
 def paper() -> list[Comparison]:
     """Both published scales: ``paper-bit-flipping`` and ``paper-permuted-mnist`` (in OUT/<name>/)."""
     return paper_bit_flipping() + paper_permuted_mnist()
@@ -128,6 +179,7 @@ PRESETS: dict[str, Callable[[], list[Comparison]]] = {
     "quick": quick,
     "permuted-mnist-cpu": permuted_mnist_cpu,
     "sparse-bit-flipping": sparse_bit_flipping,
+    "sparse-budget": sparse_budget,
     "paper": paper,
     "paper-bit-flipping": paper_bit_flipping,
     "paper-permuted-mnist": paper_permuted_mnist,

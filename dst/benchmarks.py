@@ -27,6 +27,7 @@ from .optim import OPTIMIZERS, build_optimizer
 from .population import check_seeds, cross_entropy_per_member, mse_per_member
 from .registry import Registry
 from .sparsity import DISTRIBUTIONS
+from .backends import BACKENDS
 from .streams import BitFlippingStream, Stream
 from .streams.base import derive_seed
 
@@ -79,6 +80,9 @@ class BenchmarkConfig(Config):
         1.0, low=0.0, high=1.0, low_open=True, search=(0.05, 1.0), help="global weight density (1 = dense)"
     )
     distribution: str = setting("erk", choices=DISTRIBUTIONS, help="layer-density distribution")
+    backend: str = setting(
+        "auto", choices=BACKENDS, help="how sparse linear layers compute: masked (reference), condensed, auto"
+    )
     dense_first: bool = setting(False, help="keep the first layer dense")
     dense_last: bool = setting(False, help="keep the last layer dense")
     batch_size: int = setting(1, low=1, help="examples per step")

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .backends import Backends
 from .errors import ConfigError, NonFiniteLossError
 from .population import forward, is_population, zero_members
 from .refresh import NO_REFRESH, RefreshStrategy
@@ -83,6 +84,10 @@ class Experiment:
     fused:
         ``None`` lets :class:`dst.step.TrainingStep` write the gradients out (no autograd) whenever the model
         and loss allow it; ``False`` always runs autograd.
+    backend:
+        How sparse linear layers compute between refreshes (:mod:`dst.backends`): ``masked`` (the
+        reference), ``condensed``, ``auto``. Results are the same; the model is masked again whenever the
+        strategy refreshes, the probe or test runs, a checkpoint is written, and after ``run``.
     task_type:
         ``"classification"`` adds an online ``accuracy`` column.
     bin_size:
@@ -124,6 +129,7 @@ class Experiment:
         probe: "Probe | None" = None,
         on_row: Callable[[list[dict[str, Any]]], None] | None = None,
         fused: bool | None = None,
+        backend: str = "masked",
     ) -> None:
         if not isinstance(steps, int) or steps <= 0:
             raise ConfigError(f"steps must be a positive integer, got {steps!r}")
@@ -141,6 +147,7 @@ class Experiment:
             )
         self.population = is_population(model)
         self.steps, self.loss_fn, self.task_type = steps, loss_fn, task_type
+        self.backends = Backends(model, optimizer, strategy, backend)
         self.train_step = TrainingStep(model, optimizer, loss_fn, self.members, stream.device, fused)
         self.bin_size = bin_size
         self.check_every = max(1, min(check_every, bin_size))
@@ -199,6 +206,7 @@ class Experiment:
 
     def _save_checkpoint(self, step: int, task: int) -> None:
         assert self.out_dir is not None
+        self.backends.expand()
         tmp = self.out_dir / (CHECKPOINT + ".tmp")
         torch.save(self._checkpoint_state(step, task), tmp)
         os.replace(tmp, self.out_dir / CHECKPOINT)  # atomic: a crash never leaves half a checkpoint
@@ -261,6 +269,7 @@ class Experiment:
         """Zero the stopped members' parameters and optimizer state, whose non-finite values would otherwise
         reach batched operations (the probe's SVDs); they go on training unseen, and may diverge again, so
         this runs again before every probe and test."""
+        self.backends.expand()
         zero_members(self.model, self.optimizer, list(self.failed))
 
     def run(self, resume: bool = False) -> list[pd.DataFrame]:
@@ -295,6 +304,7 @@ class Experiment:
         return min(events)
 
     def _run_probe(self, task: int) -> None:
+        self.backends.expand()
         if self.failed:
             self._zero_failed()
         inputs, targets = self.stream.probe_batch(task)  # type: ignore[attr-defined]
@@ -305,6 +315,7 @@ class Experiment:
     @torch.no_grad()
     def _run_test(self, task: int) -> None:
         """Test the model (eval mode, no gradient, no RNG) on the held-out data of a finished task."""
+        self.backends.expand()
         if self.failed:
             self._zero_failed()
         inputs, targets = self.stream.test_batch(task)  # type: ignore[attr-defined]
@@ -370,6 +381,7 @@ class Experiment:
 
     def _loop(self, step: int, task: int) -> None:
         model, optimizer, strategy, train_step = self.model, self.optimizer, self.strategy, self.train_step
+        backends = self.backends
         classify = self.task_type == "classification"
         losses: list[torch.Tensor] = []
         corrects: list[torch.Tensor] = []
@@ -392,6 +404,8 @@ class Experiment:
                     strategy.on_task_start(task)
                     if self.probe is not None:
                         self._run_probe(task)
+                if backends:
+                    backends.prepare(strategy.step + 1)  # compact layers, unless the strategy refreshes
                 output, loss = train_step(x, y)  # the output, (S,) losses, and gradients in .grad
                 losses.append(loss)
                 if classify:
@@ -436,3 +450,4 @@ class Experiment:
                 raise ConfigError(f"the stream ended after {step} steps, before the {self.steps} asked for")
         finally:
             bar.close()
+            self.backends.expand()

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
@@ -43,6 +43,7 @@ __all__ = [
     "ElementwiseAdam",
     "LearningRate",
     "reset_optimizer_state",
+    "replace_parameter",
     "build_optimizer",
     "OPTIMIZERS",
 ]
@@ -352,6 +353,38 @@ def reset_optimizer_state(
                 value.view(-1)[index] = 0
             else:
                 value[index] = 0
+
+
+def replace_parameter(
+    optimizer: torch.optim.Optimizer,
+    old: torch.Tensor,
+    new: torch.Tensor,
+    convert: Callable[[torch.Tensor], torch.Tensor],
+) -> None:
+    """Let ``optimizer`` update ``new`` where it updated ``old`` (same group, same place): every state tensor
+    of ``old`` shaped like it becomes ``convert(tensor)`` under ``new``; other state (a scalar step count)
+    moves as it is. (A sparse backend swaps a layer's dense weight for its compact values this way.)"""
+    for group in optimizer.param_groups:
+        params = group["params"]
+        for position, param in enumerate(params):
+            if param is old:
+                params[position] = new
+                break
+        else:
+            continue
+        break
+    else:
+        raise ValueError("replace_parameter: the optimizer does not hold the parameter to replace")
+    state = optimizer.state.pop(old, None)
+    if state:
+        optimizer.state[new] = {
+            key: convert(value) if isinstance(value, torch.Tensor) and value.shape == old.shape else value
+            for key, value in state.items()
+        }
+    cache = getattr(optimizer, "_member_cache", None)
+    if cache:
+        for key in [key for key in cache if key[0] is old]:
+            del cache[key]
 
 
 def build_optimizer(

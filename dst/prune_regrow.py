@@ -78,30 +78,45 @@ def ranked(scores: torch.Tensor, counts: np.ndarray, *, largest: bool) -> torch.
     Best is highest (``largest``) or lowest, ties going to the lower position, so a row's c best are the
     same whatever the other rows ask for: a member's picks do not depend on the other members. The
     threshold comes from a selection (``kthvalue``); only when the counts differ are the picks sorted.
-    Over more than 2^18 scores a row is first narrowed to the about 1.5 k candidates beyond a threshold
-    read off a strided sample, all rows at once; exact whenever every row keeps at least k (checked;
-    otherwise the rows are ranked in full).
+    Over more than 2^18 scores, where a row holds at least 8 k, each row is first narrowed to the about
+    2.5 k candidates beyond a threshold read off a strided sample of it, all rows at once; exact for every
+    row that keeps at least k (checked; the others are ranked in full).
     """
     k = int(counts.max())
     ordered = bool((counts != k).any())
     keys = -scores if largest else scores
     rows, n = keys.shape
-    if n > _PREFILTER_ABOVE and 4 * k <= n:
-        stride = max(1, n // 65536)
-        sample = keys[:, ::stride]
-        position = min(sample.shape[1], max(1, math.ceil(1.5 * k * sample.shape[1] / n)))
-        threshold = sample.kthvalue(position, dim=1, keepdim=True).values
-        row, column = (keys <= threshold).nonzero(as_tuple=True)
-        passing = torch.bincount(row, minlength=rows)
-        if bool((passing >= k).all()):
-            slot = torch.arange(row.numel(), device=keys.device) - (passing.cumsum(0) - passing)[row]
-            width = int(passing.max())
-            positions = torch.zeros(rows, width, dtype=torch.long, device=keys.device)
-            positions[row, slot] = column
-            narrowed = torch.full((rows, width), torch.inf, dtype=keys.dtype, device=keys.device)
-            narrowed[row, slot] = keys[row, column]  # padding (+inf) comes after every candidate
-            return positions.gather(1, _lowest(narrowed, k, ordered))
-    return _lowest(keys, k, ordered)
+    sample = max(_PREFILTER_ABOVE // 4 // rows, 8 * k)  # sampled scores per row
+    stride = n // sample if rows * n > _PREFILTER_ABOVE and 8 * k <= n else 1
+    if stride < 2:
+        return _lowest(keys, k, ordered)
+    strided = keys[:, ::stride]
+    position = min(strided.shape[1], max(1, math.ceil(2.5 * k * strided.shape[1] / n)))
+    threshold = strided.kthvalue(position, dim=1, keepdim=True).values
+    row, column = (keys <= threshold).nonzero(as_tuple=True)
+    passing = torch.bincount(row, minlength=rows)
+    short = passing < k
+    if bool(short.any()):  # rare: ranked in full
+        picks = torch.empty(rows, k, dtype=torch.long, device=keys.device)
+        picks[short] = _lowest(keys[short], k, ordered)
+        fine = ~short
+        if not bool(fine.any()):
+            return picks
+        keep = fine[row]
+        row, column = row[keep], column[keep]
+        passing = torch.where(fine, passing, 0)
+    else:
+        picks, fine = None, None
+    slot = torch.arange(row.numel(), device=keys.device) - (passing.cumsum(0) - passing)[row]
+    width = int(passing.max())
+    positions = torch.zeros(rows, width, dtype=torch.long, device=keys.device)
+    positions[row, slot] = column
+    narrowed = torch.full((rows, width), torch.inf, dtype=keys.dtype, device=keys.device)
+    narrowed[row, slot] = keys[row, column]  # padding (+inf) comes after every candidate
+    if picks is None:
+        return positions.gather(1, _lowest(narrowed, k, ordered))
+    picks[fine] = positions[fine].gather(1, _lowest(narrowed[fine], k, ordered))
+    return picks
 
 
 def _lowest(keys: torch.Tensor, k: int, ordered: bool) -> torch.Tensor:
@@ -211,6 +226,11 @@ class PruneRegrow(RefreshStrategy, metaclass=ABCMeta):
 
     def on_task_start(self, task: int) -> None:
         self.task_start = self.step
+
+    knows_refresh_steps = True
+
+    def refreshes_at(self, step: int) -> bool:
+        return self.fractions(step) is not None
 
     def fractions(self, step: int) -> np.ndarray | None:
         """Every member's drop fraction at (1-based) step ``step`` (0: no update), or None if none updates."""

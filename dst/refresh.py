@@ -136,6 +136,15 @@ class RefreshStrategy:
         """Whether every member has the same value of setting ``key``."""
         return len({getattr(config, key) for config in self.configs}) == 1
 
+    #: Whether :meth:`refreshes_at` names the steps at which the strategy touches the masked layers; a sparse
+    #: backend (``dst.backends``) keeps layers compact on the others. False: it may at any step.
+    knows_refresh_steps: ClassVar[bool] = False
+
+    def refreshes_at(self, step: int) -> bool:
+        """Whether at (1-based) step ``step`` the strategy reads or changes weights, masks, dense gradients or
+        optimizer state (beyond masking gradients). The base class answers yes at every step."""
+        return True
+
     def before_step(self) -> None:
         """After backward, before ``optimizer.step()``: zero the gradient at masked positions."""
         for layer in self.masked:
@@ -175,6 +184,10 @@ class Backprop(RefreshStrategy):
     """Plain backpropagation: no refresh (masks of a sparse net stay fixed: static sparse training)."""
 
     Config = BackpropConfig
+    knows_refresh_steps = True
+
+    def refreshes_at(self, step: int) -> bool:
+        return False
 
 
 # -- composition ------------------------------------------------------------------------------
@@ -202,6 +215,10 @@ class CompositeStrategy(RefreshStrategy):
             ]
             seeds = [derive_seed(member_seed, index) for member_seed in self.seeds]
             self.parts.append(entry.cls(self.topology, optimizer, configs, seed=seeds))
+        self.knows_refresh_steps = all(part.knows_refresh_steps for part in self.parts)  # type: ignore[misc]
+
+    def refreshes_at(self, step: int) -> bool:
+        return any(part.refreshes_at(step) for part in self.parts)
 
     def before_step(self) -> None:
         for part in self.parts:

@@ -179,6 +179,7 @@ def prepare(
         progress=progress,
         probe=benchmark.make_probe(),
         on_row=on_row,
+        backend=benchmark.config.backend,
     )
 
 

@@ -43,6 +43,7 @@ from torch import nn
 
 from . import strategies
 from .config import setting
+from .backends.condensed import condensed_layout
 from .errors import TopologyError
 from .optim import reset_optimizer_state
 from .prune_regrow import RigL, RigLConfig, ranked
@@ -97,63 +98,69 @@ class SRigL(RigL):
         members = np.flatnonzero(fractions > 0)
         m = len(members)
         regrown = np.zeros(self.members, dtype=np.int64)
-        weight = self.rows(member_view(layer, layer.weight), members)
+        weight = self.rows(member_view(layer, layer.weight), members).detach()
         units = weight.shape[1]
-        mask = self.rows(self.member_masks(layer), members).clone()  # (M, n)
-        n = mask.shape[1]
-        row = n // units
-        magnitude = weight.detach().abs().reshape(m, n)
+        weight = weight.reshape(m, units, -1)  # a conv's unit: an output channel over in x kh x kw
+        mask = self.rows(member_view(layer, layer.mask), members).reshape(m, units, -1)  # (M, units, row)
+        row = mask.shape[-1]
+        n = units * row
         gradient = self.grow_scores(index, layer, members).reshape(m, n)
 
-        active = mask.sum(1).cpu().numpy()
+        # 1. the n_drop smallest active magnitudes go: ranked over the active weights only, (M, units, k)
+        inputs, valid = condensed_layout(mask)
+        k = inputs.shape[-1]
+        keep = torch.ones_like(inputs, dtype=torch.bool) if valid is None else valid.clone()
+        magnitude = weight.abs().gather(-1, inputs)
+        active = keep.sum((1, 2)).cpu().numpy()
         dropping = np.floor(fractions[members] * active).astype(np.int64)
-        keep = mask.clone()
-        if dropping.max() > 0:  # 1. the n_drop smallest active magnitudes go
-            _clear(keep, ranked(magnitude.masked_fill(~mask, torch.inf), dropping, largest=False), dropping)
+        if dropping.max() > 0:
+            scores = magnitude.masked_fill(~keep, torch.inf).view(m, units * k)
+            _clear(keep.view(m, units * k), ranked(scores, dropping, largest=False), dropping)
 
         budget = self.budget[index][members]
         ablated = torch.zeros(m, units, dtype=torch.bool, device=self.device)
         if self.ablates[index] and dropping.max() > 0:  # 2. neuron ablation
-            salient = _set(keep.clone(), ranked(gradient, dropping, largest=True), dropping)
+            salient = _dense(keep, inputs, row).view(m, n)
+            salient = _set(salient, ranked(gradient, dropping, largest=True), dropping)
             ablated = self._ablated(salient.view(m, units, row).sum(-1), budget, row, members)
         fan_in = budget // (units - ablated.sum(1).cpu().numpy())  # 3. k' = floor(B / A)
 
-        keep = keep.view(m, units, row)
         keep[ablated] = False
         limit = torch.as_tensor(fan_in, device=self.device)[:, None]
         kept = keep.sum(-1)
         over = kept > limit
         if bool(over.any()):  # an over-full unit keeps its k' largest magnitudes
             member, unit = over.nonzero(as_tuple=True)
-            scores = magnitude.view(m, units, row)[member, unit].masked_fill(~keep[member, unit], -torch.inf)
+            scores = magnitude[member, unit].masked_fill(~keep[member, unit], -torch.inf)
             counts = fan_in[member.cpu().numpy()]
-            rows = torch.zeros_like(keep[member, unit])
-            keep[member, unit] = _set(rows, ranked(scores, counts, largest=True), counts)
+            keep[member, unit] = _set(torch.zeros_like(keep[member, unit]), ranked(scores, counts, largest=True), counts)
             kept = keep.sum(-1)
+        kept_dense = _dense(keep, inputs, row)
         need = torch.where(ablated, 0, limit - kept)  # (M, units)
-        grown = torch.zeros_like(keep)
+        grown_member = grown_position = torch.empty(0, dtype=torch.long, device=self.device)
         if bool((need > 0).any()):  # an under-full unit grows its largest |gradient| outside what it keeps
             member, unit = (need > 0).nonzero(as_tuple=True)
-            scores = gradient.view(m, units, row)[member, unit].masked_fill(keep[member, unit], -torch.inf)
+            scores = gradient.view(m, units, row)[member, unit].masked_fill(kept_dense[member, unit], -torch.inf)
             counts = need[member, unit].cpu().numpy()
-            grown[member, unit] = _set(torch.zeros_like(keep[member, unit]), ranked(scores, counts, largest=True), counts)
+            picks = ranked(scores, counts, largest=True)
+            slots = _slots(counts, self.device)
+            grown_member = member[:, None].expand_as(picks)[slots]
+            grown_position = (unit[:, None] * row + picks)[slots]
 
-        keep, grown = keep.view(m, n), grown.view(m, n)
-        dropped = mask & ~keep
-        rows = torch.as_tensor(members, device=self.device)[:, None] * n
-        dropped_at = (rows + torch.arange(n, device=self.device))[dropped]
-        grown_member, grown_position = grown.nonzero(as_tuple=True)
-        grown_at = rows[grown_member, 0] + grown_position
+        rows = torch.as_tensor(members, device=self.device)
+        was = torch.ones_like(keep) if valid is None else valid
+        member, unit, slot = (was & ~keep).nonzero(as_tuple=True)  # dropped: active before, not kept
+        dropped_at = rows[member] * n + unit * row + inputs[member, unit, slot]
+        grown_at = rows[grown_member] * n + grown_position
         flat_weight, flat_mask = layer.weight.view(-1), layer.mask.view(-1)
         flat_weight[dropped_at] = 0
         flat_mask[dropped_at] = False
-        member_index = torch.as_tensor(members, device=self.device)[grown_member]
-        flat_weight[grown_at] = self.grown_values(index, layer, member_index, grown_position)
+        flat_weight[grown_at] = self.grown_values(index, layer, rows[grown_member], grown_position)
         flat_mask[grown_at] = True
         if self.optimizer is not None:
             reset_optimizer_state(self.optimizer, layer.weight, torch.cat((dropped_at, grown_at)), flat=True)
-        self.ablated[index][torch.as_tensor(members, device=self.device)] = ablated
-        regrown[members] = grown.sum(1).cpu().numpy()
+        self.ablated[index][rows] = ablated
+        regrown[members] = torch.bincount(grown_member, minlength=m).cpu().numpy()
         return regrown
 
     def _ablated(self, salient: torch.Tensor, budget: np.ndarray, row: int, members: np.ndarray) -> torch.Tensor:
@@ -178,6 +185,12 @@ class SRigL(RigL):
         self.budget = [np.asarray(b, dtype=np.int64).copy() for b in state["budget"]]
         for mine, saved in zip(self.ablated, state["ablated"]):
             mine.copy_(saved)
+
+
+def _dense(keep: torch.Tensor, inputs: torch.Tensor, row: int) -> torch.Tensor:
+    """The (M, units, row) boolean mask of the (M, units, k) entries ``keep`` at input positions ``inputs``."""
+    dense = torch.zeros(*keep.shape[:2], row, dtype=torch.bool, device=keep.device)
+    return dense.scatter_(-1, inputs, keep)
 
 
 def _slots(counts: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -156,3 +156,28 @@ def test_the_paper_presets_hold_the_papers_protocols():
         assert (bench["examples_per_task"], bench["tasks"]) == (10_000, 100)
     (quick,) = preset("quick")
     assert (quick.steps, len(quick.seeds), [a.strategy for a in quick.arms]) == (400_000, 30, ["bp", "cbp"])
+
+
+def test_the_start_line_counts_the_members_of_a_population_with_a_checkpoint_as_resumable(tmp_path):
+    from comparisons.api import prepare_comparison
+    from comparisons.cli import _start_line
+    from comparisons.presets import free_form
+
+    comparison = free_form("bit-flipping", ["bp"], seeds=(0, 1, 2), steps=400, bench=["hidden=8"])
+    prepared = prepare_comparison(comparison, tmp_path / "out")
+    (population,) = populations(list(prepared.jobs), workers=1)
+    population.out_dir.mkdir(parents=True)
+    (population.out_dir / "checkpoint.pt").write_bytes(b"")  # only its presence is read here
+    line = _start_line(prepared, 1, False, True)
+    assert "3 runs (0 already finished, 3 to resume): 1 population(s)" in line
+
+
+def test_estimate_measures_every_arm_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "est"
+    assert main([*ARMS, "--bench", "hidden=8", "--steps", "5000", "--estimate", "--out", str(out), "--workers", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "estimate for" in printed and "3 seeds per arm as one population, 2 worker(s)" in printed
+    lines = [line for line in printed.splitlines() if "ms/step" in line]
+    assert [line.split()[0] for line in lines] == ["bp", "cbp"]
+    assert all("x     5,000 steps" in line for line in lines)
+    assert "of wall time" in printed and not out.exists()
