@@ -148,6 +148,8 @@ class Experiment:
         self.population = is_population(model)
         self.steps, self.loss_fn, self.task_type = steps, loss_fn, task_type
         self.backends = Backends(model, optimizer, strategy, backend)
+        if self.backends:
+            log.info("sparse backends: %s", self.backends.describe())
         self.train_step = TrainingStep(model, optimizer, loss_fn, self.members, stream.device, fused)
         self.bin_size = bin_size
         self.check_every = max(1, min(check_every, bin_size))

@@ -195,11 +195,11 @@ class MaskedLinear(MaskedMixin, nn.Linear):
                 self.bias[s].uniform_(-bound, bound, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        condensed = self.__dict__.get("condensed")  # a sparse backend's state (dst.backends), while in use
-        if condensed is not None and condensed.active:
+        compact = self.__dict__.get("compact")  # a sparse backend's state (dst.backends), while in use
+        if compact is not None and compact.active:
             if self.members is not None:
-                return condensed.apply(x)
-            return condensed.apply(x.reshape(1, -1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
+                return compact.apply(x)
+            return compact.apply(x.reshape(1, -1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
         if self.members is None:
             return F.linear(x, self.weight, self.bias)
         if x.dim() != 3 or x.shape[0] != self.members or x.shape[2] != self.in_features:

@@ -68,6 +68,7 @@ __all__ = [
 SCHEDULES = ("constant", "cosine", "cosine-per-task", "stop")
 END_FRACTION = 0.75  # RigL's T_end = 0.75 x training
 _PREFILTER_ABOVE = 1 << 18  # ranking more scores than this per row first narrows the candidates
+_KEYED_FROM_ROWS = 64  # many rows (units of a layer) are ranked by packed integer keys
 _POSITIONS, _VALUES = 0, 1  # purposes of a layer's random draws: draw id = 2 * layer index + purpose
 
 
@@ -84,8 +85,10 @@ def ranked(scores: torch.Tensor, counts: np.ndarray, *, largest: bool) -> torch.
     """
     k = int(counts.max())
     ordered = bool((counts != k).any())
+    rows, n = scores.shape
+    if rows >= _KEYED_FROM_ROWS and scores.dtype in (torch.float32, torch.float16, torch.bfloat16) and n < 2**31:
+        return _keyed_best(scores, k, ordered, largest)
     keys = -scores if largest else scores
-    rows, n = keys.shape
     sample = max(_PREFILTER_ABOVE // 4 // rows, 8 * k)  # sampled scores per row
     stride = n // sample if rows * n > _PREFILTER_ABOVE and 8 * k <= n else 1
     if stride < 2:
@@ -117,6 +120,23 @@ def ranked(scores: torch.Tensor, counts: np.ndarray, *, largest: bool) -> torch.
         return positions.gather(1, _lowest(narrowed, k, ordered))
     picks[fine] = positions[fine].gather(1, _lowest(narrowed[fine], k, ordered))
     return picks
+
+
+def _keyed_best(scores: torch.Tensor, k: int, ordered: bool, largest: bool) -> torch.Tensor:
+    """What ``_lowest`` gives, for many rows of float32 (or narrower) scores: each score and its position
+    packed into one int64 (the float's bits made order-preserving, inverted for ``largest``, then the
+    position), so that a plain top-k is exact, ties to the lower position, whatever the number of ties
+    (rows of equal gradients are common)."""
+    scores = scores.to(torch.float32)
+    packed = scores.view(torch.int32).to(torch.int64)
+    packed ^= (packed >> 31) & 0x7FFFFFFF  # a larger float is now a larger integer
+    packed.masked_fill_(scores == 0, 0)  # -0.0 ties with 0.0, as floats do
+    if largest:
+        packed.bitwise_not_()  # the largest score first
+    packed <<= 32
+    packed |= torch.arange(scores.shape[1], device=scores.device)
+    picks = packed.topk(k, dim=1, largest=False, sorted=ordered).indices
+    return picks if ordered else picks.sort(dim=1).values
 
 
 def _lowest(keys: torch.Tensor, k: int, ordered: bool) -> torch.Tensor:

@@ -36,7 +36,6 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from .arrays import Arrays
-from .backends import condensed
 from .masked import MaskedLinear
 from .population import cross_entropy_per_member, forward, is_population, is_population_module, mse_per_member
 
@@ -88,7 +87,7 @@ class TrainingStep:
             self._loss = _LOSSES[loss_fn]
             weights = [linear.weight[0].numel() if self.population else linear.weight.numel()
                        for linear, _ in self._layers]
-            compact = any("condensed" in linear.__dict__ for linear, _ in self._layers)  # torch formulas only
+            compact = any("compact" in linear.__dict__ for linear, _ in self._layers)  # torch formulas only
             self.arrays = Arrays(host=not compact and Arrays.suits(device, weights))
             self._modules = list(model.modules())
             self._parameters = list(model.parameters())
@@ -121,14 +120,13 @@ class TrainingStep:
         xp = arrays.xp
         a = x.numpy() if arrays.host else x
         inputs = []
-        gathered = []  # a condensed layer's gathered inputs (dst.backends.condensed), else None
+        gathered = []  # what a compact layer's weight gradient needs (dst.backends), else None
         for linear, activation in self._layers:  # forward: keep each layer's input a_{l-1}
             inputs.append(a)
-            compact = linear.__dict__.get("condensed")
+            compact = linear.__dict__.get("compact")
             if compact is not None and compact.active:
-                values = compact.values.detach()
-                gathered.append(condensed.gather_inputs(a, compact.flat, values.shape[1], values.shape[2]))
-                h = condensed.forward(gathered[-1], values, None if linear.bias is None else arrays.parameter(linear, "bias"))
+                h, saved = compact.forward(a, None if linear.bias is None else arrays.parameter(linear, "bias"))
+                gathered.append(saved)
             else:
                 gathered.append(None)
                 h = _times_transposed(arrays.host, a, arrays.parameter(linear))  # a W^T
@@ -155,16 +153,16 @@ class TrainingStep:
         for index in reversed(range(len(self._layers))):  # backward
             linear = self._layers[index][0]
             a_in = inputs[index]
-            compact = linear.__dict__.get("condensed") if gathered[index] is not None else None
+            compact = linear.__dict__.get("compact") if gathered[index] is not None else None
             if compact is not None:
-                self._store(compact.values, condensed.weight_grad(delta, gathered[index], compact.valid))
+                self._store(compact.values, compact.weight_grad(delta, gathered[index]))
             else:
                 self._store(linear.weight, _transposed_times(arrays.host, delta, a_in))  # delta^T a
             if linear.bias is not None:
                 self._store(linear.bias, delta.sum(1))
             if index:
                 if compact is not None:
-                    delta = condensed.input_grad(delta, compact.values.detach(), compact.flat, a_in.shape[-1])
+                    delta = compact.input_grad(delta)
                 else:
                     delta = _times(arrays.host, delta, arrays.parameter(linear))  # delta W
                 activation = self._layers[index - 1][1]

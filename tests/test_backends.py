@@ -8,7 +8,7 @@ import torch
 from conftest import assert_same_state
 
 import dst
-from dst.backends import Backends
+from dst.backends import Backends, CSRLinear
 from dst.backends import condensed as C
 from dst.errors import ConfigError
 from dst.experiment import TIMING_COLUMNS
@@ -67,6 +67,35 @@ def test_forward_and_both_gradients_equal_the_masked_dense_products(device, batc
     torch.testing.assert_close(C.input_grad(delta, values, flat, 7), delta @ weight)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [1, 5])
+def test_the_csr_layer_computes_the_masked_dense_products(device, batch):
+    g = torch.Generator().manual_seed(2)
+    mask = torch.zeros(3, 6, 9, dtype=torch.bool)
+    for s in range(3):  # 11 active weights per member, unevenly over the units (one unit empty)
+        mask[s].view(-1)[torch.randperm(45, generator=g)[:11] + 9] = True
+    layer = dst.masked.MaskedLinear(9, 6, members=3, generators=[torch.Generator().manual_seed(s) for s in range(3)])
+    layer.set_mask(mask)
+    layer.to(device)
+    record = CSRLinear(layer)
+    record.condense(None)
+    weight, bias = layer.weight.detach(), layer.bias.detach()
+    x = torch.randn(3, batch, 9, generator=g).to(device)
+    delta = torch.randn(3, batch, 6, generator=g).to(device)
+    h, saved = record.forward(x, bias)
+    torch.testing.assert_close(h, x @ weight.transpose(1, 2) + bias[:, None])
+    dense_grad = (delta.transpose(1, 2) @ x).reshape(3, -1)
+    torch.testing.assert_close(record.weight_grad(delta, saved), dense_grad.gather(1, record.positions))
+    torch.testing.assert_close(record.input_grad(delta), delta @ weight)
+
+
+def test_csr_refuses_members_with_different_counts():
+    layer = dst.masked.MaskedLinear(4, 2, members=2)
+    layer.set_mask(torch.tensor([[[1, 1, 0, 0], [0, 0, 0, 1]], [[1, 0, 0, 0], [0, 0, 0, 1]]], dtype=torch.bool))
+    with pytest.raises(ConfigError, match="same number of active weights in every member"):
+        CSRLinear(layer)
+
+
 def _layers(members: int = 2, density: float = 0.3, seed: int = 0):
     seeds = list(range(seed, seed + members))
     net = dst.nets.mlp(12, [16, 16], 3, generators=[torch.Generator().manual_seed(s) for s in seeds])
@@ -86,10 +115,10 @@ def test_condensing_moves_weights_and_optimizer_state_and_expanding_restores_the
     backends = Backends(net, optimizer, strategy, "condensed")
     backends.prepare(1)
     layer = net[0]
-    record = layer.condensed
+    record = layer.compact
     assert record.active and all(p is not layer.weight for group in optimizer.param_groups for p in group["params"])
     assert layer.weight not in optimizer.state and optimizer.state[record.values]["exp_avg"].shape == record.values.shape
-    torch.testing.assert_close(record.values, before["0.weight"].gather(-1, record.index))
+    torch.testing.assert_close(record.values, before["0.weight"].gather(-1, record.index))  # (S, units, k)
     backends.expand()
     for name, p in net.named_parameters():
         assert torch.equal(p, before[name]), name
@@ -113,8 +142,11 @@ def test_auto_condenses_only_large_sparse_constant_fan_in_layers_of_strategies_t
 
     net, backends = build("bp")
     assert [record.layer for record in backends.layers] == [net[0], net[2]]  # 300x400, 400x400; not 400x10
+    assert {record.name for record in backends.layers} == {"condensed"}
     assert build("srigl")[1] and not build("cbp")[1]  # cbp may touch weights at every step
-    assert not build("bp", distribution="erk")[1]  # unstructured: stays masked
+    net, backends = build("rigl", distribution="erk")  # unstructured at 0.1: CSR
+    assert {record.name for record in backends.layers} == {"csr"} and len(backends.layers) == 2
+    assert not build("bp", distribution="erk", density=0.2)[1]  # unstructured above CSR's break-even: masked
     assert not build("bp", hidden=(40, 40))[1]  # small layers: per-call overhead favours masked
     assert not build("bp", density=0.5)[1]
     with pytest.raises(ConfigError, match="unknown backend 'fast'"):
@@ -132,27 +164,31 @@ def _no_timing(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.drop(columns=list(TIMING_COLUMNS)).reset_index(drop=True)
 
 
-CASES = {
+CASES = {  # strategy -> settings, bench (constant fan-in: condensed; ERK: csr)
     "bp": ({}, {"optimizer": "sgd", "momentum": 0.9}),
+    "rigl": ({"update_interval": 40}, {"optimizer": "sgd", "momentum": 0.5, "distribution": "erk"}),
+    "set": ({"update_interval": 40}, {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-2, "distribution": "erk"}),
     "srigl": ({"update_interval": 40, "gamma_sal": 0.5}, {"optimizer": "elementwise-adam", "lr": 1e-3}),
     "cbp-srigl": ({"update_interval": 40, "replacement_rate": 0.01, "maturity_threshold": 20}, {"optimizer": "adam", "lr": 1e-3}),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_a_condensed_run_equals_the_masked_run(tmp_path, name):
+def test_a_compact_run_equals_the_masked_run(tmp_path, name):
     settings, bench = CASES[name]
     bench = {"density": 0.3, "distribution": "constant-fan-in", "hidden": (32, 32), "bin_size": 250,
              "change_every": 500, "probe_size": 100, **bench}
     frames = {}
-    for backend in ("masked", "condensed"):
+    compact = "csr" if bench.get("distribution") == "erk" else "condensed"
+    for backend in ("masked", compact):
         spec = RunSpec("bit-flipping", name, steps=1000, seeds=(3, 5), device="cpu", settings=settings,
                        bench={**bench, "backend": backend})
         experiment = prepare(spec, tmp_path / backend, progress=False)
         frames[backend] = experiment.run()
-        if backend == "condensed":
+        if backend == compact:
             assert experiment.backends and not experiment.backends.layers[0].active  # masked again after run
         frames[backend + " model"] = experiment.model.state_dict()
+    frames["condensed"], frames["condensed model"] = frames[compact], frames[compact + " model"]
     for masked, condensed in zip(frames["masked"], frames["condensed"]):
         if name != "bp":
             assert masked["connections_regrown"].sum() > 0

@@ -2,20 +2,22 @@
 
 - ``masked`` (the reference): the dense weight times its mask; exact for every strategy and optimizer.
 - ``condensed``: constant fan-in layers as values and input indices (:mod:`dst.backends.condensed`).
+- ``csr``: unstructured layers as torch.sparse CSR, the members as diagonal blocks (:mod:`dst.backends.csr`).
 
 A backend never changes what is computed, only how: a strategy, a probe and a checkpoint always see the
-masked layer. :class:`Backends` keeps a model's layers condensed on the steps at which the strategy leaves
+masked layer. :class:`Backends` keeps a model's layers compact on the steps at which the strategy leaves
 weights, masks, gradients and optimizer state alone (``RefreshStrategy.refreshes_at``), and masked on the
 others: before such a step the values and every optimizer state tensor are written back into the masked
 layer, the step runs exactly as on the masked backend (dense gradient, the strategy's refresh), and the next
-quiet step rebuilds the condensed layout from the refreshed mask. So a refresh every 100 steps costs one
-conversion each way per 100 steps, and a strategy that may refresh at every step (CBP) keeps the layers
-masked under ``auto``.
+quiet step rebuilds the compact layout from the refreshed mask (:mod:`dst.backends.compact`). So a refresh
+every 100 steps costs one conversion each way per 100 steps, and a strategy that may refresh at every step
+(CBP) keeps the layers masked under ``auto``.
 
-``auto`` condenses a linear layer when its mask has a constant fan-in, its density is at most
-:data:`CONDENSED_MAX_DENSITY` (the break-even measured by ``benchmarks/sparse_speed.py``), it has at least
-:data:`CONDENSED_MIN_WEIGHTS` weights per member (below that a step is per-call overhead, which the masked
-layer's fewer calls win), and the strategy says at which steps it refreshes.
+``auto`` gives a linear layer of at least :data:`MIN_WEIGHTS` weights per member (below that a step is
+per-call overhead, which the masked layer's fewer calls win), under a strategy that says at which steps it
+refreshes, the condensed layout if its mask has a constant fan-in and density at most
+:data:`CONDENSED_MAX_DENSITY`, else CSR at density at most :data:`CSR_MAX_DENSITY`, else masked: the
+break-evens measured by ``benchmarks/sparse_speed.py``.
 """
 
 from __future__ import annotations
@@ -28,17 +30,21 @@ from torch import nn
 from ..errors import ConfigError
 from ..masked import MaskedLinear, masked_layers
 from ..population import member_view
+from .compact import CompactLinear
 from .condensed import CondensedLinear, condensed_layout
+from .csr import CSRLinear
 
-__all__ = ["BACKENDS", "CONDENSED_MAX_DENSITY", "CONDENSED_MIN_WEIGHTS", "Backends", "CondensedLinear"]
+__all__ = ["BACKENDS", "CONDENSED_MAX_DENSITY", "CSR_MAX_DENSITY", "MIN_WEIGHTS", "Backends", "CompactLinear",
+           "CondensedLinear", "CSRLinear"]
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "masked", "condensed")
-#: ``auto`` condenses layers up to this density (benchmarks/sparse_speed.py: break-even ~0.5 at 2000 x 2000)
+BACKENDS = ("auto", "masked", "condensed", "csr")
+#: ``auto``: the densities up to which the condensed and CSR layouts are used (benchmarks/sparse_speed.py)
 CONDENSED_MAX_DENSITY = 0.3
-#: ... and of at least this many weights per member
-CONDENSED_MIN_WEIGHTS = 1 << 16
+CSR_MAX_DENSITY = 0.1
+#: ... for layers of at least this many weights per member
+MIN_WEIGHTS = 1 << 16
 
 
 class Backends:
@@ -48,22 +54,23 @@ class Backends:
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         self.optimizer, self.strategy, self.backend = optimizer, strategy, backend
-        self.layers: list[CondensedLinear] = []
+        self.layers: list[CompactLinear] = []
         self.dense = True  # every layer is its masked self
         if backend == "masked":
             return
-        linear = [layer for layer in masked_layers(model) if isinstance(layer, MaskedLinear)]
-        if backend == "condensed":
+        linear = [layer for layer in masked_layers(model) if isinstance(layer, MaskedLinear) and layer.density < 1]
+        if backend != "auto":
             if not linear:
-                raise ConfigError("backend=condensed needs sparse linear layers (--bench density < 1); use backend=masked")
-            self.layers = [CondensedLinear(layer) for layer in linear if layer.density < 1]  # dense ones stay
+                raise ConfigError(f"backend={backend} needs sparse linear layers (--bench density < 1); use backend=masked")
+            kind = CondensedLinear if backend == "condensed" else CSRLinear
+            self.layers = [kind(layer) for layer in linear]
             if not getattr(strategy, "knows_refresh_steps", False):
-                log.warning("strategy %r may refresh at every step, so backend=condensed converts its layers to masked "
-                            "and back at every step; backend=auto keeps them masked", strategy.name)
+                log.warning("strategy %r may refresh at every step, so backend=%s converts its layers to masked "
+                            "and back at every step; backend=auto keeps them masked", strategy.name, backend)
         elif getattr(strategy, "knows_refresh_steps", False):
-            self.layers = [CondensedLinear(layer) for layer in linear if _condenses(layer)]
+            self.layers = [kind(layer) for layer in linear if (kind := _chosen(layer)) is not None]
         for record in self.layers:
-            record.layer.condensed = record
+            record.layer.compact = record
 
     def __bool__(self) -> bool:
         return bool(self.layers)
@@ -85,19 +92,22 @@ class Backends:
             self.dense = True
 
     def describe(self) -> str:
-        """Which backend each sparse linear layer runs on, for the run's log."""
-        if not self.layers:
-            return "masked"
-        return f"condensed for {len(self.layers)} layer(s), masked for the others"
+        """Which backend the sparse linear layers run on, for the run's log."""
+        kinds = [record.name for record in self.layers]
+        return ", ".join(f"{kinds.count(kind)} layer(s) {kind}" for kind in dict.fromkeys(kinds)) or "masked"
 
 
-def _condenses(layer: MaskedLinear) -> bool:
-    """``auto``: whether the condensed layout pays off for ``layer``."""
+def _chosen(layer: MaskedLinear) -> type[CompactLinear] | None:
+    """``auto``: the compact layout that pays off for ``layer``, or None (masked)."""
     mask = member_view(layer, layer.mask)
-    if mask[0].numel() < CONDENSED_MIN_WEIGHTS or layer.density > CONDENSED_MAX_DENSITY:
-        return False
-    try:
-        condensed_layout(mask)
-    except ConfigError:
-        return False
-    return True
+    if mask[0].numel() < MIN_WEIGHTS or layer.density > max(CONDENSED_MAX_DENSITY, CSR_MAX_DENSITY):
+        return None
+    if layer.density <= CONDENSED_MAX_DENSITY:
+        try:
+            condensed_layout(mask)
+            return CondensedLinear
+        except ConfigError:
+            pass
+    if layer.density <= CSR_MAX_DENSITY and bool((mask.reshape(mask.shape[0], -1).sum(1) == mask[0].sum()).all()):
+        return CSRLinear
+    return None

@@ -13,20 +13,16 @@ No dense matrix is read or written: a gather, a batched dot product per unit, an
 members differ in k (or a unit is ablated), rows are padded to the largest k with distinct inactive positions
 whose values stay 0: their gradient is zeroed (``valid``), so every optimizer keeps them at 0.
 
-:class:`CondensedLinear` holds one :class:`dst.masked.MaskedLinear`'s condensed state and converts both ways:
-``condense`` builds the index from the layer's mask and moves the weights and every optimizer state tensor
-shaped like them into ``values`` (the optimizer then updates ``values`` instead of the weight);
-``expand`` writes them back, so the masked layer is exact again for a refresh, a probe or a checkpoint.
+:class:`CondensedLinear` is one :class:`dst.masked.MaskedLinear`'s condensed state; the conversions both ways
+(weights and optimizer state) are :class:`dst.backends.compact.CompactLinear`'s.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..errors import ConfigError
-from ..optim import replace_parameter
-from ..population import member_view
+from .compact import CompactLinear
 
 __all__ = ["CondensedLinear", "condensed_layout", "gather_inputs", "forward", "weight_grad", "input_grad"]
 
@@ -93,80 +89,28 @@ def input_grad(delta: torch.Tensor, values: torch.Tensor, flat: torch.Tensor, n_
     return da.view(members, n_in, batch).transpose(1, 2)
 
 
-class _CondensedFunction(torch.autograd.Function):
-    """The layer's autograd path (models the written-out step does not cover)."""
-
-    @staticmethod
-    def forward(ctx, x, values, bias, layout):  # type: ignore[override]
-        g = gather_inputs(x, layout.flat, values.shape[1], values.shape[2])
-        ctx.save_for_backward(g, values)
-        ctx.layout, ctx.n_in, ctx.has_bias = layout, x.shape[-1], bias is not None
-        return forward(g, values, bias)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        g, values = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = input_grad(grad, values, ctx.layout.flat, ctx.n_in) if ctx.needs_input_grad[0] else None
-        grad_values = weight_grad(grad, g, ctx.layout.valid) if ctx.needs_input_grad[1] else None
-        grad_bias = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_values, grad_bias, None
-
-
-class CondensedLinear:
-    """The condensed state of one masked linear layer (see the module docstring), ``active`` while the
-    optimizer updates ``values`` and the layer's dense weight is not current."""
+class CondensedLinear(CompactLinear):
+    """A constant fan-in layer as ``values`` and ``index`` (S, units, k), see the module docstring."""
 
     name = "condensed"
 
-    def __init__(self, layer: nn.Module) -> None:
-        self.layer = layer
-        self.active = False
-        self.values: nn.Parameter | None = None
-        self.index = self.flat = self.valid = None
-        condensed_layout(member_view(layer, layer.mask))  # refuses a mask it cannot hold
-
-    @torch.no_grad()
-    def condense(self, optimizer: torch.optim.Optimizer | None) -> None:
-        layer = self.layer
-        mask = member_view(layer, layer.mask)
+    def build(self, mask: torch.Tensor) -> tuple[int, ...]:
         self.index, valid = condensed_layout(mask)
-        self.valid = None if valid is None else valid.to(layer.weight.dtype)
-        members, _, n_in = mask.shape
-        offsets = torch.arange(members, device=mask.device).view(-1, 1, 1) * n_in
-        self.flat = (self.index + offsets).view(-1)
-        weight = member_view(layer, layer.weight)
-        values = weight.gather(-1, self.index)
-        if self.values is not None and self.values.shape == values.shape:
-            self.values.copy_(values)
-            new = self.values
-        else:
-            new = nn.Parameter(values, requires_grad=layer.weight.requires_grad)
-        if optimizer is not None:
-            replace_parameter(optimizer, layer.weight, new, lambda state: member_view(layer, state).gather(-1, self.index))
-        self.values = new
-        self.values.grad = None
-        layer.weight.grad = None
-        self.active = True
+        members, units, n_in = mask.shape
+        k = self.index.shape[-1]
+        self.flat = (self.index + torch.arange(members, device=mask.device).view(-1, 1, 1) * n_in).view(-1)
+        self.positions = (self.index + torch.arange(units, device=mask.device).view(1, -1, 1) * n_in).view(members, -1)
+        self.valid = None if valid is None else valid.view(members, -1).to(self.layer.weight.dtype)
+        return members, units, k
 
-    @torch.no_grad()
-    def expand(self, optimizer: torch.optim.Optimizer | None) -> None:
-        layer, values = self.layer, self.values
-        assert values is not None and self.active
-        weight = member_view(layer, layer.weight)
+    def forward(self, a: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        values = self.values.detach()
+        g = gather_inputs(a, self.flat, values.shape[1], values.shape[2])
+        return forward(g, values, bias), g
 
-        def dense(state: torch.Tensor) -> torch.Tensor:  # padding (a per-element clock there too) -> 0
-            out = torch.zeros_like(layer.weight)
-            member_view(layer, out).scatter_(-1, self.index, state if self.valid is None else state * self.valid)
-            return out
+    def weight_grad(self, delta: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
+        valid = None if self.valid is None else self.valid.view(self.values.shape)
+        return weight_grad(delta, saved, valid)
 
-        weight.zero_().scatter_(-1, self.index, values)
-        if optimizer is not None:
-            replace_parameter(optimizer, values, layer.weight, dense)
-        values.grad = None
-        self.active = False
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's forward on a member-first input (S, batch, in), through autograd."""
-        bias = self.layer.bias
-        return _CondensedFunction.apply(x, self.values, None if bias is None else member_view(self.layer, bias), self)
+    def input_grad(self, delta: torch.Tensor) -> torch.Tensor:
+        return input_grad(delta, self.values.detach(), self.flat, self.n_in)
