@@ -81,7 +81,7 @@ class BenchmarkConfig(Config):
     )
     distribution: str = setting("erk", choices=DISTRIBUTIONS, help="layer-density distribution")
     backend: str = setting(
-        "auto", choices=BACKENDS, help="how sparse linear layers compute: masked (reference), condensed, auto"
+        "auto", choices=BACKENDS, help="how sparse linear layers compute: masked (reference), condensed, csr, auto"
     )
     dense_first: bool = setting(False, help="keep the first layer dense")
     dense_last: bool = setting(False, help="keep the last layer dense")

@@ -28,7 +28,7 @@ when fewer than n_keep weights are non-zero its global top-k may "keep" inactive
 positions (we keep only active weights and let each row grow by gradient).
 
 Population layout as everywhere: member m's scores and counts are its own, each selection is
-:func:`dst.prune_regrow.ranked` (ties to the lower position), so a member's update does not depend on the
+:func:`dst.ranking.ranked` (ties to the lower position), so a member's update does not depend on the
 others.
 """
 
@@ -46,7 +46,8 @@ from .config import setting
 from .backends.condensed import condensed_layout
 from .errors import TopologyError
 from .optim import reset_optimizer_state
-from .prune_regrow import RigL, RigLConfig, ranked
+from .prune_regrow import RigL, RigLConfig
+from .ranking import ranked
 from .population import member_view
 from .refresh import RefreshStats
 

@@ -260,7 +260,7 @@ def _reference_ranking(scores, largest):
 @pytest.mark.parametrize("largest", [True, False])
 @pytest.mark.parametrize("n", [1000, 400_000])  # ranked in full; narrowed by a sampled threshold first
 def test_ranked_picks_each_rows_best_with_ties_to_the_lower_position(n, largest):
-    from dst.prune_regrow import ranked
+    from dst.ranking import ranked
 
     g = torch.Generator().manual_seed(n)
     scores = torch.rand(3, n, generator=g)
@@ -295,3 +295,23 @@ def test_set_random_growth_is_a_uniform_subset_of_inactive_positions():
     assert int(layer.mask.sum()) == active
     inactive = counts[~mask[0]]
     assert chisquare(inactive.numpy()).pvalue > 1e-3  # each inactive position equally likely
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # packed int64 keys; the selection path
+def test_ranked_over_many_rows_with_ties_signed_zeros_and_infinities_is_a_stable_sort(largest, dtype):
+    from dst.ranking import ranked
+
+    g = torch.Generator().manual_seed(7)
+    rows, n = 200, 300
+    scores = torch.randn(rows, n, generator=g).to(dtype)
+    scores[torch.rand(rows, n, generator=g) < 0.3] = 0.0
+    scores[torch.rand(rows, n, generator=g) < 0.1] = -0.0  # ties with 0.0
+    scores[torch.rand(rows, n, generator=g) < 0.1] = torch.inf
+    scores[torch.rand(rows, n, generator=g) < 0.1] = -torch.inf
+    scores[::4] = 0.0  # whole rows of ties: a unit whose gradient is 0
+    reference = _reference_ranking(scores, largest)
+    for counts in (np.full(rows, 17), np.arange(rows) % n + 1):
+        chosen = ranked(scores, counts, largest=largest)
+        for row, count in enumerate(counts):
+            assert sorted(chosen[row, :count].tolist()) == sorted(reference[row, :count].tolist()), row
