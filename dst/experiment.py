@@ -147,7 +147,7 @@ class Experiment:
             )
         self.population = is_population(model)
         self.steps, self.loss_fn, self.task_type = steps, loss_fn, task_type
-        self.backends = Backends(model, optimizer, strategy, backend)
+        self.backends = Backends(model, optimizer, strategy, backend, getattr(stream, "batch_size", 1))
         if self.backends:
             log.info("sparse backends: %s", self.backends.describe())
         self.train_step = TrainingStep(model, optimizer, loss_fn, self.members, stream.device, fused)

@@ -134,11 +134,12 @@ def test_replacing_a_parameter_the_optimizer_does_not_hold_is_refused():
 
 
 def test_auto_condenses_only_large_sparse_constant_fan_in_layers_of_strategies_that_name_their_refresh_steps():
-    def build(strategy, distribution="constant-fan-in", hidden=(400, 400), density=0.1):
+    def build(strategy, distribution="constant-fan-in", hidden=(400, 400), density=0.1, batch=1):
         net = dst.nets.mlp(300, list(hidden), 10, generators=[torch.Generator().manual_seed(0)])
         dst.sparsify(net, density, distribution, seed=[0])
         optimizer = dst.build_optimizer("sgd", net.parameters(), 0.1)
-        return net, Backends(net, optimizer, dst.strategies.build(strategy, net, optimizer, seed=[0]), "auto")
+        strategy = dst.strategies.build(strategy, net, optimizer, seed=[0])
+        return net, Backends(net, optimizer, strategy, "auto", batch)
 
     net, backends = build("bp")
     assert [record.layer for record in backends.layers] == [net[0], net[2]]  # 300x400, 400x400; not 400x10
@@ -146,9 +147,10 @@ def test_auto_condenses_only_large_sparse_constant_fan_in_layers_of_strategies_t
     assert build("srigl")[1] and not build("cbp")[1]  # cbp may touch weights at every step
     net, backends = build("rigl", distribution="erk")  # unstructured at 0.1: CSR
     assert {record.name for record in backends.layers} == {"csr"} and len(backends.layers) == 2
-    assert not build("bp", distribution="erk", density=0.2)[1]  # unstructured above CSR's break-even: masked
+    assert not build("bp", distribution="erk", density=0.4)[1]  # unstructured above CSR's break-even: masked
     assert not build("bp", hidden=(40, 40))[1]  # small layers: per-call overhead favours masked
     assert not build("bp", density=0.5)[1]
+    assert not build("bp", batch=16)[1]  # minibatches: the dense matrix-matrix product wins
     with pytest.raises(ConfigError, match="unknown backend 'fast'"):
         Backends(net, None, None, "fast")
 

@@ -14,10 +14,11 @@ every 100 steps costs one conversion each way per 100 steps, and a strategy that
 (CBP) keeps the layers masked under ``auto``.
 
 ``auto`` gives a linear layer of at least :data:`MIN_WEIGHTS` weights per member (below that a step is
-per-call overhead, which the masked layer's fewer calls win), under a strategy that says at which steps it
-refreshes, the condensed layout if its mask has a constant fan-in and density at most
-:data:`CONDENSED_MAX_DENSITY`, else CSR at density at most :data:`CSR_MAX_DENSITY`, else masked: the
-break-evens measured by ``benchmarks/sparse_speed.py``.
+per-call overhead, which the masked layer's fewer calls win), trained online (batch 1), under a strategy
+that says at which steps it refreshes, the condensed layout if its mask has a constant fan-in and density
+at most :data:`CONDENSED_MAX_DENSITY`, else CSR at density at most :data:`CSR_MAX_DENSITY`, else masked:
+where ``benchmarks/sparse_speed.py`` measured them cheaper than the masked layer. With larger batches the
+dense product's matrix-matrix kernel wins at every density measured (down to 0.02), so ``auto`` stays masked.
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ __all__ = ["BACKENDS", "CONDENSED_MAX_DENSITY", "CSR_MAX_DENSITY", "MIN_WEIGHTS"
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "masked", "condensed", "csr")
-#: ``auto``: the densities up to which the condensed and CSR layouts are used (benchmarks/sparse_speed.py)
-CONDENSED_MAX_DENSITY = 0.3
-CSR_MAX_DENSITY = 0.1
+#: ``auto``: the densities up to which the condensed and CSR layouts beat the masked layer at batch 1
+#: (benchmarks/sparse_speed.py: 784-2000x3-10, masked ~1.4x plain dense, condensed 0.80x at 0.2, CSR 1.13x at 0.2)
+CONDENSED_MAX_DENSITY = 0.25
+CSR_MAX_DENSITY = 0.2
 #: ... for layers of at least this many weights per member
 MIN_WEIGHTS = 1 << 16
 
@@ -50,7 +52,8 @@ MIN_WEIGHTS = 1 << 16
 class Backends:
     """The backend of each sparse linear layer of ``model``, switched step by step (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, strategy, backend: str = "masked"):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, strategy, backend: str = "masked",
+                 batch_size: int = 1):
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         self.optimizer, self.strategy, self.backend = optimizer, strategy, backend
@@ -67,7 +70,7 @@ class Backends:
             if not getattr(strategy, "knows_refresh_steps", False):
                 log.warning("strategy %r may refresh at every step, so backend=%s converts its layers to masked "
                             "and back at every step; backend=auto keeps them masked", strategy.name, backend)
-        elif getattr(strategy, "knows_refresh_steps", False):
+        elif batch_size == 1 and getattr(strategy, "knows_refresh_steps", False):
             self.layers = [kind(layer) for layer in linear if (kind := _chosen(layer)) is not None]
         for record in self.layers:
             record.layer.compact = record
