@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from conftest import assert_same_state
+from conftest import assert_same_state, train_step
 
 import dst
 from dst.backends import Backends, CSRLinear
@@ -240,11 +240,5 @@ def test_quiet_steps_never_convert_and_each_refresh_converts_once(monkeypatch):
     g = torch.Generator().manual_seed(0)
     for _ in range(35):
         backends.prepare(strategy.step + 1)
-        x, y = torch.randn(1, 2, 12, generator=g), torch.randn(1, 2, 3, generator=g)
-        loss = dst.population.mse_per_member(dst.forward(net, x), y).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        strategy.before_step()
-        optimizer.step()
-        strategy.after_step()
+        train_step(net, optimizer, strategy, torch.randn(1, 2, 12, generator=g), torch.randn(1, 2, 3, generator=g))
     assert sorted(set(expansions)) == [9, 19, 29]  # before steps 10, 20, 30: one conversion per layer each

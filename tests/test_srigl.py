@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import train_step
 from torch import nn
 
 import dst
@@ -155,13 +156,7 @@ def test_budgets_and_fan_ins_hold_over_many_updates_in_every_member(name):
     g = torch.Generator().manual_seed(0)
     ablated_seen = 0
     for _ in range(60):
-        x, y = torch.randn(3, 4, 12, generator=g), torch.randn(3, 4, 2, generator=g)
-        loss = dst.population.mse_per_member(dst.forward(net, x), y).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        strategy.before_step()
-        optimizer.step()
-        strategy.after_step()
+        train_step(net, optimizer, strategy, torch.randn(3, 4, 12, generator=g), torch.randn(3, 4, 2, generator=g))
         for layer, budget in zip(srigl.masked, budgets):
             for member, row in enumerate(row_fan_ins(layer.mask).tolist()):
                 units = [count for count in row if count]
