@@ -1,4 +1,5 @@
-"""PNG plots of a comparison: performance over time, plasticity metrics over time, grid sweeps.
+"""PNG plots of a comparison: performance over time, plasticity metrics over time, grid sweeps, and
+performance against weights and cost.
 
 Every arm keeps one colour and one marker in every figure; dense arms draw solid lines and sparse arms
 dashed ones, so the two families read apart at a glance. Bands and error bars are 95% percentile
@@ -26,7 +27,7 @@ from dst import strategies  # noqa: E402
 
 from .tables import bootstrap_intervals  # noqa: E402
 
-__all__ = ["plot_performance", "plot_metrics", "plot_grids", "PROBE_METRICS", "performance_label"]
+__all__ = ["plot_performance", "plot_metrics", "plot_grids", "plot_budget", "PROBE_METRICS", "performance_label"]
 
 DPI = 120
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")
@@ -215,3 +216,41 @@ def plot_grids(summary: pd.DataFrame, arms: Sequence[dict[str, Any]], out_dir: s
             safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{strategy}_{field}")
             paths.append(_save(fig, Path(out_dir) / f"grid_{safe}.png"))
     return paths
+
+
+def _layout(row: pd.Series) -> str:
+    if float(row.get("density", 1.0)) >= 1.0:
+        return "dense"
+    return str(row.get("bench.distribution", "sparse"))
+
+
+def plot_budget(summary: pd.DataFrame, path: str | os.PathLike, metric: str) -> Path | None:
+    """``budget.png``: each arm's late-window performance (mean and 95% bootstrap CI over seeds) against its
+    active weights per learner and against its seconds per step, coloured by strategy, shaped by layout
+    (dense, constant fan-in, ERK, ...). Only when the arms differ in weights."""
+    rows = summary[summary["n"] > 0]
+    if "weights" not in rows or rows["weights"].nunique() < 2:
+        return None
+    kinds = list(dict.fromkeys(rows["strategy"]))
+    layouts = list(dict.fromkeys(_layout(row) for _, row in rows.iterrows()))
+    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for _, row in rows.iterrows():
+        colour, marker = cmap(kinds.index(row["strategy"]) % 10), MARKERS[layouts.index(_layout(row)) % len(MARKERS)]
+        err = _error_bars(row.to_frame().T)
+        for ax, x in zip(axes, (row["weights"], row["seconds_per_step_mean"])):
+            ax.errorbar([x], [row["late_window_mean"]], yerr=err, color=colour, marker=marker, capsize=3,
+                        markersize=7, linestyle="none", alpha=0.85)
+    axes[0].set_xlabel("active weights per learner (log scale)")
+    axes[1].set_xlabel("seconds per training step of the arm's population (log scale)")
+    axes[0].set_ylabel(f"late-window {metric} (last 10% of bins)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.grid(True, alpha=0.3)
+    handles = [plt.Line2D([], [], color=cmap(i % 10), marker="o", linestyle="none", label=kind) for i, kind in enumerate(kinds)]
+    handles += [plt.Line2D([], [], color="grey", marker=MARKERS[i % len(MARKERS)], linestyle="none", label=layout)
+                for i, layout in enumerate(layouts)]
+    axes[1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                   title="strategy / layout")
+    fig.suptitle(f"late-window {metric} against weights and cost (mean and 95% bootstrap CI over seeds)")
+    return _save(fig, Path(path))

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from .plots import plot_grids, plot_metrics, plot_performance
+from .plots import plot_budget, plot_grids, plot_metrics, plot_performance
 from .tables import (
     INTERVAL,
     SUMMARY_METRICS,
@@ -173,6 +173,7 @@ def write_report(out: str | os.PathLike, fmt: str = "csv") -> dict[str, Any]:
         plots.append(plot_performance(finished, record["arms"], metric, out / "performance.png", title=title))
         plots.append(plot_metrics(finished, record["arms"], out / "metrics.png"))
         plots.extend(plot_grids(summary[summary["n"] > 0], record["arms"], out, metric))
+        plots.append(plot_budget(summary, out / "budget.png", metric))
     plots = [p for p in plots if p is not None]
     paths += plots
     report = out / "report.md"

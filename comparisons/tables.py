@@ -36,6 +36,7 @@ __all__ = [
     "run_summaries",
     "run_states",
     "summarize_runs",
+    "arm_weights",
     "INTERVAL",
     "bootstrap_interval",
     "bootstrap_intervals",
@@ -255,6 +256,7 @@ def summarize_runs(out: str | os.PathLike) -> pd.DataFrame:
         for metric in SUMMARY_METRICS:
             mean, low, high, _ = bootstrap_interval(mine[metric]) if metric in mine else (math.nan,) * 3 + (0,)
             row[f"{metric}_mean"], row[f"{metric}_low"], row[f"{metric}_high"] = mean, low, high
+        row["weights"] = arm_weights(record["benchmark"], json.dumps(arm["resolved_bench"], sort_keys=True))
         row["windows_overlap"] = bool(mine["windows_overlap"].eq(True).any()) if "windows_overlap" in mine else False
         row["late_window_better"] = better_direction("late_window", str(metrics[0])) if len(metrics) else ""
         row.update({f"settings.{k}": _cell(v) for k, v in arm["resolved_settings"].items()})
@@ -263,6 +265,30 @@ def summarize_runs(out: str | os.PathLike) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     order = sorted(frame.columns, key=lambda c: 1 if c.startswith("settings.") else 2 if c.startswith("bench.") else 0)
     return frame[order]  # measures first, then strategy settings, then benchmark settings (stable sort)
+
+
+@lru_cache(maxsize=None)
+def arm_weights(benchmark: str, bench: str) -> int:
+    """Active connection weights of one member (biases not counted) of ``benchmark`` with the resolved
+    settings ``bench`` (JSON): its learner built and sparsified as a run builds it, without its stream."""
+    import torch
+
+    from dst import benchmarks
+    from dst.masked import sparsify
+    from dst.population import member_view
+
+    settings = {key: value for key, value in json.loads(bench).items() if key in benchmarks.get(benchmark).config.field_names()}
+    built = benchmarks.build(benchmark, **settings)
+    c = built.config
+    model = sparsify(built.make_model([torch.Generator().manual_seed(0)]), c.density, c.distribution,
+                     dense_first=c.dense_first, dense_last=c.dense_last, seed=[0])
+    total = 0
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if weight is not None and weight.dim() >= 2:
+            mask = getattr(module, "mask", None)
+            total += int(member_view(module, mask)[0].sum()) if mask is not None else member_view(module, weight)[0].numel()
+    return total
 
 
 def write_table(frame: pd.DataFrame, path_stem: str | os.PathLike, fmt: str = "csv") -> Path:

@@ -181,3 +181,13 @@ def test_estimate_measures_every_arm_and_writes_nothing(tmp_path, capsys):
     assert [line.split()[0] for line in lines] == ["bp", "cbp"]
     assert all("x     5,000 steps" in line for line in lines)
     assert "of wall time" in printed and not out.exists()
+
+
+def test_the_report_counts_each_arms_weights_and_plots_performance_against_weights_and_cost(tmp_path):
+    out = tmp_path / "budget"
+    arms = ["--strategies", "bp,rigl", "--bench", "rigl.density=0.5", "--bench", "hidden=16", "--seeds", "2"]
+    assert main([*arms, *TINY[:4], *TINY[6:], "--out", str(out)]) == 0  # (TINY without its hidden=8)
+    summary = pd.read_csv(out / "summary.csv").set_index("strategy")
+    assert summary.loc["bp", "weights"] == 20 * 16 + 16 * 1  # every connection weight, biases not counted
+    assert abs(summary.loc["rigl", "weights"] - 336 * 0.5) <= 1  # ERK's exact per-layer counts, rounded
+    assert (out / "budget.png").stat().st_size > 10_000
