@@ -75,12 +75,11 @@ def _keyed_best(scores: torch.Tensor, k: int, ordered: bool, largest: bool) -> t
     packed into one int64 (the float's bits made order-preserving, inverted for ``largest``, then the
     position), so that a plain top-k is exact, ties to the lower position, whatever the number of ties
     (rows of equal gradients are common)."""
-    scores = scores.to(torch.float32)
-    packed = scores.view(torch.int32).to(torch.int64)
-    packed ^= (packed >> 31) & 0x7FFFFFFF  # a larger float is now a larger integer
-    packed.masked_fill_(scores == 0, 0)  # -0.0 ties with 0.0, as floats do
+    bits = (scores.to(torch.float32) + 0.0).view(torch.int32)  # a copy, in which -0.0 + 0.0 = 0.0 ties with 0.0
+    bits ^= (bits >> 31) & 0x7FFFFFFF  # a larger float is now a larger integer
     if largest:
-        packed.bitwise_not_()  # the largest score first
+        bits.bitwise_not_()  # the largest score first
+    packed = bits.to(torch.int64)
     packed <<= 32
     packed |= torch.arange(scores.shape[1], device=scores.device)
     picks = packed.topk(k, dim=1, largest=False, sorted=ordered).indices

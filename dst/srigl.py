@@ -141,7 +141,10 @@ class SRigL(RigL):
         grown_member = grown_position = torch.empty(0, dtype=torch.long, device=self.device)
         if bool((need > 0).any()):  # an under-full unit grows its largest |gradient| outside what it keeps
             member, unit = (need > 0).nonzero(as_tuple=True)
-            scores = gradient.view(m, units, row)[member, unit].masked_fill(kept_dense[member, unit], -torch.inf)
+            if len(member) == m * units:  # every unit grows (the common case): no gathered copy of the rows
+                scores = gradient.view(m * units, row).masked_fill(kept_dense.view(m * units, row), -torch.inf)
+            else:
+                scores = gradient.view(m, units, row)[member, unit].masked_fill(kept_dense[member, unit], -torch.inf)
             counts = need[member, unit].cpu().numpy()
             picks = ranked(scores, counts, largest=True)
             slots = _slots(counts, self.device)
