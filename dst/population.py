@@ -157,7 +157,17 @@ def _shift(z: torch.Tensor, bits: int) -> torch.Tensor:
     return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def _mix(z: torch.Tensor) -> torch.Tensor:
+def _mix(z: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """The splitmix64 finaliser. A numpy array (always a fresh one here) is mixed in place through a uint64
+    view, whose shifts are logical: the same bits at about half the passes over memory."""
+    if isinstance(z, np.ndarray):
+        u = z.view(np.uint64)
+        u ^= u >> np.uint64(30)
+        u *= np.uint64(0xBF58476D1CE4E5B9)
+        u ^= u >> np.uint64(27)
+        u *= np.uint64(0x94D049BB133111EB)
+        u ^= u >> np.uint64(31)
+        return z
     z = (z ^ _shift(z, 30)) * _MIX1
     z = (z ^ _shift(z, 27)) * _MIX2
     return z ^ _shift(z, 31)

@@ -552,3 +552,17 @@ def test_members_may_not_differ_between_a_number_and_none():
     configs = [_ToyConfig(limit=3), _ToyConfig(limit=None), _ToyConfig(limit=5)]
     with pytest.raises(ConfigError, match="members differ in 'limit'"):
         _Toy(_population(), None, configs, seed=list(SEEDS))
+
+
+def test_the_splitmix_finaliser_gives_the_same_bits_on_numpy_in_place_and_on_torch():
+    from dst.population import _mix
+
+    z = np.random.default_rng(0).integers(-(2**63), 2**63 - 1, size=10_000, dtype=np.int64)
+    on_torch = _mix(torch.from_numpy(z.copy())).numpy()
+    assert np.array_equal(_mix(z.copy()), on_torch)
+    mask = (1 << 64) - 1  # and both equal splitmix64's reference on Python ints
+    for value, mixed in zip(z[:50].tolist(), on_torch[:50].tolist()):
+        x = value & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        assert (x ^ (x >> 31)) == mixed & mask
