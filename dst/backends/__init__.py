@@ -79,7 +79,7 @@ class Backends:
         return bool(self.layers)
 
     def prepare(self, step: int) -> None:
-        """Before (1-based) step ``step``: masked layers if the strategy refreshes there, else condensed."""
+        """Before (1-based) step ``step``: masked layers if the strategy refreshes there, else compact ones."""
         if self.strategy.refreshes_at(step):
             self.expand()
         elif self.dense:
