@@ -13,7 +13,8 @@ from .config import Config, setting
 from .experiment import Experiment
 from .errors import ConfigError, DataError, DSTError, NonFiniteLossError, TopologyError
 from .masked import MaskedConv2d, MaskedLinear, apply_masks, mask_gradients, masked_layers, sparsify
-from .optim import ElementwiseAdam, build_optimizer, reset_optimizer_state
+from .optim import ElementwiseAdam, build_optimizer
+from .optim_state import reset_optimizer_state
 from .population import MemberRandom, forward
 from .refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig
 from .surgery import UnitSelection, replace_units

@@ -24,7 +24,7 @@ from torch import nn
 from . import strategies
 from .config import setting
 from .init import INIT_SCHEMES, fans, init_bound
-from .optim import reset_optimizer_state
+from .optim_state import reset_optimizer_state
 from .population import member_view
 from .refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig
 

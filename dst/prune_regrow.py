@@ -17,7 +17,7 @@ A strategy only says what differs (in the spirit of RigL's TF2 mask updaters):
   positions without a score;
 - ``drop_indices``: the count rule (SET's sign split overrides it);
 - ``grown_values``: 0, or small random values (``grow_init``);
-- the optimizer-state fix is shared (``dst.optim.reset_optimizer_state``).
+- the optimizer-state fix is shared (``dst.optim_state.reset_optimizer_state``).
 
 Schedules (``schedule``): ``constant`` (alpha at every update), ``cosine`` (RigL: alpha/2 (1 + cos(pi t /
 T_end)), no updates after T_end), ``cosine-per-task`` (the cosine restarted at every task boundary, t and
@@ -48,9 +48,9 @@ from . import strategies
 from .config import setting
 from .errors import ConfigError, TopologyError
 from .init import fans
-from .optim import reset_optimizer_state
+from .optim_state import reset_optimizer_state
 from .population import member_view
-from .ranking import ranked
+from .ranking import picked, ranked
 from .refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig
 from .topology import Topology
 
@@ -227,7 +227,7 @@ class PruneRegrow(RefreshStrategy, metaclass=ABCMeta):
             return regrown
         n = self.member_masks(layer).shape[1]
         rows = torch.as_tensor(members, device=self.device)[:, None]
-        keep = torch.arange(drop.shape[1], device=self.device) < torch.as_tensor(counts, device=self.device)[:, None]
+        keep = picked(counts, self.device)
         dropped = (rows * n + drop)[keep]  # flat positions in the member-first weight
         mask, weight = layer.mask.view(-1), layer.weight.view(-1)
         mask[dropped] = False  # dropped first: a just-dropped position may be regrown at once
@@ -322,8 +322,7 @@ class SparseEvolutionaryTraining(PruneRegrow):
             if counts.max() == 0:
                 continue
             picks.append(ranked(torch.where(group, signed, torch.inf), counts, largest=False))
-            slots = torch.arange(picks[-1].shape[1], device=weight.device)
-            valid.append(slots < torch.as_tensor(counts, device=weight.device)[:, None])
+            valid.append(picked(counts, weight.device))
             total += counts
         if not picks:
             return torch.empty(len(members), 0, dtype=torch.long, device=weight.device), total

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["ranked"]
+__all__ = ["ranked", "picked"]
 
 _PREFILTER_ABOVE = 1 << 18  # ranking more scores than this per row first narrows the candidates
 _KEYED_FROM_ROWS = 64  # many rows (units of a layer) are ranked by packed integer keys
@@ -101,3 +101,9 @@ def _lowest(keys: torch.Tensor, k: int, ordered: bool) -> torch.Tensor:
     if not ordered:
         return positions
     return positions.gather(1, keys.gather(1, positions).sort(dim=1, stable=True).indices)
+
+
+def picked(counts: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Which entries of :func:`ranked`'s (rows, max count) answer are picks: entry j of row r is one of its
+    counts[r] (the rest is filler)."""
+    return torch.arange(int(counts.max()), device=device) < torch.as_tensor(counts, device=device)[:, None]

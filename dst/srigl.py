@@ -45,9 +45,9 @@ from . import strategies
 from .config import setting
 from .backends.condensed import condensed_layout
 from .errors import TopologyError
-from .optim import reset_optimizer_state
+from .optim_state import reset_optimizer_state
 from .prune_regrow import RigL, RigLConfig
-from .ranking import ranked
+from .ranking import picked, ranked
 from .population import member_view
 from .refresh import RefreshStats
 
@@ -116,13 +116,13 @@ class SRigL(RigL):
         dropping = np.floor(fractions[members] * active).astype(np.int64)
         if dropping.max() > 0:
             scores = magnitude.masked_fill(~keep, torch.inf).view(m, units * k)
-            _clear(keep.view(m, units * k), ranked(scores, dropping, largest=False), dropping)
+            _mark(keep.view(m, units * k), ranked(scores, dropping, largest=False), dropping, False)
 
         budget = self.budget[index][members]
         ablated = torch.zeros(m, units, dtype=torch.bool, device=self.device)
         if self.ablates[index] and dropping.max() > 0:  # 2. neuron ablation
             salient = _dense(keep, inputs, row).view(m, n)
-            salient = _set(salient, ranked(gradient, dropping, largest=True), dropping)
+            salient = _mark(salient, ranked(gradient, dropping, largest=True), dropping, True)
             ablated = self._ablated(salient.view(m, units, row).sum(-1), budget, row, members)
         fan_in = budget // (units - ablated.sum(1).cpu().numpy())  # 3. k' = floor(B / A)
 
@@ -134,7 +134,7 @@ class SRigL(RigL):
             member, unit = over.nonzero(as_tuple=True)
             scores = magnitude[member, unit].masked_fill(~keep[member, unit], -torch.inf)
             counts = fan_in[member.cpu().numpy()]
-            keep[member, unit] = _set(torch.zeros_like(keep[member, unit]), ranked(scores, counts, largest=True), counts)
+            keep[member, unit] = _mark(torch.zeros_like(keep[member, unit]), ranked(scores, counts, largest=True), counts, True)
             kept = keep.sum(-1)
         kept_dense = _dense(keep, inputs, row)
         need = torch.where(ablated, 0, limit - kept)  # (M, units)
@@ -147,7 +147,7 @@ class SRigL(RigL):
                 scores = gradient.view(m, units, row)[member, unit].masked_fill(kept_dense[member, unit], -torch.inf)
             counts = need[member, unit].cpu().numpy()
             picks = ranked(scores, counts, largest=True)
-            slots = _slots(counts, self.device)
+            slots = picked(counts, self.device)
             grown_member = member[:, None].expand_as(picks)[slots]
             grown_position = (unit[:, None] * row + picks)[slots]
 
@@ -197,22 +197,9 @@ def _dense(keep: torch.Tensor, inputs: torch.Tensor, row: int) -> torch.Tensor:
     return dense.scatter_(-1, inputs, keep)
 
 
-def _slots(counts: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(rows, max count) booleans: slot j of row r is one of its counts[r] picks."""
-    return torch.arange(int(counts.max()), device=device) < torch.as_tensor(counts, device=device)[:, None]
-
-
-def _set(mask: torch.Tensor, positions: torch.Tensor, counts: np.ndarray) -> torch.Tensor:
-    """Set row r of ``mask`` (rows, n) at its first counts[r] ``positions``; returns ``mask``."""
-    valid = _slots(counts, mask.device)
+def _mark(mask: torch.Tensor, positions: torch.Tensor, counts: np.ndarray, value: bool) -> torch.Tensor:
+    """Set row r of ``mask`` (rows, n) to ``value`` at its first counts[r] ``positions``; returns ``mask``."""
+    valid = picked(counts, mask.device)
     row = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(positions)
-    mask[row[valid], positions[valid]] = True
-    return mask
-
-
-def _clear(mask: torch.Tensor, positions: torch.Tensor, counts: np.ndarray) -> torch.Tensor:
-    """Clear row r of ``mask`` at its first counts[r] ``positions``; returns ``mask``."""
-    valid = _slots(counts, mask.device)
-    row = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(positions)
-    mask[row[valid], positions[valid]] = False
+    mask[row[valid], positions[valid]] = value
     return mask

@@ -120,15 +120,15 @@ class TrainingStep:
         xp = arrays.xp
         a = x.numpy() if arrays.host else x
         inputs = []
-        gathered = []  # what a compact layer's weight gradient needs (dst.backends), else None
+        compacts = []  # (a compact layer's state (dst.backends), what its weight gradient needs), else None
         for linear, activation in self._layers:  # forward: keep each layer's input a_{l-1}
             inputs.append(a)
             compact = linear.__dict__.get("compact")
             if compact is not None and compact.active:
                 h, saved = compact.forward(a, None if linear.bias is None else arrays.parameter(linear, "bias"))
-                gathered.append(saved)
+                compacts.append((compact, saved))
             else:
-                gathered.append(None)
+                compacts.append(None)
                 h = _times_transposed(arrays.host, a, arrays.parameter(linear))  # a W^T
                 if linear.bias is not None:
                     h = h + arrays.parameter(linear, "bias")[:, None]
@@ -153,9 +153,9 @@ class TrainingStep:
         for index in reversed(range(len(self._layers))):  # backward
             linear = self._layers[index][0]
             a_in = inputs[index]
-            compact = linear.__dict__.get("compact") if gathered[index] is not None else None
+            compact, saved = compacts[index] or (None, None)
             if compact is not None:
-                self._store(compact.values, compact.weight_grad(delta, gathered[index]))
+                self._store(compact.values, compact.weight_grad(delta, saved))
             else:
                 self._store(linear.weight, _transposed_times(arrays.host, delta, a_in))  # delta^T a
             if linear.bias is not None:

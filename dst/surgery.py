@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .init import fans, init_bound
-from .optim import reset_optimizer_state
+from .optim_state import reset_optimizer_state
 from .population import MemberRandom, is_population_module
 from .topology import HiddenLayer
 

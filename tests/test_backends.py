@@ -12,7 +12,7 @@ from dst.backends import Backends, CSRLinear
 from dst.backends import condensed as C
 from dst.errors import ConfigError
 from dst.experiment import TIMING_COLUMNS
-from dst.optim import replace_parameter
+from dst.optim_state import replace_parameter
 from dst.runner import RunSpec, prepare, run
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

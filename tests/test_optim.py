@@ -13,7 +13,8 @@ from torch import nn
 from dst import nets
 from dst.errors import ConfigError
 from dst.masked import sparsify
-from dst.optim import SGD, Adam, AdamW, ElementwiseAdam, build_optimizer, reset_optimizer_state
+from dst.optim import SGD, Adam, AdamW, ElementwiseAdam, build_optimizer
+from dst.optim_state import reset_optimizer_state
 
 
 STEPS = 50

@@ -15,7 +15,8 @@ from torch import nn
 
 import dst.optim
 from dst.errors import ConfigError
-from dst.optim import SGD, Adam, AdamW, ElementwiseAdam, build_optimizer, reset_optimizer_state
+from dst.optim import SGD, Adam, AdamW, ElementwiseAdam, build_optimizer
+from dst.optim_state import reset_optimizer_state
 
 MEMBERS = 4
 MEMBER_LRS = [0.01, 0.03, 0.1, 0.003]

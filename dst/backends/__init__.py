@@ -56,7 +56,7 @@ class Backends:
                  batch_size: int = 1):
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-        self.optimizer, self.strategy, self.backend = optimizer, strategy, backend
+        self.optimizer, self.strategy = optimizer, strategy
         self.layers: list[CompactLinear] = []
         self.dense = True  # every layer is its masked self
         if backend == "masked":

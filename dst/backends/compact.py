@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..optim import replace_parameter
+from ..optim_state import replace_parameter
 from ..population import member_view
 
 __all__ = ["CompactLinear"]
