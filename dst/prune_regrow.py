@@ -227,7 +227,8 @@ class PruneRegrow(RefreshStrategy, metaclass=ABCMeta):
             return regrown
         n = self.member_masks(layer).shape[1]
         rows = torch.as_tensor(members, device=self.device)[:, None]
-        keep = picked(counts, self.device)
+        # (SET's sign split returns more slots than the largest count: its two groups' picks side by side)
+        keep = torch.arange(drop.shape[1], device=self.device) < torch.as_tensor(counts, device=self.device)[:, None]
         dropped = (rows * n + drop)[keep]  # flat positions in the member-first weight
         mask, weight = layer.mask.view(-1), layer.weight.view(-1)
         mask[dropped] = False  # dropped first: a just-dropped position may be regrown at once
