@@ -18,7 +18,8 @@ the cross-entropy, the step computes the same quantities directly. With member s
 
 The formulas are written once and run on torch, or for small CPU layers on numpy views of the same memory
 (:mod:`dst.arrays`), whose per-call cost is several times lower. Gradients are dense, as autograd's: masks
-are applied by the strategy, as before. Forward hooks (the topology's activation capture, a plug-in's) are
+are applied by the strategy, as before. On torch a weight's gradient is written into last step's ``.grad``
+when no other code holds that tensor (a fresh one otherwise), which saves a pass over memory per layer. Forward hooks (the topology's activation capture, a plug-in's) are
 called with each module's input and output; a model with any other hook (forward pre-hooks, backward hooks,
 tensor hooks on parameters, global module hooks), another architecture or another loss takes autograd, and
 so does every step with ``fused=False``.
@@ -27,6 +28,7 @@ so does every step with ``fused=False``.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -156,8 +158,11 @@ class TrainingStep:
             compact, saved = compacts[index] or (None, None)
             if compact is not None:
                 self._store(compact.values, compact.weight_grad(delta, saved))
-            else:
-                self._store(linear.weight, _transposed_times(arrays.host, delta, a_in))  # delta^T a
+            else:  # delta^T a, into last step's gradient where it can be overwritten
+                reuse = None if arrays.host else _overwritable(linear.weight, delta.shape[0], delta.shape[2], a_in.shape[2])
+                gradient = _transposed_times(arrays.host, delta, a_in, out=reuse)
+                if reuse is None:
+                    self._store(linear.weight, gradient)
             if linear.bias is not None:
                 self._store(linear.bias, delta.sum(1))
             if index:
@@ -203,11 +208,36 @@ def _times_transposed(host: bool, a: Array, b: Array) -> Array:
     return np.einsum("snk,smk->snm", a, b) if host else a @ b.transpose(1, 2)
 
 
-def _transposed_times(host: bool, a: Array, b: Array) -> Array:
-    """a^T b: (S, k, n), (S, k, m) -> (S, n, m); for k = 1 (a batch of one) an outer product."""
+def _transposed_times(host: bool, a: Array, b: Array, out: torch.Tensor | None = None) -> Array:
+    """a^T b: (S, k, n), (S, k, m) -> (S, n, m); for k = 1 (a batch of one) an outer product. On torch it
+    may be written into ``out``."""
     if host:
         return np.einsum("skn,skm->snm", a, b)
-    return a.transpose(1, 2) * b if a.shape[1] == 1 else a.transpose(1, 2) @ b
+    return torch.mul(a.transpose(1, 2), b, out=out) if a.shape[1] == 1 else torch.bmm(a.transpose(1, 2), b, out=out)
+
+
+def _unshared_references() -> int:
+    """What ``sys.getrefcount`` says of a parameter's ``.grad`` that only the parameter holds, seen as
+    :func:`_overwritable` sees it (its local name, the call's argument, and whatever torch itself keeps):
+    a higher count means some code kept a gradient, which must then not be overwritten."""
+    param = nn.Parameter(torch.zeros(1))
+    param.grad = torch.zeros(1)
+    grad = param.grad
+    return sys.getrefcount(grad)
+
+
+_UNSHARED = _unshared_references()
+
+
+def _overwritable(param: torch.Tensor, members: int, rows: int, columns: int) -> torch.Tensor | None:
+    """``param.grad`` as an (S, rows, columns) view when the step may write this step's gradient into it
+    (contiguous, not part of a graph, not held by other code), else None. At 2000 x 2000 a fresh
+    16 MB gradient every step costs a second pass over memory (allocation, first touch)."""
+    grad = param.grad
+    if (grad is None or grad.requires_grad or not grad.is_contiguous() or grad.dtype != param.dtype
+            or grad.numel() != members * rows * columns or sys.getrefcount(grad) > _UNSHARED):
+        return None
+    return grad.view(members, rows, columns)
 
 
 def _times(host: bool, a: Array, b: Array) -> Array:

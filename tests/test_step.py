@@ -161,3 +161,25 @@ def test_masked_population_layers_take_the_written_out_step_with_dense_gradients
     autograd(x, y)
     for param, expected in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(param.grad, expected.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_torch_step_writes_a_gradient_nobody_kept_in_place_and_leaves_a_kept_one_alone(monkeypatch, batch):
+    monkeypatch.setattr(dst.arrays, "HOST_MAX_WEIGHTS", 0)  # the torch formulas
+    members = 2
+    model = mlp(3, [4], 2, generators=[torch.Generator().manual_seed(s) for s in range(members)])
+    fused, autograd, reference = _steps(model, mse_per_member, members, False)
+    first, second = _batch(members, batch, 3, 2, "mse", seed=0), _batch(members, batch, 3, 2, "mse", seed=1)
+    fused(*first)
+    weight = model[0].weight
+    storage = weight.grad.data_ptr()
+    fused(*second)  # nobody holds the gradient: the same memory, this step's values
+    assert weight.grad.data_ptr() == storage
+    autograd(*second)
+    torch.testing.assert_close(weight.grad, reference[0].weight.grad)
+    kept = weight.grad
+    before = kept.clone()
+    fused(*first)  # ``kept`` must keep the previous step's gradient: a fresh tensor instead
+    assert weight.grad is not kept and torch.equal(kept, before)
+    autograd(*first)
+    torch.testing.assert_close(weight.grad, reference[0].weight.grad)
