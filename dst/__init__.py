@@ -6,8 +6,8 @@ member layout of populations (``dst.population``): S learners in one batched pas
 """
 
 from . import (
-    baselines, benchmarks, init, metrics, nets, optim, population, prune_regrow, runner, sparsity, srigl, strategies,
-    streams,
+    baselines, benchmarks, init, methods, metrics, nets, optim, population, prune_regrow, runner, sparsity, srigl,
+    strategies, streams,
 )
 from .config import Config, setting
 from .experiment import Experiment

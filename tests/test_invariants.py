@@ -98,11 +98,14 @@ SLOW = settings.get_profile("dst-invariants-slow")
 STRATEGY_NAMES = sorted(dst.strategies.available())
 
 #: Strategies that change weights or optimizer state without a topology refresh to count.
-NO_TOPOLOGY_REFRESH = {"bp", "l2-init", "shrink-perturb"}
+NO_TOPOLOGY_REFRESH = {"bp", "l2-init", "shrink-perturb", "weight-clipping", "upgd"}
 
 #: Strategies that need a constant fan-in mask, and the distributions that give one.
 FAN_IN_ONLY = {"srigl", "cbp-srigl"}
 FAN_IN_DISTRIBUTIONS = ["constant-fan-in"]
+
+#: Strategies that are their own update rule on plain SGD (no momentum, no optimizer weight decay).
+PLAIN_SGD_ONLY = {"upgd"}
 
 #: Small ranges for numeric settings, by field name, chosen so refreshes happen within a few steps.
 NUMERIC_SETTINGS: dict[str, st.SearchStrategy] = {
@@ -125,6 +128,10 @@ NUMERIC_SETTINGS: dict[str, st.SearchStrategy] = {
     "weight_decay": st.floats(0.0, 0.1),
     "noise_std": st.floats(0.0, 0.05),
     "strength": st.floats(0.0, 0.5),
+    # weight-space methods
+    "kappa": st.floats(0.5, 3.0),
+    "beta_utility": st.floats(0.0, 0.999),
+    "sigma": st.floats(0.0, 0.05),
 }
 
 #: Numeric settings every member of a population shares (the strategy refuses members that differ).
@@ -240,6 +247,11 @@ def optimizers(draw) -> dict[str, Any]:
 
 
 @st.composite
+def plain_sgd(draw) -> dict[str, Any]:
+    return dict(kind="sgd", lr=draw(st.floats(1e-3, 0.03)), momentum=0.0, weight_decay=0.0, nesterov=False)
+
+
+@st.composite
 def cases(draw, name: str) -> Case:
     sparse_only = _needs_masks(name)
     density = draw(st.floats(0.1, 0.9) if sparse_only else st.one_of(st.just(1.0), st.floats(0.1, 0.9)))
@@ -259,7 +271,7 @@ def cases(draw, name: str) -> Case:
         distribution=draw(st.sampled_from(FAN_IN_DISTRIBUTIONS if name in FAN_IN_ONLY else DISTRIBUTIONS)),
         dense_first=dense_first,
         dense_last=dense_last,
-        optimizer=draw(optimizers()),
+        optimizer=draw(plain_sgd() if name in PLAIN_SGD_ONLY else optimizers()),
         optimizer_before_sparsify=draw(st.booleans()),
         batch=draw(st.integers(1, 6)),
         steps=steps,
