@@ -100,6 +100,8 @@ REFRESHING = {
     "head-reset": ({}, {}),
     "weight-clipping": ({"kappa": 1.5}, {}),
     "upgd": ({"sigma": 0.1, "weight_decay": 1e-3}, {}),
+    "parseval": ({"strength": 1e-2}, {}),
+    "spectral-reg": ({"strength": 1e-2}, {}),
 }
 
 
@@ -113,7 +115,8 @@ def test_every_strategy_resumes_to_exactly_the_uninterrupted_run(tmp_path, name)
     spec = _spec(steps=2000, strategy=name, settings=settings, bench={**SMALL, **bench}, checkpoint_every=1000)
     full = prepare(spec, tmp_path / "full", progress=False)
     (full_rows,) = full.run()
-    if name not in ("bp", "l2-init", "shrink-perturb", "head-reset", "weight-clipping", "upgd"):  # these change weights, not the topology
+    if name not in ("bp", "l2-init", "shrink-perturb", "head-reset", "weight-clipping", "upgd", "parseval",
+                    "spectral-reg"):  # these change weights, not the topology
         assert (full_rows["units_replaced"] + full_rows["connections_regrown"]).sum() > 0, "no refresh happened"
     crashing = prepare(spec, tmp_path / "cut", progress=False)
     _crash_at(crashing, 1700)

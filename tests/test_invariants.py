@@ -98,7 +98,7 @@ SLOW = settings.get_profile("dst-invariants-slow")
 STRATEGY_NAMES = sorted(dst.strategies.available())
 
 #: Strategies that change weights or optimizer state without a topology refresh to count.
-NO_TOPOLOGY_REFRESH = {"bp", "l2-init", "shrink-perturb", "weight-clipping", "upgd"}
+NO_TOPOLOGY_REFRESH = {"bp", "l2-init", "shrink-perturb", "weight-clipping", "upgd", "parseval", "spectral-reg"}
 
 #: Strategies that need a constant fan-in mask, and the distributions that give one.
 FAN_IN_ONLY = {"srigl", "cbp-srigl"}
@@ -132,10 +132,13 @@ NUMERIC_SETTINGS: dict[str, st.SearchStrategy] = {
     "kappa": st.floats(0.5, 3.0),
     "beta_utility": st.floats(0.0, 0.999),
     "sigma": st.floats(0.0, 0.05),
+    "scale": st.floats(0.5, 3.0),
+    "power": st.integers(1, 3),
+    "power_iterations": st.integers(1, 3),
 }
 
 #: Numeric settings every member of a population shares (the strategy refuses members that differ).
-SHARED_SETTINGS = {"magnitude_every"}  # cbp: when the population's weight sums are read
+SHARED_SETTINGS = {"magnitude_every", "power", "power_iterations"}  # cbp: when weight sums are read; spectral-reg
 
 ACTIVATIONS = ["relu", "tanh", "sigmoid", "leaky_relu", "elu", "selu", "gelu", "swish", "linear"]
 

@@ -139,3 +139,80 @@ def test_upgd_refuses_a_utility_decay_of_one():
     model = dst.nets.mlp(2, [3], 1)
     with pytest.raises(ConfigError, match="beta_utility"):
         dst.strategies.build("upgd", model, torch.optim.SGD(model.parameters(), lr=0.1), beta_utility=1.0)
+
+
+# -- Parseval and spectral regularisation -----------------------------------------------------
+
+
+def _hidden_weight(model, weight):
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor(weight))
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+
+
+@pytest.mark.parametrize("weight, strength, expected", [
+    # 4 lambda (W W^T - 2 I) W with W = diag(1, 2): 4 * 0.5 * diag(-1, 2) diag(1, 2) = diag(-2, 8)
+    ([[1.0, 0.0], [0.0, 2.0]], 0.5, [[-2.0, 0.0], [0.0, 8.0]]),
+    # W W^T = diag(2, 1): W W^T - 2 I = diag(0, -1), times W keeps only the second row: [0, 0, -1] x 4
+    ([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]], 1.0, [[0.0, 0.0, 0.0], [0.0, 0.0, -4.0]]),
+])
+def test_parseval_gradient_by_hand_and_the_output_layer_left_alone(weight, strength, expected):
+    rows, columns = len(weight), len(weight[0])
+    model = dst.nets.mlp(columns, [rows], 1)
+    strategy = dst.strategies.build("parseval", model, torch.optim.SGD(model.parameters(), lr=0.1), strength=strength)
+    _hidden_weight(model, weight)
+    strategy.before_step()
+    torch.testing.assert_close(model[0].weight.grad, torch.tensor(expected))
+    assert torch.all(model[2].weight.grad == 0)
+
+
+def test_parseval_gradient_is_masked_on_a_sparse_layer():
+    model = dst.nets.mlp(6, [5], 1, generators=[torch.Generator().manual_seed(s) for s in range(2)])
+    dst.sparsify(model, density=0.5, seed=[0, 1])
+    strategy = dst.strategies.build("parseval", model, torch.optim.SGD(model.parameters(), lr=0.1), seed=[0, 1])
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    strategy.before_step()
+    grad, mask = model[0].weight.grad, model[0].mask
+    assert torch.all(grad[~mask] == 0) and bool((grad[mask] != 0).any())
+    w = model[0].weight.detach()  # the active entries are 4 lambda ((W W^T - 2 I) W), member by member
+    for s in range(2):
+        full = 4e-3 * (w[s] @ w[s].T - 2 * torch.eye(5)) @ w[s]
+        torch.testing.assert_close(grad[s][mask[s]], full[mask[s]])
+
+
+def test_spectral_reg_gradient_by_hand_on_a_diagonal_matrix():
+    # sigma_max(diag(3, 1)) = 3, u = v = e1: 2 lambda k sigma^(k - 1) (sigma^k - 1) = 2 * 2 * 3 * 8 = 96
+    model = dst.nets.mlp(2, [2], 1)
+    strategy = dst.strategies.build("spectral-reg", model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                    strength=1.0, power_iterations=20, output_layer=False, seed=0)
+    for _ in range(3):
+        _hidden_weight(model, [[3.0, 0.0], [0.0, 1.0]])
+        strategy.before_step()
+    torch.testing.assert_close(model[0].weight.grad.abs(), torch.tensor([[96.0, 0.0], [0.0, 0.0]]), atol=1e-3, rtol=1e-4)
+    assert torch.all(model[2].weight.grad == 0)
+
+
+def test_spectral_reg_power_iteration_finds_the_largest_singular_value_of_each_member():
+    members = 3
+    model = dst.nets.mlp(7, [5], 1, generators=[torch.Generator().manual_seed(s) for s in range(members)])
+    configs = [dst.strategies.config("spectral-reg", strength=1.0, power=1, power_iterations=20) for _ in range(members)]
+    strategy = dst.strategies.build("spectral-reg", model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                    config=configs, seed=list(range(members)))
+    for _ in range(5):  # 100 power iterations on fixed weights
+        for param in model.parameters():
+            param.grad = torch.zeros_like(param)
+        strategy.before_step()
+    for layer in (model[0], model[2]):
+        sigma = torch.linalg.matrix_norm(layer.weight.detach(), ord=2)  # (S,): an independent SVD
+        # k = 1: the gradient is 2 (sigma - 1) u v^T, whose Frobenius norm is 2 |sigma - 1|
+        norm = torch.linalg.matrix_norm(layer.weight.grad)
+        torch.testing.assert_close(norm, 2 * (sigma - 1).abs(), rtol=1e-4, atol=1e-5)
+
+
+def test_spectral_reg_refuses_members_with_different_power_iterations():
+    model = dst.nets.mlp(3, [2], 1, generators=[torch.Generator().manual_seed(s) for s in range(2)])
+    configs = [dst.strategies.config("spectral-reg", power_iterations=n) for n in (1, 2)]
+    with pytest.raises(ConfigError, match="power_iterations"):
+        dst.strategies.build("spectral-reg", model, torch.optim.SGD(model.parameters(), lr=0.1), config=configs, seed=[0, 1])
