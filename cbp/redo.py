@@ -15,7 +15,7 @@ as it finds), so member s does what a population of one with its settings does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ class ReDoConfig(StrategyConfig):
     period: int = setting(1000, low=1, search=(100, 10_000), log=True, help="steps between dormancy checks")
     tau: float = setting(0.1, low=0.0, search=(0.0, 0.5), help="a unit with score <= tau is reset")
     window: int = setting(
-        1, low=1, help="steps whose activations are averaged for a check (1: the current batch)"
+        1, low=1, help="training steps whose scores are averaged for a check (1: the current batch)"
     )
     init: str = setting("kaiming", choices=INIT_SCHEMES, help="bound of re-initialised incoming weights")
 
@@ -55,6 +55,11 @@ class ReDo(RefreshStrategy):
     """ReDo: every period steps reset units whose score E|h_i| / mean_k E|h_k| is at most tau."""
 
     Config = ReDoConfig
+    #: what a unit's score measures: its activations, captured on the forward pass (a subclass measuring
+    #: something else adds to ``self.sums`` itself and sets this False)
+    captures_activations: ClassVar[bool] = True
+    #: whether a reset unit's outgoing weights are zeroed (ReDo's surgery)
+    zeroes_outgoing: bool = True
 
     def __init__(
         self,
@@ -75,7 +80,7 @@ class ReDo(RefreshStrategy):
         self.sums = [torch.zeros(self.members, layer.n_units, dtype=dtype, device=self.device) for layer in self.layers]
         self.seen = np.zeros(self.members, np.int64)  # batches summed into each member's rows since its last check
         self.probe: torch.Tensor | None = None
-        if self._feeds(1).any():
+        if self.captures_activations and self._feeds(1).any():
             self.topology.start_capture()
 
     def set_probe(self, inputs: torch.Tensor | None) -> None:
@@ -109,10 +114,11 @@ class ReDo(RefreshStrategy):
             self.seen += feeds
         checking = step % self.period == 0
         replaced = self._recycle(checking) if checking.any() else None
-        if self._feeds(step + 1).any():
-            self.topology.start_capture()
-        else:
-            self.topology.stop_capture()
+        if self.captures_activations:  # capture during the next step exactly when it feeds a check
+            if self._feeds(step + 1).any():
+                self.topology.start_capture()
+            else:
+                self.topology.stop_capture()
         return NO_REFRESH if replaced is None else RefreshStats(units_replaced=replaced)
 
     @torch.no_grad()
@@ -135,7 +141,8 @@ class ReDo(RefreshStrategy):
                 continue
             slots = (dormant.cumsum(1) - 1)[members, units]  # each member's picks numbered 0, 1, ...
             replace_units(layer, UnitSelection(members, units, slots), self.optimizer, self.random,
-                          step=self.step, draw=index, init=self.config.init, gain=self.gains[index])
+                          step=self.step, draw=index, init=self.config.init, gain=self.gains[index],
+                          outgoing=self.zeroes_outgoing)
             replaced += torch.bincount(members, minlength=self.members).cpu().numpy()
         for total in self.sums:
             total.masked_fill_(chosen, 0)
@@ -155,5 +162,5 @@ class ReDo(RefreshStrategy):
         self.seen = np.array(state["seen"], np.int64)
         probe = state["probe"]
         self.set_probe(None if probe is None else probe.to(self.device))
-        if self._feeds(self.step + 1).any():
+        if self.captures_activations and self._feeds(self.step + 1).any():
             self.topology.start_capture()

@@ -180,9 +180,10 @@ def replace_units(
     init: str = "kaiming",
     gain: float = 1.0,
     mean_activation: torch.Tensor | None = None,
+    outgoing: bool = True,
 ) -> None:
-    """Re-initialise the selected units: fresh incoming weights, zero bias, outgoing weights zero, and
-    their normalisation entries (if the layer has one) reset.
+    """Re-initialise the selected units: fresh incoming weights, zero bias, outgoing weights zero (kept
+    with ``outgoing=False``), and their normalisation entries (if the layer has one) reset.
 
     With ``mean_activation`` (one value per selected unit) the units' mean contribution is first folded
     into the consumer's bias. The optimizer state at every touched position is zeroed.
@@ -193,5 +194,6 @@ def replace_units(
         fold_into_consumer_bias(layer, units, mean_activation)
     reinit_incoming(layer, units, random, step=step, draw=draw, init=init, gain=gain)
     reset_unit_norm(layer, units, optimizer)
-    zero_outgoing(layer, units)
+    if outgoing:
+        zero_outgoing(layer, units)
     reset_unit_optimizer_state(optimizer, layer, units)

@@ -85,6 +85,7 @@ REFRESHING = {
     "bp": ({}, {}),
     "cbp": ({"replacement_rate": 0.01, "maturity_threshold": 50}, {}),
     "redo": ({"period": 100, "tau": 0.5}, {}),
+    "regrama": ({"period": 100, "tau": 0.5, "window": 10}, {}),
     "set": ({"update_interval": 50}, {"density": 0.5}),
     "rigl": ({"update_interval": 50}, {"density": 0.5}),
     "rigl-utility": ({"update_interval": 50}, {"density": 0.5}),
