@@ -1,6 +1,6 @@
 """Continual backpropagation and its unit-level relatives, as dst refresh strategies.
 
-Importing this package registers ``cbp``, ``redo``, ``regrama``, ``cbp-rigl``, ``cbp-set`` and ``rigl-utility`` in
+Importing this package registers ``cbp``, ``redo``, ``regrama``, ``snr``, ``cbp-rigl``, ``cbp-set`` and ``rigl-utility`` in
 ``dst.strategies``; installed, the package is also found through the ``dst.strategies`` entry-point group,
 like any third-party strategy.
 
@@ -12,6 +12,7 @@ value of every numeric setting.
 from .strategy import CBPConfig, ContinualBackprop, redraw_fan_in  # noqa: I001 (registers cbp first)
 from .redo import ReDo, ReDoConfig
 from .regrama import ReGraMa, ReGraMaConfig
+from .snr import SNR, SNRConfig
 from .compositions import CBPSET, CBPRigL, RigLUtility, RigLUtilityConfig
 from .turnover import Turnover
 from .utility import UTILITIES, UnitUtility
@@ -28,6 +29,8 @@ __all__ = [
     "ReDoConfig",
     "ReGraMa",
     "ReGraMaConfig",
+    "SNR",
+    "SNRConfig",
     "Turnover",
     "UTILITIES",
     "UnitUtility",

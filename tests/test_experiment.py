@@ -86,6 +86,7 @@ REFRESHING = {
     "cbp": ({"replacement_rate": 0.01, "maturity_threshold": 50}, {}),
     "redo": ({"period": 100, "tau": 0.5}, {}),
     "regrama": ({"period": 100, "tau": 0.5, "window": 10}, {}),
+    "snr": ({"threshold": 20.0, "update_every": 1, "min_threshold": 5.0, "tau_max": 500}, {}),
     "set": ({"update_interval": 50}, {"density": 0.5}),
     "rigl": ({"update_interval": 50}, {"density": 0.5}),
     "rigl-utility": ({"update_interval": 50}, {"density": 0.5}),

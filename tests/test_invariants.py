@@ -104,6 +104,10 @@ NO_TOPOLOGY_REFRESH = {"bp", "l2-init", "shrink-perturb", "weight-clipping", "up
 FAN_IN_ONLY = {"srigl", "cbp-srigl"}
 FAN_IN_DISTRIBUTIONS = ["constant-fan-in"]
 
+#: Strategies whose units must be able to fall silent (snr), and the activations that allow it.
+NEEDS_SILENT_UNITS = {"snr"}
+SILENT_ACTIVATIONS = ("relu", "tanh", "leaky_relu", "elu", "selu", "gelu", "swish", "linear")
+
 #: Strategies that are their own update rule on plain SGD (no momentum, no optimizer weight decay).
 PLAIN_SGD_ONLY = {"upgd"}
 
@@ -135,10 +139,17 @@ NUMERIC_SETTINGS: dict[str, st.SearchStrategy] = {
     "scale": st.floats(0.5, 3.0),
     "power": st.integers(1, 3),
     "power_iterations": st.integers(1, 3),
+    # snr
+    "percentile": st.floats(0.5, 1.0),
+    "threshold": st.floats(1.0, 5.0),
+    "update_every": st.integers(1, 2),
+    "expansion": st.floats(1.0, 3.0),
+    "min_threshold": st.floats(1.0, 3.0),
+    "tau_max": st.integers(5, 50),
 }
 
 #: Numeric settings every member of a population shares (the strategy refuses members that differ).
-SHARED_SETTINGS = {"magnitude_every", "power", "power_iterations"}  # cbp: when weight sums are read; spectral-reg
+SHARED_SETTINGS = {"magnitude_every", "power", "power_iterations", "tau_max"}  # cbp, spectral-reg, snr
 
 ACTIVATIONS = ["relu", "tanh", "sigmoid", "leaky_relu", "elu", "selu", "gelu", "swish", "linear"]
 
@@ -207,14 +218,14 @@ class Case:
 
 
 @st.composite
-def networks(draw) -> dict[str, Any]:
+def networks(draw, activations=tuple(ACTIVATIONS)) -> dict[str, Any]:
     if draw(st.booleans()):
         return dict(
             kind="mlp",
             in_features=draw(st.integers(1, 6)),
             hidden=draw(st.lists(st.integers(1, 6), min_size=1, max_size=2)),
             out_features=draw(st.integers(1, 3)),
-            activation=draw(st.sampled_from(ACTIVATIONS)),
+            activation=draw(st.sampled_from(activations)),
         )
     layers = draw(st.integers(1, 2))
     kernels = draw(st.lists(st.integers(2, 3), min_size=layers, max_size=layers))
@@ -259,7 +270,7 @@ def cases(draw, name: str) -> Case:
     sparse_only = _needs_masks(name)
     density = draw(st.floats(0.1, 0.9) if sparse_only else st.one_of(st.just(1.0), st.floats(0.1, 0.9)))
     steps = draw(st.integers(4, 12))
-    network = draw(networks())
+    network = draw(networks(SILENT_ACTIVATIONS if name in NEEDS_SILENT_UNITS else tuple(ACTIVATIONS)))
     members = draw(st.sampled_from([1, 2, 3])) if network["kind"] == "mlp" else 1
     layers = len(network["hidden"]) + 1 + len(network.get("channels", ()))
     dense_first = draw(st.booleans()) and draw(st.booleans())  # a quarter of the examples
