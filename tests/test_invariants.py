@@ -98,7 +98,7 @@ SLOW = settings.get_profile("dst-invariants-slow")
 STRATEGY_NAMES = sorted(dst.strategies.available())
 
 #: Strategies that change weights or optimizer state without a topology refresh to count.
-NO_TOPOLOGY_REFRESH = {"bp", "l2-init", "shrink-perturb", "weight-clipping", "upgd", "parseval", "spectral-reg"}
+NO_TOPOLOGY_REFRESH = {"bp", "l2-init", "shrink-perturb", "weight-clipping", "upgd", "parseval", "spectral-reg", "hare-tortoise"}
 
 #: Strategies that need a constant fan-in mask, and the distributions that give one.
 FAN_IN_ONLY = {"srigl", "cbp-srigl"}
@@ -139,6 +139,8 @@ NUMERIC_SETTINGS: dict[str, st.SearchStrategy] = {
     "scale": st.floats(0.5, 3.0),
     "power": st.integers(1, 3),
     "power_iterations": st.integers(1, 3),
+    "beta": st.floats(0.0, 0.99),  # hare-tortoise
+    "reset_every": st.integers(1, 3),
     # snr
     "percentile": st.floats(0.5, 1.0),
     "threshold": st.floats(1.0, 5.0),

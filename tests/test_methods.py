@@ -216,3 +216,27 @@ def test_spectral_reg_refuses_members_with_different_power_iterations():
     configs = [dst.strategies.config("spectral-reg", power_iterations=n) for n in (1, 2)]
     with pytest.raises(ConfigError, match="power_iterations"):
         dst.strategies.build("spectral-reg", model, torch.optim.SGD(model.parameters(), lr=0.1), config=configs, seed=[0, 1])
+
+
+# -- Hare & Tortoise --------------------------------------------------------------------------
+
+
+def test_the_tortoise_is_an_ema_of_the_hare_which_is_reset_to_it_with_its_optimizer_state():
+    members = 2
+    model = dst.nets.mlp(2, [2], 1, generators=[torch.Generator().manual_seed(s) for s in range(members)])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    configs = [dst.strategies.config("hare-tortoise", beta=0.5, reset_every=every) for every in (2, 3)]
+    strategy = dst.strategies.build("hare-tortoise", model, optimizer, config=configs, seed=[0, 1])
+    start = model[0].weight.detach().clone()
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    optimizer.step()  # every weight -0.1 (momentum buffer = 1)
+    strategy.after_step()  # tortoise = 0.5 start + 0.5 (start - 0.1) = start - 0.05
+    torch.testing.assert_close(strategy.tortoise[0], start - 0.05)
+    optimizer.step()  # -0.19 more: buffer 0.9 + 1 = 1.9
+    strategy.after_step()  # tortoise = 0.5 (start - 0.05) + 0.5 (start - 0.29) = start - 0.17; member 0 resets
+    torch.testing.assert_close(strategy.tortoise[0], start - 0.17)
+    torch.testing.assert_close(model[0].weight[0], start[0] - 0.17)  # member 0: the hare is the tortoise
+    torch.testing.assert_close(model[0].weight[1], start[1] - 0.29)  # member 1: resets at step 3
+    buffer = optimizer.state[model[0].weight]["momentum_buffer"]
+    assert torch.all(buffer[0] == 0) and torch.allclose(buffer[1], torch.full_like(buffer[1], 1.9))
