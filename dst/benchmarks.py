@@ -22,7 +22,7 @@ from .config import Config, setting
 from .errors import ConfigError, DataError
 from .init import INIT_SCHEMES
 from .masked import sparsify
-from .nets import ACTIVATION_MODULES, convnet, mlp
+from .nets import ACTIVATION_MODULES, NORMS, convnet, mlp
 from .optim import OPTIMIZERS, build_optimizer
 from .population import check_seeds, cross_entropy_per_member, mse_per_member
 from .registry import Registry
@@ -217,6 +217,7 @@ class BitFlippingConfig(BenchmarkConfig):
     hidden: tuple[int, ...] = setting((5,), low=1, help="learner hidden widths, e.g. 5 or 100,100")
     activation: str = setting("relu", choices=tuple(ACTIVATION_MODULES), help="learner activation")
     init: str = setting("kaiming", choices=INIT_SCHEMES, help="learner weight initialisation")
+    norm: str = setting("none", choices=NORMS, help="layer: LayerNorm over each hidden layer's units")
 
     def validate(self) -> None:
         super().validate()
@@ -253,7 +254,7 @@ class BitFlipping(Benchmark):
 
     def make_model(self, generators: list[torch.Generator]) -> nn.Module:
         c = self.config
-        return mlp(c.n_bits, c.hidden, 1, c.activation, init=c.init, **_generators(generators))
+        return mlp(c.n_bits, c.hidden, 1, c.activation, init=c.init, norm=c.norm, **_generators(generators))
 
 
 # -- MNIST benchmarks ----------------------------------------------------------------------------
@@ -268,6 +269,7 @@ class MNISTConfig(BenchmarkConfig):
     hidden: tuple[int, ...] = setting((100, 100, 100), low=1, help="learner hidden widths")
     activation: str = setting("relu", choices=tuple(ACTIVATION_MODULES), help="learner activation")
     init: str = setting("kaiming", choices=INIT_SCHEMES, help="learner weight initialisation")
+    norm: str = setting("none", choices=NORMS, help="layer: LayerNorm over each hidden layer's units")
     bin_size: int = setting(0, low=0, help="steps per metrics row (0: one row per task)")
 
 
@@ -284,7 +286,7 @@ class MNISTBenchmark(Benchmark):
 
     def make_model(self, generators: list[torch.Generator]) -> nn.Module:
         c = self.config
-        return mlp(784, c.hidden, 10, c.activation, init=c.init, **_generators(generators))
+        return mlp(784, c.hidden, 10, c.activation, init=c.init, norm=c.norm, **_generators(generators))
 
 
 @dataclass(frozen=True)
@@ -367,6 +369,7 @@ class ContinualImageNetConfig(BenchmarkConfig):
     hidden: tuple[int, ...] = setting((128, 128), low=1, help="fully connected widths after the convs")
     activation: str = setting("relu", choices=tuple(ACTIVATION_MODULES), help="learner activation")
     init: str = setting("kaiming", choices=INIT_SCHEMES, help="learner weight initialisation")
+    norm: str = setting("none", choices=NORMS, help="layer: LayerNorm over each hidden layer's units")
 
     def validate(self) -> None:
         super().validate()

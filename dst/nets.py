@@ -21,8 +21,12 @@ from torch import nn
 from .errors import ConfigError
 from .init import activation_gain, fans, uniform_
 from .masked import MaskedLinear
+from .population import MemberLayerNorm
 
-__all__ = ["mlp", "convnet", "ACTIVATION_MODULES", "initialise"]
+__all__ = ["mlp", "convnet", "ACTIVATION_MODULES", "NORMS", "initialise"]
+
+#: hidden-layer normalisations of :func:`mlp` (``layer``: a LayerNorm over the units, before the activation)
+NORMS = ("none", "layer")
 
 ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -78,11 +82,16 @@ def mlp(
     activation: str = "relu",
     *,
     init: str = "kaiming",
+    norm: str = "none",
     generator: torch.Generator | None = None,
     generators: Sequence[torch.Generator] | None = None,
 ) -> nn.Sequential:
-    """``in -> [Linear, activation] * len(hidden) -> Linear -> out``; a population of
-    ``len(generators)`` members when ``generators`` is given (then inputs are (members, batch, in))."""
+    """``in -> [Linear, (LayerNorm,) activation] * len(hidden) -> Linear -> out``; a population of
+    ``len(generators)`` members when ``generators`` is given (then inputs are (members, batch, in)).
+    ``norm="layer"`` puts a LayerNorm over each hidden layer's units before its activation (scale 1, shift 0;
+    one per member in a population, :class:`dst.population.MemberLayerNorm`)."""
+    if norm not in NORMS:
+        raise ConfigError(f"mlp: unknown norm {norm!r}; use one of {', '.join(NORMS)}")
     if generators is not None and (generator is not None or not generators):
         raise ConfigError("mlp: give one generator, or a non-empty list of one generator per member")
     members = None if generators is None else len(generators)
@@ -102,8 +111,11 @@ def mlp(
                 bias = None if linear.bias is None else linear.bias[member]
                 _initialise(linear.weight[member], bias, init, gain, member_generator)
     layers: list[nn.Module] = []
-    for linear in linears[:-1]:
-        layers += [linear, _activation(activation)]
+    for linear, width in zip(linears[:-1], hidden):
+        layers.append(linear)
+        if norm == "layer":
+            layers.append(nn.LayerNorm(width) if members is None else MemberLayerNorm(width, members))
+        layers.append(_activation(activation))
     layers.append(linears[-1])
     return nn.Sequential(*layers)
 

@@ -36,12 +36,33 @@ __all__ = [
     "MemberRandom",
     "check_seeds",
     "zero_members",
+    "MemberLayerNorm",
 ]
 
 
 def is_population_module(module: nn.Module) -> bool:
     """Whether ``module`` keeps its parameters with a leading member dimension."""
     return getattr(module, "members", None) is not None
+
+
+class MemberLayerNorm(nn.Module):
+    """LayerNorm over the last dimension for every member of a population, each member with its own scale
+    and shift: (S, batch, units) -> (x - mean) / sqrt(var + eps) * weight_s + bias_s, weight and bias
+    (S, units) (torch's ``nn.LayerNorm`` per member: biased variance, eps inside the square root)."""
+
+    def __init__(self, units: int, members: int, eps: float = 1e-5, device=None, dtype=None) -> None:
+        super().__init__()
+        self.members, self.units, self.eps = members, units, eps
+        self.normalized_shape = (units,)
+        self.weight = nn.Parameter(torch.ones(members, units, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(members, units, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normalised = torch.nn.functional.layer_norm(x, self.normalized_shape, eps=self.eps)
+        return torch.addcmul(self.bias[:, None, :], normalised, self.weight[:, None, :])
+
+    def extra_repr(self) -> str:
+        return f"{self.units}, members={self.members}, eps={self.eps}"
 
 
 def members(model: nn.Module) -> int:

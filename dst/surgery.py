@@ -16,7 +16,7 @@ from torch import nn
 
 from .init import fans, init_bound
 from .optim_state import reset_optimizer_state
-from .population import MemberRandom, is_population_module
+from .population import MemberRandom, is_population_module, member_view
 from .topology import HiddenLayer
 
 __all__ = [
@@ -140,19 +140,19 @@ def fold_into_consumer_bias(layer: HiddenLayer, units: UnitSelection, mean_activ
 @torch.no_grad()
 def reset_unit_norm(layer: HiddenLayer, units: UnitSelection, optimizer: torch.optim.Optimizer | None) -> None:
     """The units' entries of the layer's normalisation start afresh: scale 1, shift 0, running mean 0 and
-    running variance 1 (batch norm), and their optimizer state zero. (Only plain models have one.)"""
+    running variance 1 (batch norm), and their optimizer state zero (each member's own entries in a
+    population's :class:`dst.population.MemberLayerNorm`)."""
     norm = layer.norm
     if norm is None:
         return
-    index = units.units
     if getattr(norm, "running_mean", None) is not None:
-        norm.running_mean[index] = 0
-        norm.running_var[index] = 1
+        norm.running_mean[units.units] = 0
+        norm.running_var[units.units] = 1
+    index = (units.members, units.units)
     for param, fresh in ((norm.weight, 1.0), (norm.bias, 0.0)):
         if param is not None:
-            param[index] = fresh
-            if optimizer is not None:
-                reset_optimizer_state(optimizer, param, (index,))
+            member_view(norm, param)[index] = fresh
+            _reset_state(optimizer, norm, param, index)
 
 
 @torch.no_grad()

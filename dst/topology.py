@@ -17,8 +17,8 @@ In a population (``MaskedLinear(..., members=S)`` layers) every view below carri
 dimension: ``incoming()`` is (S, units, fan_in), ``outgoing()`` (S, consumer_out, consumer_in),
 ``member_output`` (S, batch, units). A plain torch model is a population of one and gets the same views
 with S = 1 (``dst.population.member_view``), so strategies are written once, on the member layout.
-A population has no per-member normalisation layer, so one between its producer and activation is
-refused.
+In a population the normalisation must be per member too (:class:`dst.population.MemberLayerNorm`); a
+plain normalisation layer, one parameter set for all members, is refused.
 
 Activations are captured with forward hooks only while a strategy has asked for them
 (:meth:`Topology.start_capture` / :meth:`Topology.stop_capture`), so steps that need none pay nothing.
@@ -35,7 +35,7 @@ from torch import nn
 
 from .errors import TopologyError
 from .masked import MaskedMixin
-from .population import is_population_module, member_view
+from .population import MemberLayerNorm, is_population_module, member_view
 
 __all__ = ["HiddenLayer", "Topology", "ACTIVATIONS", "NORMS"]
 
@@ -55,8 +55,9 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
 )
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
 #: Normalisation layers with per-unit parameters (and, for batch norm, per-unit running statistics).
-NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
-_ANY_NORM = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
+NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, MemberLayerNorm)
+_ANY_NORM = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm,
+             MemberLayerNorm)
 
 
 @dataclass(eq=False)
@@ -144,11 +145,18 @@ def _inputs(module: nn.Module) -> int:
 
 def _validate_norm(name: str, producer: nn.Module, norm: nn.Module) -> None:
     """Check that ``norm`` keeps one set of parameters per unit of ``producer``."""
+    if isinstance(norm, MemberLayerNorm):
+        if norm.members != getattr(producer, "members", None) or norm.units != _units(producer):
+            raise TopologyError(
+                f"{name}: a MemberLayerNorm of {norm.units} units x {norm.members} members after a producer of "
+                f"{_units(producer)} units x {getattr(producer, 'members', None)} members; they must match"
+            )
+        return
     if is_population_module(producer):
         raise TopologyError(
             f"{name}: {type(norm).__name__} after a population layer has one parameter set for all members; "
-            "population layers take no normalisation. Build the model from plain torch layers (a "
-            "population of one) to use one"
+            "use dst.population.MemberLayerNorm (one per member), or build the model from plain torch layers "
+            "(a population of one)"
         )
     units = producer.weight.shape[0]
     if isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm2d)):

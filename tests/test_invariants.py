@@ -228,6 +228,7 @@ def networks(draw, activations=tuple(ACTIVATIONS)) -> dict[str, Any]:
             hidden=draw(st.lists(st.integers(1, 6), min_size=1, max_size=2)),
             out_features=draw(st.integers(1, 3)),
             activation=draw(st.sampled_from(activations)),
+            norm=draw(st.sampled_from(["none", "layer"])),
         )
     layers = draw(st.integers(1, 2))
     kernels = draw(st.lists(st.integers(2, 3), min_size=layers, max_size=layers))
@@ -313,7 +314,7 @@ def _build_network(spec: dict[str, Any], seeds: list[int]) -> tuple[nn.Module, t
     generator = generators[0] if len(seeds) == 1 else None
     if spec.pop("kind") == "mlp":
         model = dst.nets.mlp(spec["in_features"], spec["hidden"], spec["out_features"], spec["activation"],
-                             generator=generator, generators=None if generator else generators)
+                             norm=spec["norm"], generator=generator, generators=None if generator else generators)
         return model, (spec["in_features"],)
     model = dst.nets.convnet(spec["in_channels"], spec["image_size"], spec["out_features"],
                              channels=spec["channels"], kernel_sizes=spec["kernel_sizes"], hidden=spec["hidden"],

@@ -130,3 +130,50 @@ def test_a_norm_that_does_not_act_per_unit_is_refused():
         Topology.from_model(model).hidden_layers
     with pytest.raises(TopologyError, match="one parameter set per unit"):
         Topology(model, [HiddenLayer("0", model[0], model[4], model[2], norm=model[1])]).hidden_layers
+
+
+def test_member_layer_norm_normalises_each_member_with_its_own_scale_and_shift():
+    norm = dst.population.MemberLayerNorm(3, members=2)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]]))
+        norm.bias.copy_(torch.tensor([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0]]))
+    x = torch.tensor([[[1.0, 2.0, 3.0]], [[0.0, 0.0, 6.0]]])  # (S=2, batch 1, units 3)
+    out = norm(x)
+    # member 0: mean 2, biased var 2/3; member 1: mean 2, var 8
+    z0 = [(v - 2) / (2 / 3 + 1e-5) ** 0.5 for v in (1.0, 2.0, 3.0)]
+    z1 = [(v - 2) / (8 + 1e-5) ** 0.5 for v in (0.0, 0.0, 6.0)]
+    expected = [[[z0[0] * 1, z0[1] * 2, z0[2] * 3 + 1]], [[z1[0] * 0.5 - 1, z1[1] * 0.5, z1[2] * 0.5]]]
+    torch.testing.assert_close(out, torch.tensor(expected))
+
+
+def test_a_population_unit_reset_restores_only_that_members_layer_norm_entries_and_their_state():
+    members = 2
+    model = dst.nets.mlp(3, [4], 2, norm="layer", generators=[torch.Generator().manual_seed(s) for s in range(members)])
+    layer = Topology.from_model(model).hidden_layers[0]
+    norm = layer.norm
+    assert isinstance(norm, dst.population.MemberLayerNorm)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with torch.no_grad():
+        norm.weight.fill_(5.0)
+        norm.bias.fill_(3.0)
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    optimizer.step()  # momentum buffers of 1 everywhere
+    selection = UnitSelection(torch.tensor([1]), torch.tensor([2]), torch.tensor([0]))
+    replace_units(layer, selection, optimizer, MemberRandom([1, 2]), step=1)
+    weight, bias = norm.weight.detach(), norm.bias.detach()
+    assert weight[1, 2].item() == 1.0 and bias[1, 2].item() == 0.0
+    changed = torch.zeros(2, 4, dtype=torch.bool)
+    changed[1, 2] = True
+    assert torch.all(weight[~changed] == 5.0 - 0.1) and torch.all(bias[~changed] == 3.0 - 0.1)
+    for param in (norm.weight, norm.bias):
+        buffer = optimizer.state[param]["momentum_buffer"]
+        assert buffer[1, 2].item() == 0.0 and torch.all(buffer[~changed] == 1.0)
+
+
+def test_the_benchmarks_build_layer_norm_nets_on_request():
+    bench = dst.benchmarks.build("bit-flipping", norm="layer", hidden=[7])
+    _, model, _ = bench.build([0, 1], "cpu")
+    assert isinstance(model[1], dst.population.MemberLayerNorm) and model[1].weight.shape == (2, 7)
+    with pytest.raises(dst.ConfigError, match="norm"):
+        dst.benchmarks.build("bit-flipping", norm="batch")

@@ -359,7 +359,7 @@ def test_member_output_is_each_members_activation(size):
 
 def test_population_layer_followed_by_a_norm_is_refused_with_the_fix():
     model = nn.Sequential(MaskedLinear(4, 5, members=2), nn.LayerNorm(5), nn.ReLU(), MaskedLinear(5, 2, members=2))
-    with pytest.raises(TopologyError, match="population layers take no normalisation.*plain torch layers"):
+    with pytest.raises(TopologyError, match="one parameter set for all members.*MemberLayerNorm"):
         Topology.from_model(model).hidden_layers
 
 
