@@ -28,6 +28,7 @@ from dst.arrays import Arrays
 from dst.config import setting
 from dst.errors import ConfigError, TopologyError
 from dst.init import INIT_SCHEMES, module_gain
+from dst.nets import CReLU
 from dst.population import MemberRandom
 from dst.refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig
 from dst.surgery import UnitSelection, replace_units
@@ -129,6 +130,11 @@ class ContinualBackprop(RefreshStrategy):
             for index, layer in enumerate(self.layers)
         ]
         self.gains = [module_gain(layer.activation) for layer in self.layers]
+        if c.bias_correction and any(isinstance(layer.activation, CReLU) for layer in self.layers):
+            raise TopologyError(
+                "cbp's bias correction folds one mean activation per unit into the next layer's bias, but a "
+                "CReLU unit has two outputs with different means; use --set bias_correction=false"
+            )
         rate, maturity = self.per_member("replacement_rate"), self.per_member("maturity_threshold")
         self.maturity = torch.as_tensor(maturity, device=self.device)[:, None]  # (S, 1)
         host_random = self.random.to("cpu")  # the same keys: each member's draws for probabilistic rounding

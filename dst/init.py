@@ -34,6 +34,7 @@ _GAIN_NAMES = {
     "gelu": "relu",
     "swish": "relu",
     "silu": "relu",
+    "crelu": "relu",  # each unit's pair carries its whole input's square: the ReLU gain keeps the variance
 }
 
 
@@ -58,6 +59,7 @@ _MODULE_GAINS = {
     "SELU": "selu",
     "ELU": "elu",
     "GELU": "gelu",
+    "CReLU": "crelu",
     "SiLU": "swish",
 }
 

@@ -28,6 +28,28 @@ __all__ = ["mlp", "convnet", "ACTIVATION_MODULES", "NORMS", "initialise"]
 #: hidden-layer normalisations of :func:`mlp` (``layer``: a LayerNorm over the units, before the activation)
 NORMS = ("none", "layer")
 
+class CReLU(nn.Module):
+    """Concatenated ReLU (Shang et al. 2016; against loss of plasticity, Abbas et al. 2023): each unit x gives
+    two outputs, relu(x) and relu(-x), side by side, so the next layer takes twice the features and no unit
+    is ever silent. Unit i's pair is features 2i and 2i + 1 of dimension ``dim`` (the last for linear
+    layers, the channels, -3, for conv maps): the unit graph sees one unit with a block of two columns."""
+
+    def __init__(self, dim: int = -1) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack((x.clamp(min=0), (-x).clamp(min=0)), self.dim).flatten(
+            self.dim - 1 if self.dim < 0 else self.dim, self.dim if self.dim < 0 else self.dim + 1)
+
+    def per_unit(self, output: torch.Tensor) -> torch.Tensor:
+        """The output with each unit's pair in a dimension of its own after the units (a view)."""
+        return output.unflatten(self.dim, (-1, 2))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
 ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "leaky_relu": nn.LeakyReLU,
@@ -39,10 +61,13 @@ ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
     "swish": nn.SiLU,
     "silu": nn.SiLU,
     "linear": nn.Identity,
+    "crelu": CReLU,
 }
 
 
-def _activation(name: str) -> nn.Module:
+def _activation(name: str, conv: bool = False) -> nn.Module:
+    if name == "crelu":
+        return CReLU(-3 if conv else -1)
     try:
         return ACTIVATION_MODULES[name]()
     except KeyError:
@@ -95,11 +120,12 @@ def mlp(
     if generators is not None and (generator is not None or not generators):
         raise ConfigError("mlp: give one generator, or a non-empty list of one generator per member")
     members = None if generators is None else len(generators)
-    widths = [in_features, *hidden, out_features]
+    outputs = 2 if activation == "crelu" else 1  # features per hidden unit
+    inputs = [in_features, *(outputs * width for width in hidden)]
     gains = [activation_gain(activation)] * len(hidden) + [activation_gain("linear")]
     linears = [
         nn.Linear(n_in, n_out) if members is None else MaskedLinear(n_in, n_out, members=members, device="meta")
-        for n_in, n_out in zip(widths, widths[1:])
+        for n_in, n_out in zip(inputs, [*hidden, out_features])
     ]
     if members is None:
         for linear, gain in zip(linears, gains):
@@ -142,14 +168,15 @@ def convnet(
     layers: list[nn.Module] = []
     gain = activation_gain(activation)
     width, size = in_channels, image_size
+    outputs = 2 if activation == "crelu" else 1  # feature maps per channel
     for out_channels, kernel in zip(channels, kernel_sizes):
         conv = nn.Conv2d(width, out_channels, kernel)
         initialise(conv, init, gain, generator)
-        layers += [conv, _activation(activation), nn.MaxPool2d(2)]
+        layers += [conv, _activation(activation, conv=True), nn.MaxPool2d(2)]
         size = (size - kernel + 1) // 2
         if size < 1:
             raise ConfigError(f"convnet: image_size {image_size} is too small for {len(channels)} conv layers")
-        width = out_channels
+        width = outputs * out_channels
     layers.append(nn.Flatten())
     head = mlp(width * size * size, hidden, out_features, activation, init=init, generator=generator)
     layers += list(head)

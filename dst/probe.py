@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import metrics
+from .nets import CReLU
 from .population import forward
 from .topology import Topology
 
@@ -89,6 +90,8 @@ class Probe:
             if features is None:
                 continue
             features = features.double()  # once: the SVD needs float64, and so does the overall matrix
+            if isinstance(activation, CReLU):  # each unit's pair: (S, P, units, 2[, H, W])
+                features = _crelu_as_positions(features)
             if features.dim() == 5:  # conv (S, P, C, H, W)
                 layer_values = self._layer_metrics(
                     metrics.conv_samples(features), metrics.conv_units(features), activation
@@ -110,3 +113,12 @@ class Probe:
         table = torch.stack([values[name].to(device, torch.float64) for name in names], dim=1).tolist()
         seconds = time.perf_counter() - start
         return [{**dict(zip(names, member)), "probe_seconds": seconds} for member in table]
+
+
+def _crelu_as_positions(features: torch.Tensor) -> torch.Tensor:
+    """A CReLU layer's (S, P, units, 2[, H, W]) features as conv maps (S, P, units, 2[ x H], [1 x] W): each
+    unit's two outputs count as two positions of its channel, so its dead fraction asks whether either
+    ever fires; the ranks run over units x positions as for a conv layer."""
+    if features.dim() == 4:
+        return features[..., None]
+    return features.flatten(3, 4)

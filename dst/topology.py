@@ -3,7 +3,8 @@
 A *hidden unit* is an output row of a producer layer (an output channel of a conv). Its activation h
 feeds input columns of a consumer layer: one column for linear -> linear, one input channel for
 conv -> conv, and a block of ``block`` consecutive columns for conv -> flatten -> linear (PyTorch
-flattens channel-major, so channel c owns columns [c*block, (c+1)*block)).
+flattens channel-major, so channel c owns columns [c*block, (c+1)*block)). A CReLU activation
+(:class:`dst.nets.CReLU`) gives each unit two features side by side, so two columns (or channels) each.
 
 ``Topology.from_model`` discovers (producer, activation, consumer) triples in sequential MLPs and
 ConvNets, in the order the modules are registered. Other models declare their triples explicitly.
@@ -35,6 +36,7 @@ from torch import nn
 
 from .errors import TopologyError
 from .masked import MaskedMixin
+from .nets import CReLU
 from .population import MemberLayerNorm, is_population_module, member_view
 
 __all__ = ["HiddenLayer", "Topology", "ACTIVATIONS", "NORMS"]
@@ -52,6 +54,7 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Softplus,
     nn.Hardtanh,
     nn.Identity,
+    CReLU,
 )
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
 #: Normalisation layers with per-unit parameters (and, for batch norm, per-unit running statistics).
@@ -108,7 +111,8 @@ class HiddenLayer:
 
     @property
     def member_output(self) -> torch.Tensor | None:
-        """The latest captured activation as (S, batch, units[, H, W]), or None."""
+        """The latest captured activation as (S, batch, units[, H, W]), or None; after a CReLU each unit's pair
+        is a dimension of its own after the units: (S, batch, units, 2[, H, W])."""
         return None if self.output is None else member_view(self.producer, self.output)
 
     @property
@@ -175,37 +179,40 @@ def _validate_norm(name: str, producer: nn.Module, norm: nn.Module) -> None:
         )
 
 
-def _validate_pair(name: str, producer: nn.Module, consumer: nn.Module) -> int:
-    """Check that producer's units match consumer's inputs and return the block size."""
+def _validate_pair(name: str, producer: nn.Module, consumer: nn.Module, activation: nn.Module | None = None) -> int:
+    """Check that producer's units match consumer's inputs and return the block size (a CReLU activation
+    gives each unit two features, so two consumer columns or channels)."""
     if getattr(producer, "members", None) != getattr(consumer, "members", None):
         raise TopologyError(
             f"{name}: producer has members={getattr(producer, 'members', None)} but its consumer has "
             f"members={getattr(consumer, 'members', None)}; a population's layers all have the same members"
         )
     units = _units(producer)
+    outputs = 2 if isinstance(activation, CReLU) else 1  # features per unit
+    doubled = "" if outputs == 1 else f" ({outputs * units} after its CReLU)"
     if isinstance(consumer, nn.Conv2d):
         if not isinstance(producer, nn.Conv2d):
             raise TopologyError(f"{name}: a linear layer cannot feed a conv layer in a unit graph")
-        if consumer.groups != 1 or consumer.in_channels != units:
+        if consumer.groups != 1 or consumer.in_channels != outputs * units:
             raise TopologyError(
-                f"{name}: producer has {units} channels but the consumer conv takes "
+                f"{name}: producer has {units} channels{doubled} but the consumer conv takes "
                 f"{consumer.in_channels} (groups={consumer.groups})"
             )
-        return 1
+        return outputs
     columns = _inputs(consumer)
     if isinstance(producer, nn.Conv2d):
-        if columns % units != 0:
+        if columns % (outputs * units) != 0:
             raise TopologyError(
                 f"{name}: consumer takes {columns} inputs, not a multiple of the producer's {units} "
-                "channels; declare the hidden layers explicitly"
+                f"channels{doubled}; declare the hidden layers explicitly"
             )
         return columns // units
-    if columns != units:
+    if columns != outputs * units:
         raise TopologyError(
-            f"{name}: producer has {units} units but the consumer takes {columns} inputs; "
+            f"{name}: producer has {units} units{doubled} but the consumer takes {columns} inputs; "
             "declare the hidden layers explicitly"
         )
-    return 1
+    return outputs
 
 
 class Topology:
@@ -242,7 +249,7 @@ class Topology:
         layers = []
         for item in self._declared or ():
             if isinstance(item, HiddenLayer):
-                item.block = _validate_pair(item.name, item.producer, item.consumer)
+                item.block = _validate_pair(item.name, item.producer, item.consumer, item.activation)
                 if item.norm is not None:
                     _validate_norm(item.name, item.producer, item.norm)
                 layers.append(item)
@@ -261,8 +268,8 @@ class Topology:
             for role, module in (("producer", producer), ("consumer", consumer)):
                 if not isinstance(module, _WEIGHT_LAYERS):
                     raise TopologyError(f"{role} {module!r} must be an nn.Linear or nn.Conv2d")
-            block = _validate_pair(producer_name, producer, consumer)
             activation = modules[activation_name] if activation_name is not None else None
+            block = _validate_pair(producer_name, producer, consumer, activation)
             layers.append(HiddenLayer(producer_name, producer, consumer, activation, block))
         return layers
 
@@ -281,7 +288,7 @@ class Topology:
                             "explicitly with Topology(model, [(producer, activation, consumer), ...]); "
                             "mark a deliberately linear layer with nn.Identity()."
                         )
-                    block = _validate_pair(producer_name, producer, module)
+                    block = _validate_pair(producer_name, producer, module, activation)
                     layers.append(HiddenLayer(producer_name, producer, module, activation, block, norm=norm))
                 producer_name, producer, activation, norm = name, module, None, None
             elif isinstance(module, _ANY_NORM) and producer is not None:
@@ -332,8 +339,11 @@ class Topology:
             return
         for layer in self.hidden_layers:
 
-            def hook(module, inputs, output, layer=layer):
-                layer.output = output.detach()
+            per_unit = layer.activation.per_unit if isinstance(layer.activation, CReLU) else None
+
+            def hook(module, inputs, output, layer=layer, per_unit=per_unit):
+                output = output.detach()
+                layer.output = output if per_unit is None else per_unit(output)  # a CReLU unit's pair after it
 
             self._handles.append(layer.capture_module.register_forward_hook(hook))
 
