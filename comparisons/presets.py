@@ -172,6 +172,42 @@ def sparse_budget() -> list[Comparison]:
     ]
 
 
+#: the methods preset's arms: (label, strategy, settings, benchmark overrides), each at its paper defaults
+_METHODS: tuple[tuple[str, str, dict[str, Any], dict[str, Any]], ...] = (
+    ("bp", "bp", {}, {}),
+    ("cbp", "cbp", CBP, {}),
+    ("redo", "redo", {}, {}),
+    ("regrama", "regrama", {}, {}),
+    ("snr", "snr", {}, {}),
+    ("shrink-perturb", "shrink-perturb", {}, {}),
+    ("l2-init", "l2-init", {}, {}),
+    ("upgd", "upgd", {}, {}),
+    ("weight-clipping", "weight-clipping", {}, {}),
+    ("parseval", "parseval", {}, {}),
+    ("spectral-reg", "spectral-reg", {}, {}),
+    ("hare-tortoise", "hare-tortoise", {}, {}),
+    ("crelu", "bp", {}, {"activation": "crelu"}),
+    ("layer-norm", "bp", {}, {"norm": "layer"}),
+)
+
+
+def methods() -> list[Comparison]:
+    """Every plasticity method at its paper's (or released code's) defaults, on the two CPU protocols, 10 seeds
+    per arm as one population: bit-flipping (the paper's 20-5-1 learner, SGD 0.01, batch 1, 1M steps) and
+    permuted MNIST (784-100x3-10, SGD 0.003, batch 1, 30 tasks of 10,000 images). The architectures (CReLU,
+    LayerNorm) are backprop on the changed net. Several hours on 2 CPU cores (``--estimate``)."""
+    def arms(bench: Mapping[str, Any]) -> tuple[Arm, ...]:
+        return tuple(Arm(label, strategy, settings=settings, bench={**bench, **extra})
+                     for label, strategy, settings, extra in _METHODS)
+
+    mnist = {"lr": 0.003, "batch_size": 1, "examples_per_task": 10_000, "tasks": 30, "hidden": (100, 100, 100)}
+    return [
+        Comparison("bit-flipping", arms({"hidden": (5,)}), seeds=tuple(range(10)), steps=1_000_000,
+                   name="methods-bit-flipping"),
+        Comparison("permuted-mnist", arms(mnist), seeds=tuple(range(10)), name="methods-permuted-mnist"),
+    ]
+
+
 def paper() -> list[Comparison]:
     """Both published scales: ``paper-bit-flipping`` and ``paper-permuted-mnist`` (in OUT/<name>/)."""
     return paper_bit_flipping() + paper_permuted_mnist()
@@ -182,6 +218,7 @@ PRESETS: dict[str, Callable[[], list[Comparison]]] = {
     "permuted-mnist-cpu": permuted_mnist_cpu,
     "sparse-bit-flipping": sparse_bit_flipping,
     "sparse-budget": sparse_budget,
+    "methods": methods,
     "paper": paper,
     "paper-bit-flipping": paper_bit_flipping,
     "paper-permuted-mnist": paper_permuted_mnist,

@@ -158,6 +158,25 @@ def test_the_paper_presets_hold_the_papers_protocols():
     assert (quick.steps, len(quick.seeds), [a.strategy for a in quick.arms]) == (400_000, 30, ["bp", "cbp"])
 
 
+def test_the_methods_preset_runs_every_registered_method_at_its_defaults_on_both_protocols():
+    from comparisons.presets import preset
+    from comparisons.spec import resolve
+    from dst import strategies
+
+    flipping, mnist = preset("methods")
+    assert (flipping.steps, len(flipping.seeds), len(mnist.seeds)) == (1_000_000, 10, 10)
+    arms = {arm.label: arm.spec for arm in resolve(flipping)}
+    compositions = {"cbp-rigl", "cbp-set", "cbp-srigl", "rigl-utility"}
+    sparse = {"set", "rigl", "srigl"}  # connection-level methods: compared per weight budget (sparse-budget)
+    topology_free = {"head-reset"}  # a bit-flipping task change keeps the output's meaning
+    methods = set(strategies.available()) - compositions - sparse - topology_free
+    assert methods <= {spec.strategy for spec in arms.values()}
+    assert arms["crelu (dense)"].bench["activation"] == "crelu" and arms["layer-norm (dense)"].bench["norm"] == "layer"
+    assert all(not arm.settings for arm in flipping.arms if arm.strategy != "cbp")  # every method at its defaults
+    for arm in mnist.arms:  # as given (resolving them reads MNIST)
+        assert (tuple(arm.bench["hidden"]), arm.bench["examples_per_task"], arm.bench["batch_size"]) == ((100,) * 3, 10_000, 1)
+
+
 def test_the_start_line_counts_the_members_of_a_population_with_a_checkpoint_as_resumable(tmp_path):
     from comparisons.api import prepare_comparison
     from comparisons.cli import _start_line
