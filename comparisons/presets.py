@@ -195,16 +195,18 @@ def methods() -> list[Comparison]:
     """Every plasticity method at its paper's (or released code's) defaults, on the two CPU protocols, 10 seeds
     per arm as one population: bit-flipping (the paper's 20-5-1 learner, SGD 0.01, batch 1, 1M steps) and
     permuted MNIST (784-100x3-10, SGD 0.003, batch 1, 30 tasks of 10,000 images). The architectures (CReLU,
-    LayerNorm) are backprop on the changed net. Several hours on 2 CPU cores (``--estimate``)."""
-    def arms(bench: Mapping[str, Any]) -> tuple[Arm, ...]:
+    LayerNorm) are backprop on the changed net; plasticity injection injects halfway through the run. Several hours on 2 CPU cores (``--estimate``)."""
+    def arms(bench: Mapping[str, Any], head_layers: int) -> tuple[Arm, ...]:
+        injection = Arm("plasticity-injection", "plasticity-injection", bench=dict(bench),
+                        settings={"head_layers": head_layers} if head_layers != 2 else {})
         return tuple(Arm(label, strategy, settings=settings, bench={**bench, **extra})
-                     for label, strategy, settings, extra in _METHODS)
+                     for label, strategy, settings, extra in _METHODS) + (injection,)
 
     mnist = {"lr": 0.003, "batch_size": 1, "examples_per_task": 10_000, "tasks": 30, "hidden": (100, 100, 100)}
-    return [
-        Comparison("bit-flipping", arms({"hidden": (5,)}), seeds=tuple(range(10)), steps=1_000_000,
+    return [  # the 20-5-1 learner's head can only be its output layer; the MNIST net's is its last two layers
+        Comparison("bit-flipping", arms({"hidden": (5,)}, 1), seeds=tuple(range(10)), steps=1_000_000,
                    name="methods-bit-flipping"),
-        Comparison("permuted-mnist", arms(mnist), seeds=tuple(range(10)), name="methods-permuted-mnist"),
+        Comparison("permuted-mnist", arms(mnist, 2), seeds=tuple(range(10)), name="methods-permuted-mnist"),
     ]
 
 

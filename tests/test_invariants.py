@@ -98,7 +98,8 @@ SLOW = settings.get_profile("dst-invariants-slow")
 STRATEGY_NAMES = sorted(dst.strategies.available())
 
 #: Strategies that change weights or optimizer state without a topology refresh to count.
-NO_TOPOLOGY_REFRESH = {"bp", "l2-init", "shrink-perturb", "weight-clipping", "upgd", "parseval", "spectral-reg", "hare-tortoise"}
+NO_TOPOLOGY_REFRESH = {"bp", "l2-init", "shrink-perturb", "weight-clipping", "upgd", "parseval", "spectral-reg", "hare-tortoise",
+                       "plasticity-injection"}
 
 #: Strategies that need a constant fan-in mask, and the distributions that give one.
 FAN_IN_ONLY = {"srigl", "cbp-srigl"}
@@ -141,6 +142,8 @@ NUMERIC_SETTINGS: dict[str, st.SearchStrategy] = {
     "power_iterations": st.integers(1, 3),
     "beta": st.floats(0.0, 0.99),  # hare-tortoise
     "reset_every": st.integers(1, 3),
+    "head_layers": st.just(1),  # plasticity-injection: every drawn net has an encoder before its last layer
+    "at_step": st.integers(1, 6),
     # snr
     "percentile": st.floats(0.5, 1.0),
     "threshold": st.floats(1.0, 5.0),
@@ -151,7 +154,7 @@ NUMERIC_SETTINGS: dict[str, st.SearchStrategy] = {
 }
 
 #: Numeric settings every member of a population shares (the strategy refuses members that differ).
-SHARED_SETTINGS = {"magnitude_every", "power", "power_iterations", "tau_max"}  # cbp, spectral-reg, snr
+SHARED_SETTINGS = {"magnitude_every", "power", "power_iterations", "tau_max", "head_layers", "at_step"}
 
 ACTIVATIONS = ["relu", "tanh", "sigmoid", "leaky_relu", "elu", "selu", "gelu", "swish", "linear", "crelu"]
 

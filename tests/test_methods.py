@@ -240,3 +240,70 @@ def test_the_tortoise_is_an_ema_of_the_hare_which_is_reset_to_it_with_its_optimi
     torch.testing.assert_close(model[0].weight[1], start[1] - 0.29)  # member 1: resets at step 3
     buffer = optimizer.state[model[0].weight]["momentum_buffer"]
     assert torch.all(buffer[0] == 0) and torch.allclose(buffer[1], torch.full_like(buffer[1], 1.9))
+
+
+# -- plasticity injection ---------------------------------------------------------------------
+
+
+def _injected(members=2, **settings):
+    model = dst.nets.mlp(3, [4, 6], 2, generators=[torch.Generator().manual_seed(s) for s in range(members)])
+    optimizer = dst.build_optimizer("sgd", model.parameters(), 0.1, momentum=0.9)
+    strategy = dst.strategies.build("plasticity-injection", model, optimizer, seed=list(range(members)), **settings)
+    return model, optimizer, strategy
+
+
+def _head(z, w1, b1, w2, b2):
+    """The 2-layer head by hand: (S, batch, 4) -> (S, batch, 2)."""
+    hidden = torch.relu(z @ w1.transpose(1, 2) + b1[:, None])
+    return hidden @ w2.transpose(1, 2) + b2[:, None]
+
+
+def test_injection_keeps_the_output_and_then_trains_a_fresh_head_minus_its_frozen_copy():
+    from dst.population import forward
+
+    model, optimizer, strategy = _injected()
+    x = torch.randn(2, 5, 3)
+    before = forward(model, x).detach()
+    old = [p.detach().clone() for p in strategy.head.head.parameters()]
+    strategy.set_horizon(10)
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    optimizer.step()  # momentum buffers of 1
+    for _ in range(5):
+        strategy.after_step()  # the 5th step is halfway: injection
+    assert strategy.head.injections == 1
+    frozen = [p.detach().clone() for p in strategy.head.head.parameters()]  # theta_0' = the fresh head
+    assert not torch.equal(frozen[0], old[0]) and torch.all(frozen[1] == 0) and torch.all(frozen[3] == 0)
+    for param in strategy.head.head.parameters():
+        assert torch.all(optimizer.state[param]["momentum_buffer"] == 0)
+    z = torch.relu(x @ model[0].weight.detach().transpose(1, 2) + model[0].bias.detach()[:, None])
+    torch.testing.assert_close(forward(model, x).detach(), _head(z, *[p - 0.1 for p in old]), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the fresh head moves; the frozen terms do not
+        for param in strategy.head.head.parameters():
+            param.add_(0.05)
+    moved = [p + 0.05 for p in frozen]
+    expected = _head(z, *[p - 0.1 for p in old]) + _head(z, *moved) - _head(z, *frozen)
+    torch.testing.assert_close(forward(model, x).detach(), expected, rtol=1e-5, atol=1e-5)
+    del before
+
+
+def test_injecting_at_every_task_start_keeps_the_output_each_time_and_resumes_its_frozen_heads():
+    from dst.population import forward
+
+    model, optimizer, strategy = _injected(every_task=True, head_layers=1)
+    x = torch.randn(2, 5, 3)
+    for task in range(3):
+        before = forward(model, x).detach()
+        strategy.on_task_start(task)
+        torch.testing.assert_close(forward(model, x).detach(), before, rtol=1e-5, atol=1e-6)
+    assert strategy.head.injections == 2
+    fresh, _, resumed = _injected(every_task=True, head_layers=1)
+    fresh.load_state_dict(model.state_dict())
+    resumed.load_state_dict(strategy.state_dict())
+    torch.testing.assert_close(forward(fresh, x), forward(model, x))
+
+
+def test_plasticity_injection_needs_a_separable_head():
+    model = dst.nets.mlp(3, [4], 2)
+    with pytest.raises(dst.TopologyError, match="separable head.*head_layers"):
+        dst.strategies.build("plasticity-injection", model, None, head_layers=2, seed=0)
