@@ -25,15 +25,10 @@ from . import strategies
 from .config import setting
 from .init import INIT_SCHEMES, fans, init_bound
 from .optim_state import reset_optimizer_state
-from .population import member_view
+from .population import member_view, parameter_owners
 from .refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig
 
 __all__ = ["ShrinkPerturbConfig", "ShrinkPerturb", "L2InitConfig", "L2Init", "HeadResetConfig", "HeadReset"]
-
-
-def _owners(model: nn.Module) -> dict[int, nn.Module]:
-    """The module that holds each parameter of ``model``, by the parameter's id."""
-    return {id(param): module for module in model.modules() for param in module.parameters(recurse=False)}
 
 
 def _per_member(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
@@ -59,7 +54,7 @@ class ShrinkPerturb(RefreshStrategy):
 
     def __init__(self, model, optimizer, config=None, *, seed=None) -> None:
         super().__init__(model, optimizer, config, seed=seed)
-        owners = _owners(self.model)
+        owners = parameter_owners(self.model)
         decay, noise = self.per_member("weight_decay"), self.per_member("noise_std")
         self.shrink, self.perturb = bool(decay.any()), bool(noise.any())
         # (parameter, its module, shrink factor 1 - lr * wd, sigma), the last two per member
@@ -106,7 +101,7 @@ class L2Init(RefreshStrategy):
 
     def __init__(self, model, optimizer, config=None, *, seed=None) -> None:
         super().__init__(model, optimizer, config, seed=seed)
-        owners = _owners(self.model)
+        owners = parameter_owners(self.model)
         self.params = [(p, owners[id(p)]) for p in self.model.parameters() if p.requires_grad]
         self.initial = [p.detach().clone() for p, _ in self.params]
         strength = self.per_member("strength")

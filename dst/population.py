@@ -37,6 +37,7 @@ __all__ = [
     "check_seeds",
     "zero_members",
     "MemberLayerNorm",
+    "parameter_owners",
 ]
 
 
@@ -63,6 +64,12 @@ class MemberLayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.units}, members={self.members}, eps={self.eps}"
+
+
+def parameter_owners(model: nn.Module) -> dict[int, nn.Module]:
+    """The module that holds each parameter of ``model``, by the parameter's id (what :func:`member_view`
+    needs to see a parameter member-first)."""
+    return {id(param): module for module in model.modules() for param in module.parameters(recurse=False)}
 
 
 def members(model: nn.Module) -> int:

@@ -23,7 +23,7 @@ import torch
 
 from .. import strategies
 from ..config import setting
-from ..population import member_view
+from ..population import member_view, parameter_owners
 from ..refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig
 
 __all__ = ["HareTortoiseConfig", "HareTortoise"]
@@ -46,7 +46,7 @@ class HareTortoise(RefreshStrategy):
 
     def __init__(self, model, optimizer, config=None, *, seed=None) -> None:
         super().__init__(model, optimizer, config, seed=seed)
-        owners = {id(p): m for m in self.model.modules() for p in m.parameters(recurse=False)}
+        owners = parameter_owners(self.model)
         self.params = [(p, owners[id(p)]) for p in self.model.parameters() if p.requires_grad]
         self.tortoise = [member_view(module, p).detach().clone() for p, module in self.params]
         self.beta = torch.as_tensor(self.per_member("beta"), device=self.device)

@@ -36,7 +36,7 @@ from ..config import setting
 from ..errors import ConfigError
 from ..masked import mask_of
 from ..optim import SGD
-from ..population import member_view
+from ..population import member_view, parameter_owners
 from ..refresh import RefreshStrategy, StrategyConfig
 
 __all__ = ["UPGDConfig", "UPGD"]
@@ -69,7 +69,7 @@ class UPGD(RefreshStrategy):
                 "upgd is its own update rule on top of plain SGD: use --bench optimizer=sgd momentum=0 "
                 "weight_decay=0 (upgd's weight_decay setting is the decay)"
             )
-        owners = {id(p): m for m in self.model.modules() for p in m.parameters(recurse=False)}
+        owners = parameter_owners(self.model)
         #: (parameter, its module, member-first shape) in order: the flat (S, N) tensors below concatenate them
         self.params = [(p, owners[id(p)], member_view(owners[id(p)], p).shape)
                        for p in self.model.parameters() if p.requires_grad]
