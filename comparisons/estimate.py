@@ -1,10 +1,10 @@
 """How long a comparison will take, measured: each arm's population trains briefly, here, now.
 
 For every arm, a population of the arm's seeds is built as the comparison builds it (the same benchmark,
-strategy, settings, backend and device) and trained for a calibration stretch (probe off, no files); its
-seconds per step times the run length is the arm's time. Arms run side by side on the workers, so the
-comparison takes about the arms' total over the workers (never less than its slowest arm). Startup, the
-probe and the report are not counted. On a shared machine the figure is as noisy as the machine.
+strategy, settings, backend and device) and trained for a calibration stretch (probe off, no files) on one
+torch thread, as a worker process trains it; its seconds per step times the run length is the arm's time.
+Arms run side by side on the workers, so the comparison takes about the arms' total over the workers (never
+less than its slowest arm). Startup, the probe and the report are not counted. On a shared machine the figure is as noisy as the machine.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import time
 from dataclasses import replace
 
 import pandas as pd
+import torch
 
 from dst.runner import prepare
 
@@ -26,20 +27,30 @@ def estimate(prepared: Prepared, workers: int, calibration: int = 1000) -> pd.Da
     """One row per arm: seconds per step of its population, run steps, estimated seconds."""
     rows = []
     seeds = tuple(prepared.comparison.seeds)
-    for arm in prepared.arms:
-        steps = arm.spec.steps
-        measured = max(100, min(calibration, steps // 10 or 1))
-        bench = {**arm.spec.bench, "probe": False}
-        spec = replace(arm.spec, seeds=seeds, steps=measured + 100, bench=bench, checkpoint_every=None)
-        experiment = prepare(spec, progress=False)
-        timer = _Timer(experiment, after=100)
-        experiment.run()
-        per_step = timer.seconds / measured
-        rows.append({"arm": arm.label, "seconds_per_step": per_step, "steps": steps, "seconds": per_step * steps})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the runs train: one thread per worker process
+    try:
+        for arm in prepared.arms:
+            rows.append(_measure(arm, seeds, calibration))
+    finally:
+        torch.set_num_threads(threads)
     table = pd.DataFrame(rows)
     total = table["seconds"].sum()
     table.attrs["wall_seconds"] = max(total / max(1, min(workers, len(table))), table["seconds"].max())
     return table
+
+
+def _measure(arm, seeds: tuple[int, ...], calibration: int) -> dict:
+    """One arm's row: its population trained for a calibration stretch, seconds per step times its steps."""
+    steps = arm.spec.steps
+    measured = max(100, min(calibration, steps // 10 or 1))
+    bench = {**arm.spec.bench, "probe": False}
+    spec = replace(arm.spec, seeds=seeds, steps=measured + 100, bench=bench, checkpoint_every=None)
+    experiment = prepare(spec, progress=False)
+    timer = _Timer(experiment, after=100)
+    experiment.run()
+    per_step = timer.seconds / measured
+    return {"arm": arm.label, "seconds_per_step": per_step, "steps": steps, "seconds": per_step * steps}
 
 
 class _Timer:

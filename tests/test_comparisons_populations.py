@@ -203,6 +203,26 @@ def test_estimate_measures_every_arm_and_writes_nothing(tmp_path, capsys):
     assert "of wall time" in printed and not out.exists()
 
 
+def test_estimate_measures_on_one_thread_as_the_workers_train_and_restores_the_count(monkeypatch):
+    import torch
+
+    from comparisons import estimate as estimate_module
+    from comparisons.api import prepare_comparison
+    from comparisons.presets import free_form
+
+    seen = []
+    real = estimate_module.prepare
+    monkeypatch.setattr(estimate_module, "prepare", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        comparison = free_form("bit-flipping", ["bp"], seeds=(0,), steps=2000, bench=["hidden=4"])
+        estimate_module.estimate(prepare_comparison(comparison, "unused-out"), workers=1)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_report_counts_each_arms_weights_and_plots_performance_against_weights_and_cost(tmp_path):
     out = tmp_path / "budget"
     arms = ["--strategies", "bp,rigl", "--bench", "rigl.density=0.5", "--bench", "hidden=16", "--seeds", "2"]
