@@ -307,3 +307,13 @@ def test_plasticity_injection_needs_a_separable_head():
     model = dst.nets.mlp(3, [4], 2)
     with pytest.raises(dst.TopologyError, match="separable head.*head_layers"):
         dst.strategies.build("plasticity-injection", model, None, head_layers=2, seed=0)
+
+
+def test_upgd_stays_finite_when_the_largest_utility_is_subnormal_and_others_are_zero():
+    # dead units' traces decay toward 0: eta can be subnormal while most traces are exactly 0
+    model, optimizer, strategy = _one_weight_row([1.0, 0.0], [-1e-40, 0.0], beta_utility=0.0, sigma=0.0)
+    strategy.before_step()
+    grad = model[0].weight.grad
+    assert torch.isfinite(grad).all()
+    # u = [1e-40, 0] (subnormal): eta = 1e-40, u_hat / eta = [1, 0]: gates sigmoid(1), 1/2
+    assert grad[0, 1].item() == 0.0 and grad[0, 0].item() == pytest.approx(-1e-40 * (1 - _sigmoid(1.0)), rel=1e-3)

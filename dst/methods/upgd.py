@@ -102,7 +102,8 @@ class UPGD(RefreshStrategy):
         corrected = trace / (1 - beta ** (self.step + 1))  # u_hat
         if self.config.scaling == "global":
             eta = (trace if active is None else trace.masked_fill(~active, -torch.inf)).amax(1, keepdim=True)
-            gate = torch.sigmoid(corrected * torch.where(eta == 0, 0.0, 1 / eta))
+            # u_hat / eta, divided (1 / eta overflows for a subnormal eta, and 0 x inf is NaN); 0 where eta is 0
+            gate = torch.sigmoid(torch.where(eta == 0, 0.0, corrected / eta))
         else:  # each parameter's last dimension (a weight row, a whole bias) normalised to unit length
             rows = [part.reshape(*shape[:-1], -1) for part, (_, _, shape) in zip(corrected.split(self.sizes, 1), self.params)]
             gate = torch.sigmoid(self._flat([part / torch.linalg.vector_norm(part, dim=-1, keepdim=True).clamp_min(1e-12)
