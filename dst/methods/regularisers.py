@@ -36,7 +36,8 @@ _START = 0  # MemberRandom draw index of the power iteration's starting vectors
 
 
 class _MatrixPenalty(RefreshStrategy):
-    """Adds each regularised layer's penalty gradient, lambda x dR/dW, to its weight's gradient, then masks."""
+    """Adds each regularised layer's penalty gradient, lambda x dR/dW, to its weight's gradient, then masks.
+    A subclass defines ``penalty_gradient(index, w)``: dR/dW for layer ``index``'s (S, out, fan_in) matrices."""
 
     def __init__(self, model, optimizer, config=None, *, seed=None) -> None:
         super().__init__(model, optimizer, config, seed=seed)
@@ -48,9 +49,6 @@ class _MatrixPenalty(RefreshStrategy):
         """The layer's weight as (S, out, fan_in) member matrices (a view)."""
         weight = member_view(layer, layer.weight)
         return weight.reshape(*weight.shape[:2], -1)
-
-    def penalty_gradient(self, index: int, w: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
     @torch.no_grad()
     def before_step(self) -> None:
