@@ -4,11 +4,14 @@
     python -m comparisons --benchmark bit-flipping --strategies bp,cbp,rigl --seeds 5 --steps 50000 --out DIR
     python -m comparisons --strategies bp,cbp --grid cbp.replacement_rate=1e-6,1e-5,1e-4 --out DIR
     python -m comparisons presets                 (or --list-presets)
+    python -m comparisons --preset sparse-budget --arms 'b1x-*' --seeds 0-9 --out DIR   (a part of a preset)
     python -m comparisons report --out DIR        (tables, plots and report.md from the finished runs)
 
 ``--bench key=value`` applies to every arm, ``--bench NAME.key=value`` to the arms of strategy (or preset
 arm) NAME; ``--set NAME.key=value`` sets a strategy setting; ``--grid NAME.key=v1,v2,...`` makes one arm
-per value (several --grid of one strategy: their cartesian product). Everything is validated before any
+per value (several --grid of one strategy: their cartesian product). ``--arms`` runs only the arms whose names
+match its patterns, and ``--seeds`` only some seeds, so a long preset can be run in parts into one OUT (the
+report covers every finished run there). Everything is validated before any
 run starts; bad input exits with status 2 and a one-line message. Rerunning a command skips finished runs
 and resumes unfinished ones from their checkpoints; a run that diverged (its ``failure.json``) stays failed
 unless ``--retry-failed`` is given. Exit status: 0, 1 when some run failed (``report`` too), 2 bad input,
@@ -19,6 +22,7 @@ unless ``--retry-failed`` is given. Exit status: 0, 1 when some run failed (``re
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import logging
 import os
 import shlex
@@ -55,8 +59,10 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     parser.add_argument("--benchmark", help="benchmark of a free-form comparison (default: bit-flipping)")
     parser.add_argument("--strategies", help="comma-separated strategies of a free-form comparison (default: bp,cbp)")
-    parser.add_argument("--seeds", help="number of seeds (0..N-1) or a comma-separated list "
+    parser.add_argument("--seeds", help="number of seeds (0..N-1), a comma-separated list or a range A-B "
                                         "(default: 3, or the preset's)")
+    parser.add_argument("--arms", help="run only the arms whose names match these comma-separated shell "
+                                       "patterns ('cbp,b5x-*'; `presets` lists the names)")
     parser.add_argument("--steps", type=int, help="training steps per run (default: the preset's / the benchmark's)")
     parser.add_argument("--bench", action="append", default=[], metavar="[NAME.]KEY=VALUE",
                         help="benchmark setting for every arm, or for NAME's arms; repeatable")
@@ -97,15 +103,37 @@ def _report_parser() -> argparse.ArgumentParser:
 def _seeds(text: str | None, default: Sequence[int]) -> tuple[int, ...]:
     if text is None:
         return tuple(default)
+    first, dash, last = text.strip().partition("-")
     try:
         if "," in text:
             return tuple(int(s) for s in text.split(",") if s.strip())
-        count = int(text)
+        seeds = tuple(range(int(first), int(last) + 1)) if dash else None
+        count = int(text) if not dash else len(seeds)
     except ValueError:
-        raise ConfigError(f"--seeds {text!r}: give a count (5) or a list (0,3,7)") from None
+        raise ConfigError(f"--seeds {text!r}: give a count (5), a list (0,3,7) or a range (10-19)") from None
+    if dash:
+        if not seeds:
+            raise ConfigError(f"--seeds {text!r}: a range A-B needs A <= B")
+        return seeds
     if count <= 0:
         raise ConfigError(f"--seeds {text!r}: give at least one seed")
     return tuple(range(count))
+
+
+def _select_arms(comparisons: Sequence[Comparison], text: str | None) -> list[Comparison]:
+    """Each comparison with only the arms whose names match one of the comma-separated patterns of
+    ``--arms`` (all of them without it); a pattern that matches no arm is an error listing the names."""
+    if text is None:
+        return list(comparisons)
+    patterns = [p.strip() for p in text.split(",") if p.strip()]
+    if not patterns:
+        raise ConfigError("--arms: give at least one arm name or pattern, e.g. --arms 'cbp,b5x-*'")
+    names = list(dict.fromkeys(arm.name for c in comparisons for arm in c.arms))
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            raise ConfigError(f"--arms {pattern!r} matches no arm; the arms: {', '.join(names)}")
+    return [replace(c, arms=tuple(a for a in c.arms if any(fnmatch.fnmatchcase(a.name, p) for p in patterns)))
+            for c in comparisons]
 
 
 def _comparisons(args: argparse.Namespace) -> list[Comparison]:
@@ -158,9 +186,11 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     comparisons = _comparisons(args)
     base = Path(args.out or f"results/{args.preset or args.benchmark or 'bit-flipping'}")
     outs = [base] if len(comparisons) == 1 else [base / c.name for c in comparisons]
+    # the folders are the whole preset's, so that its parts, run one by one, land where a full run would
+    chosen = [(c, out) for c, out in zip(_select_arms(comparisons, args.arms), outs) if c.arms]
     command = "python -m comparisons " + shlex.join(argv)
     prepared = [prepare_comparison(c, out, fmt=args.fmt, command=command)  # all checks, no run yet
-                for c, out in zip(comparisons, outs)]
+                for c, out in chosen]
     if args.estimate:
         from .estimate import estimate, format_estimate
 

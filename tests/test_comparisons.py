@@ -341,6 +341,8 @@ def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, monkeypatch, 
         (["--strategies", "bp,rigl", "--bench", "density=1"], ["'rigl'", "needs a sparse net"]),
         (["--strategies", "bp", "--bench", "hiden=8"], ["unknown setting 'hiden'", "accepted:"]),
         (["--strategies", "bp", "--seeds", "two"], ["--seeds 'two'"]),
+        (["--strategies", "bp", "--seeds", "5-2"], ["--seeds '5-2'", "A <= B"]),
+        (["--strategies", "bp,cbp", "--arms", "cbp,redo*"], ["--arms 'redo*' matches no arm", "bp, cbp"]),
         (["--preset", "quick", "--strategies", "bp"], ["--preset fixes"]),
     ],
 )
@@ -353,6 +355,30 @@ def test_bad_input_is_one_clear_line_and_starts_no_run(argv, expected, tmp_path,
     for text in expected:
         assert text in err
     assert not (out / "runs").exists()
+
+
+def test_arms_and_a_seed_range_run_part_of_a_preset_in_the_whole_presets_folders(tmp_path, monkeypatch):
+    """--arms keeps the matching arms of each comparison of a preset and drops a comparison left with none
+    (here the MNIST one, which is then not even prepared); the part lands in the folder the whole preset
+    would use, so that one report covers the parts."""
+    ran = []
+
+    def fake_run(item, **kwargs):
+        ran.append((item.comparison.name, [arm.arm.name for arm in item.arms], item.out, item.comparison.seeds))
+        return {"outcomes": [], "summary": pd.DataFrame(), "paths": [],
+                "states": pd.DataFrame(columns=["arm", "seed", "state", "reason"])}
+
+    monkeypatch.setattr(comparisons_cli, "run_prepared", fake_run)
+    monkeypatch.setattr(comparisons_cli, "format_summary", lambda *a: "")
+    out = tmp_path / "budget"
+    argv = ["--preset", "sparse-budget", "--no-progress", "--out", str(out)]
+    assert main([*argv, "--arms", "b1x-dense-*,b5x-erk5x-cbp", "--seeds", "3-5"]) == 0
+    assert main([*argv, "--arms", "b25x-fanin10x-srigl", "--seeds", "0,7"]) == 0
+    assert ran == [
+        ("sparse-budget-bit-flipping", ["b1x-dense-bp", "b1x-dense-cbp", "b5x-erk5x-cbp"],
+         out / "sparse-budget-bit-flipping", (3, 4, 5)),
+        ("sparse-budget-bit-flipping", ["b25x-fanin10x-srigl"], out / "sparse-budget-bit-flipping", (0, 7)),
+    ]
 
 
 def _count_calls(monkeypatch, name: str, counts: dict[str, int]) -> None:
