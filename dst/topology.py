@@ -7,7 +7,8 @@ flattens channel-major, so channel c owns columns [c*block, (c+1)*block)). A CRe
 (:class:`dst.nets.CReLU`) gives each unit two features side by side, so two columns (or channels) each.
 
 ``Topology.from_model`` discovers (producer, activation, consumer) triples in sequential MLPs and
-ConvNets, in the order the modules are registered. Other models declare their triples explicitly.
+ConvNets, in the order the modules are registered. Other models declare their triples explicitly, or
+define ``unit_graph()`` returning them (:class:`dst.resnet.ResNet18` does), which ``from_model`` uses.
 
 A normalisation layer between a producer and its activation (Linear -> LayerNorm -> ReLU, Conv2d ->
 BatchNorm2d -> ReLU) belongs to the units: it has one weight, bias (and running mean and variance) per
@@ -236,7 +237,9 @@ class Topology:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "Topology":
-        return cls(model)
+        """The model's own declaration (its ``unit_graph()``) when it has one, else discovery."""
+        declare = getattr(model, "unit_graph", None)
+        return cls(model, declare()) if callable(declare) else cls(model)
 
     # -- discovery ----------------------------------------------------------------------------
     @property
