@@ -1,0 +1,114 @@
+"""The class-incremental CIFAR-100 stream on generated files in the release's format."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from dst.errors import ConfigError, DataError
+from dst.streams.cifar100 import load_cifar100
+from dst.streams.incremental_cifar import MEAN, STD, ClassIncrementalCIFARStream, augment
+from test_cifar import make_cifar100
+
+# 6 training images per class (1 for validation, 5 to train), 2 test images; batches of 5
+SMALL = dict(epochs_per_increment=2, batch_size=5, validation_per_class=1, probe_size=7)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = make_cifar100(tmp_path_factory.mktemp("cifar"), train_per_class=6, test_per_class=2)
+    return load_cifar100(folder), load_cifar100(folder, train=False)
+
+
+def _stream(data, seed=0, **changes):
+    return ClassIncrementalCIFARStream(*data, seed, **{**SMALL, **changes})
+
+
+def test_tasks_add_five_classes_and_epochs_grow_with_them(data):
+    stream = _stream(data)
+    assert stream.tasks == 20 and [stream.active_outputs(k) for k in (0, 1, 19)] == [5, 10, 100]
+    # task k: 2 epochs of 5 (k + 1) classes x 5 images / 5 per batch = 10 (k + 1) steps
+    lengths = [2 * 5 * (k + 1) * 5 // 5 for k in range(20)]
+    assert [stream.task_start(k) for k in range(21)] == [sum(lengths[:k]) for k in range(21)]
+    assert stream.total_steps == 2100 and stream.task_of(0) == 0 and stream.task_of(9) == 0
+    assert stream.task_of(10) == 1 and stream.task_of(2099) == 19
+    # evaluations at every epoch end: steps 5, 10 (task 0), then 20, 30 (task 1), ...
+    assert [stream.next_evaluation(s) for s in (0, 4, 5, 9, 10, 19, 20)] == [5, 5, 10, 10, 20, 20, 30]
+
+
+def test_each_epoch_shows_every_training_image_of_the_seen_classes_once_and_no_validation_image(data):
+    stream = _stream(data, augmentation=False)
+    (images, labels), _ = data
+    order = stream.class_order
+    validation = set(stream._validation.reshape(-1).tolist())
+    batches = list(itertools.islice(stream.batches(0), 30))  # task 0 (10 steps) and task 1 (20 steps)
+    for first, last, classes in ((0, 5, 5), (5, 10, 5), (10, 20, 10), (20, 30, 10)):
+        shown = torch.cat([y[0] for _, y, _ in batches[first:last]])
+        assert torch.equal(torch.sort(shown).values, torch.arange(classes).repeat_interleave(5))
+    x0, y0, task0 = batches[0]
+    assert x0.shape == (1, 5, 3, 32, 32) and task0 == 0 and batches[10][2] == 1
+    # label j is class order[j]; pixels are normalised with the authors' statistics
+    index = stream.order(0, 0)[:5]
+    assert torch.equal(order[y0[0]], labels[index])
+    expected = (images[index].float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    assert torch.allclose(x0[0], expected, atol=1e-5)
+    assert not validation & set(torch.cat([stream.order(1, e) for e in range(2)]).tolist())
+
+
+def test_validation_is_the_first_images_of_each_class_and_held_out_sets_cover_the_seen_classes(data):
+    stream = _stream(data)
+    (_, labels), (_, test_labels) = data
+    sets = stream.evaluation_sets(1)
+    x, y = sets["test"]
+    assert x.shape == (1, 20, 3, 32, 32) and torch.equal(torch.sort(y[0]).values, torch.arange(10).repeat_interleave(2))
+    xv, yv = sets["validation"]
+    assert xv.shape[1] == 10 and torch.equal(torch.sort(yv[0]).values, torch.arange(10))
+    first_of_each = {int(c): int((labels == c).nonzero()[0]) for c in stream.class_order[:10]}
+    assert sorted(stream._validation[:10].reshape(-1).tolist()) == sorted(first_of_each.values())
+
+
+def test_a_resumed_stream_gives_the_same_augmented_batches_and_seeds_differ(data):
+    stream = _stream(data)
+    whole = list(itertools.islice(stream.batches(0), 40))
+    resumed = list(itertools.islice(_stream(data).batches(17), 23))
+    for (x, y, task), (xr, yr, taskr) in zip(whole[17:], resumed):
+        assert torch.equal(x, xr) and torch.equal(y, yr) and task == taskr
+    other = _stream(data, seed=1)
+    assert not torch.equal(other.class_order, stream.class_order)
+    assert not torch.equal(next(other.batches(0))[0], whole[0][0])
+
+
+def test_augmentation_flips_crops_from_the_reflect_padded_image_and_rotates_counter_clockwise():
+    x = torch.arange(2 * 36, dtype=torch.float32).reshape(2, 1, 6, 6)
+    centre = 2 / 5 + 0.01  # offset 2 of 0..4: the uncropped image
+    same = augment(x, torch.tensor([[0.9, centre, centre, 0.0]] * 2), padding=2)
+    assert torch.equal(same, x)
+    flipped = augment(x, torch.tensor([[0.1, centre, centre, 0.0]] * 2), padding=2)
+    assert torch.equal(flipped, x.flip(-1))
+    corner = augment(x, torch.tensor([[0.9, 0.0, 0.0, 0.0]] * 2), padding=2)
+    assert corner[0, 0, 0].tolist() == [14, 13, 12, 13, 14, 15]  # row -2 reflects row 2; column -2 column 2
+    quarter = augment(x, torch.tensor([[0.9, centre, centre, 1.0]] * 2), padding=2, degrees=90)
+    assert torch.equal(quarter, torch.rot90(x, 1, (-2, -1)))
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(batch_size=7), ConfigError, "batch_size 7 must divide"),
+        (dict(validation_per_class=6), DataError, "leave none to train on"),
+        (dict(classes_per_increment=7), ConfigError, "whole increments of 7"),
+        (dict(), ConfigError, "one member at a time"),
+    ],
+)
+def test_bad_settings_are_clear_errors(data, change, error, message):
+    seeds = (0, 1) if not change else 0
+    with pytest.raises(error, match=message):
+        ClassIncrementalCIFARStream(*data, seeds, **{**SMALL, **change})
+
+
+def test_a_training_set_with_unequal_classes_is_refused(data):
+    (images, labels), test = data
+    with pytest.raises(DataError, match="the same number in each"):
+        ClassIncrementalCIFARStream((images[:-1], labels[:-1]), test, 0, **SMALL)
