@@ -196,7 +196,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
         workers = args.workers or os.cpu_count() or 1
         for item in prepared:
-            print(format_estimate(item, estimate(item, workers), workers), flush=True)
+            print(format_estimate(item, estimate(item, workers, budget=60.0), workers), flush=True)
         return 0
     failed = 0
     for item in prepared:

@@ -53,7 +53,8 @@ def performance_label(metric: str) -> str:
     return {
         "loss": "online loss per bin (MSE for regression; lower is better)",
         "accuracy": "online accuracy per bin (fraction correct; higher is better)",
-        "test_accuracy": "held-out accuracy per task (fraction correct; higher is better)",
+        "test_accuracy": "held-out test accuracy per evaluation (fraction correct; higher is better)",
+        "selected_test_accuracy": "test accuracy at each task's best validation epoch (higher is better)",
     }.get(metric, metric)
 
 

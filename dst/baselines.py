@@ -4,6 +4,7 @@
   for every parameter (permuted MNIST: weight_decay 1e-4, sigma 1e-5). Masked weights stay 0.
 - ``l2-init`` (Kumar et al. 2023): adds the gradient of lambda * ||theta - theta_0||^2 before the step.
 - ``head-reset``: re-initialises the output layer (and its optimizer state) at every task boundary.
+- ``retrain``: a whole fresh network (and optimizer state) at every task boundary.
 
 Plain L2 is the benchmark's ``weight_decay`` setting, and backprop with Adam its ``optimizer=adam``.
 
@@ -23,12 +24,15 @@ from torch import nn
 
 from . import strategies
 from .config import setting
-from .init import INIT_SCHEMES, fans, init_bound
+from .errors import ConfigError
+from .init import INIT_SCHEMES, fans, init_bound, module_gain
 from .optim_state import reset_optimizer_state
-from .population import member_view, parameter_owners
+from .population import MemberLayerNorm, member_view, parameter_owners
 from .refresh import NO_REFRESH, RefreshStats, RefreshStrategy, StrategyConfig
+from .streams.base import derive_seed
 
-__all__ = ["ShrinkPerturbConfig", "ShrinkPerturb", "L2InitConfig", "L2Init", "HeadResetConfig", "HeadReset"]
+__all__ = ["ShrinkPerturbConfig", "ShrinkPerturb", "L2InitConfig", "L2Init", "HeadResetConfig", "HeadReset",
+           "RetrainConfig", "Retrain"]
 
 
 def _per_member(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
@@ -171,3 +175,74 @@ class HeadReset(RefreshStrategy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.resets = int(state["resets"])
+
+
+_RETRAIN = 61  # seed-derivation key of the fresh networks
+
+
+@dataclass(frozen=True)
+class RetrainConfig(StrategyConfig):
+    init: str = setting("kaiming", choices=INIT_SCHEMES,
+                        help="bound of the fresh weights (models without their own reinitialise)")
+
+
+@strategies.register("retrain")
+class Retrain(RefreshStrategy):
+    """Retraining from scratch: at every task boundary (task 0 excluded) the network starts afresh, with new
+    weights, zero biases, fresh normalisation layers (BatchNorm statistics included) and zero optimizer state.
+
+    A model that knows how it was drawn (``model.reinitialise(generator)``, as :class:`dst.resnet.ResNet18`)
+    draws itself again, from a generator of the member's seed and the task. Any other model gets each
+    Linear/Conv2d weight from U(-b, b) with the ``init`` scheme's bound at the gain of the activation it
+    feeds (1 for the output layer), masked entries 0, each member its own draw: as dst's ``mlp`` and
+    ``convnet`` draw them. The authors' class-incremental CIFAR baseline draws the weights again but keeps
+    SGD's momentum and the BatchNorm running statistics; a fresh network is what retraining means."""
+
+    Config = RetrainConfig
+
+    def __init__(self, model, optimizer, config=None, *, seed=None) -> None:
+        super().__init__(model, optimizer, config, seed=seed)
+        self.redraws_itself = callable(getattr(self.model, "reinitialise", None))
+        if self.redraws_itself and self.members != 1:
+            raise ConfigError(f"{type(self.model).__name__}.reinitialise draws one network; run it as a population of one")
+        self.retrains = 0
+
+    @torch.no_grad()
+    def on_task_start(self, task: int) -> None:
+        if task == 0:
+            return
+        if self.redraws_itself:
+            self.model.reinitialise(torch.Generator().manual_seed(derive_seed(self.seeds[0], _RETRAIN, task)))
+        else:
+            self._redraw(task)
+        if self.optimizer is not None:
+            for param in self.model.parameters():
+                reset_optimizer_state(self.optimizer, param, (slice(None),))
+        self.retrains += 1
+
+    def _redraw(self, task: int) -> None:
+        gains = {id(layer.producer): module_gain(layer.activation) for layer in self.topology}
+        for index, module in enumerate(self.topology.weight_layers()):
+            weight = member_view(module, module.weight)
+            fan_in, fan_out = fans(weight.shape[1:])
+            bound = init_bound(self.config.init, fan_in, fan_out, gains.get(id(module), 1.0))
+            uniform = self.random.uniform(weight.shape[1:], step=task, draw=index, dtype=torch.float64)
+            weight.copy_((2 * uniform - 1) * bound)
+            if module.bias is not None:
+                module.bias.zero_()
+        for layer in self.masked:
+            layer.apply_mask()
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._NormBase):
+                module.reset_running_stats()
+            if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, MemberLayerNorm)):
+                if getattr(module, "weight", None) is not None:
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "retrains": self.retrains}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.retrains = int(state["retrains"])

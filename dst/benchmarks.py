@@ -8,7 +8,6 @@ group ``dst.benchmarks``.
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -19,10 +18,10 @@ import torch
 from torch import nn
 
 from .config import Config, setting
-from .errors import ConfigError, DataError
+from .errors import ConfigError
 from .init import INIT_SCHEMES
 from .masked import sparsify
-from .nets import ACTIVATION_MODULES, NORMS, convnet, mlp
+from .nets import ACTIVATION_MODULES, NORMS, mlp
 from .optim import OPTIMIZERS, build_optimizer
 from .population import check_seeds, cross_entropy_per_member, mse_per_member
 from .registry import Registry
@@ -39,6 +38,8 @@ __all__ = [
     "BenchmarkConfig",
     "BitFlipping",
     "BitFlippingConfig",
+    "ClassIncrementalCIFAR",
+    "ClassIncrementalCIFARConfig",
     "ContinualImageNet",
     "ContinualImageNetConfig",
     "MNISTConfig",
@@ -344,85 +345,10 @@ class RandomLabelMNIST(MNISTBenchmark):
                                       batch_size=c.batch_size, probe_size=c.probe_size, device=device)
 
 
-# -- continual ImageNet ---------------------------------------------------------------------------
-
-IMAGENET_DIR_ENV = "DST_IMAGENET_DIR"
-
-
-@dataclass(frozen=True)
-class ContinualImageNetConfig(BenchmarkConfig):
-    """Continual ImageNet-32 (Dohare et al. 2024): the defaults are the paper's (5000 tasks, 250 epochs)."""
-
-    data_dir: str = setting("", help=f"ImageNet-32 <class>.npy directory ('': ${IMAGENET_DIR_ENV})")
-    tasks: int = setting(5000, low=1, help="tasks in a run when --steps is not given")
-    epochs: int = setting(250, low=1, help="passes over the task's 1200 training images")
-    batch_size: int = setting(100, low=1, help="examples per step (must divide 1200)")
-    lr: float = setting(0.01, low=0.0, low_open=True, search=(1e-4, 1e-1), log=True, help="step size")
-    momentum: float = setting(0.9, low=0.0, high=1.0, high_open=True, help="SGD momentum")
-    bin_size: int = setting(0, low=0, help="steps per metrics row (0: one row per task)")
-    # the probe's per-layer ranks flatten conv maps (1200 x 25088 for the first layer): its cost grows
-    # with probe_size squared, about 2 s at 200 and 80 s at 1200 on two CPU cores, per task
-    probe_size: int = setting(200, low=1, help="probe examples: the task's first training images (max 1200)")
-    pixels: str = setting("unit", choices=("unit", "raw"), help="pixels /255 (unit) or 0-255 (released code)")
-    channels: tuple[int, ...] = setting((32, 64, 128), low=1, help="conv channels (5x5, 3x3, 3x3 kernels)")
-    kernel_sizes: tuple[int, ...] = setting((5, 3, 3), low=1, help="conv kernel sizes, one per channel entry")
-    hidden: tuple[int, ...] = setting((128, 128), low=1, help="fully connected widths after the convs")
-    activation: str = setting("relu", choices=tuple(ACTIVATION_MODULES), help="learner activation")
-    init: str = setting("kaiming", choices=INIT_SCHEMES, help="learner weight initialisation")
-    norm: str = setting("none", choices=NORMS, help="layer: LayerNorm over each hidden layer's units")
-
-    def validate(self) -> None:
-        super().validate()
-        if 1200 % self.batch_size:
-            raise ConfigError(f"{self.owner}: batch_size ({self.batch_size}) must divide the 1200 training images")
-        if len(self.channels) != len(self.kernel_sizes):
-            raise ConfigError(f"{self.owner}: channels and kernel_sizes need one entry each per conv layer")
-
-
-@register("continual-imagenet")
-class ContinualImageNet(Benchmark):
-    """Continual ImageNet-32: binary tasks over class pairs, measured by each task's test accuracy.
-
-    Task t trains ``epochs`` shuffled passes over 600 + 600 images of two classes, then the loop tests
-    the model on their 100 + 100 held-out images (``test_accuracy``, one row per task). The learner is
-    the reference's ConvNet: ``dst.nets.convnet(3, 32, 2)`` with its defaults, conv 32 (5x5), 64 (3x3),
-    128 (3x3), each ReLU then 2x2 max-pooling, then 512 -> 128 -> 128 -> 2. SGD lr 0.01, momentum 0.9.
-    Pixels are scaled to [0, 1] (``pixels=unit``); the released code feeds raw 0-255 values with
-    PyTorch's default initialisation (``--bench preset=released``). The reference also resets the
-    output layer at every task; here that is the ``head-reset`` strategy, not the default. Its CBP
-    runs use replacement rate 3e-4. The data cannot be downloaded here: see ``dst.streams.imagenet32``.
-    """
-
-    Config = ContinualImageNetConfig
-    task_type = "classification"
-    batchable = False  # a plain ConvNet: a population of one (docs/architecture.md says why)
-    presets = {
-        "paper": dict(tasks=5000, epochs=250, batch_size=100, lr=0.01, momentum=0.9),
-        "released": dict(pixels="raw", init="default"),
-    }
-
-    def data_dir(self) -> str:
-        """``data_dir``, else ``$DST_IMAGENET_DIR``; a DataError saying how to supply it otherwise."""
-        directory = self.config.data_dir or os.environ.get(IMAGENET_DIR_ENV, "")
-        if not directory:
-            raise DataError(
-                "continual-imagenet needs the ImageNet-32 class files, which cannot be downloaded here. "
-                "Get the continual-ImageNet archive linked from the loss-of-plasticity repository "
-                "(lop/imagenet/README.md), extract it, and pass the folder holding 0.npy ... 999.npy "
-                f"(or its parent with classes/) as --bench data_dir=DIR or in ${IMAGENET_DIR_ENV}."
-            )
-        return directory
-
-    def make_stream(self, seeds: tuple[int, ...], device: torch.device) -> Stream:
-        from .streams.imagenet_tasks import ContinualImageNetStream
-
-        c = self.config
-        return ContinualImageNetStream(
-            self.data_dir(), seeds, epochs=c.epochs, batch_size=c.batch_size, probe_size=c.probe_size,
-            pixel_scale=1 / 255 if c.pixels == "unit" else 1.0, device=device,
-        )
-
-    def make_model(self, generators: list[torch.Generator]) -> nn.Module:
-        (generator,) = generators  # not batchable: one member
-        c = self.config
-        return convnet(3, 32, 2, c.channels, c.kernel_sizes, c.hidden, c.activation, init=c.init, generator=generator)
+# the image benchmarks (conv nets, data the user supplies) register themselves on import
+from .image_benchmarks import (  # noqa: E402
+    ClassIncrementalCIFAR,
+    ClassIncrementalCIFARConfig,
+    ContinualImageNet,
+    ContinualImageNetConfig,
+)

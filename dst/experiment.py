@@ -9,9 +9,13 @@ bin, units replaced and connections regrown in the bin, and the bin's wall time 
 The hot path does no device synchronisation: per-step losses are kept as device tensors and reduced once
 per bin; the NaN check runs every ``check_every`` steps on the same tensors and names the exact step.
 
-A stream with held-out data (a ``test_batch(task)`` method) is tested at the end of every task, in eval
-mode without gradients: ``test_loss`` [and ``test_accuracy``] of the task that ended go into that bin's
-row (NaN in rows whose bin saw no task end; with several task ends in one bin, the last one's).
+A stream with held-out data (``evaluation_sets``, :mod:`dst.evaluation`) is evaluated where it says, at the
+end of every task or epoch, in eval mode without gradients: each set's ``<name>_loss`` [and
+``<name>_accuracy``] go into that bin's row (NaN in rows whose bin saw no evaluation; with several in one
+bin, the last one's), and with ``bin_size=None`` every evaluation ends a bin (one row per epoch). With early
+stopping, each task ends with the model of its best validation accuracy. A stream whose classes grow
+(``active_outputs(task)``) sets how many outputs the model's :class:`dst.nets.ActiveOutputs` passes on, and
+one with a schedule (``learning_rate_factor(step)``) scales the optimizer's learning rates before each step.
 
 Checkpoints are taken at bin ends (``checkpoint_every`` is rounded up to whole bins) and hold the
 model, optimizer, strategy and RNG states of the whole population. Because streams are pure functions
@@ -42,7 +46,9 @@ from tqdm.auto import tqdm
 
 from .backends import Backends
 from .errors import ConfigError, NonFiniteLossError
-from .population import forward, is_population, zero_members
+from .evaluation import Evaluation
+from .nets import use_outputs
+from .population import is_population, zero_members
 from .refresh import NO_REFRESH, RefreshStrategy
 from .step import TrainingStep
 from .rundir import (
@@ -91,7 +97,7 @@ class Experiment:
     task_type:
         ``"classification"`` adds an online ``accuracy`` column.
     bin_size:
-        Steps per metrics row.
+        Steps per metrics row; ``None``: one row per evaluation of the stream's held-out sets.
     out_dir:
         Where the checkpoint goes, and for a population of one its ``metrics.csv`` and ``config.json``;
         ``None`` keeps rows in memory.
@@ -119,7 +125,7 @@ class Experiment:
         steps: int,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         task_type: str = "regression",
-        bin_size: int = 1000,
+        bin_size: int | None = 1000,
         out_dir: str | os.PathLike | None = None,
         member_dirs: Sequence[str | os.PathLike] | None = None,
         checkpoint_every: int | None = None,
@@ -133,7 +139,10 @@ class Experiment:
     ) -> None:
         if not isinstance(steps, int) or steps <= 0:
             raise ConfigError(f"steps must be a positive integer, got {steps!r}")
-        if bin_size <= 0:
+        if bin_size is None and not hasattr(stream, "evaluation_sets"):
+            raise ConfigError(f"bin_size=None (a row per evaluation) needs a stream with held-out sets; "
+                              f"{type(stream).__name__} has none")
+        if bin_size is not None and bin_size <= 0:
             raise ConfigError(f"bin_size must be a positive integer, got {bin_size!r}")
         if task_type not in ("regression", "classification"):
             raise ConfigError(f"task_type must be 'regression' or 'classification', got {task_type!r}")
@@ -152,7 +161,7 @@ class Experiment:
             log.info("sparse backends: %s", self.backends.describe())
         self.train_step = TrainingStep(model, optimizer, loss_fn, self.members, stream.device, fused)
         self.bin_size = bin_size
-        self.check_every = max(1, min(check_every, bin_size))
+        self.check_every = max(1, min(check_every, bin_size or check_every))
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if member_dirs is None and self.out_dir is not None:
             if self.members != 1:
@@ -162,7 +171,9 @@ class Experiment:
         if self.member_dirs is not None and len(self.member_dirs) != self.members:
             raise ConfigError(f"{len(self.member_dirs)} member_dirs for a population of {self.members} members")
         self.checkpoint_every = 0
-        if checkpoint_every:
+        if checkpoint_every and bin_size is None:
+            self.checkpoint_every = checkpoint_every  # taken at the first row end from each multiple on
+        elif checkpoint_every:
             self.checkpoint_every = math.ceil(checkpoint_every / bin_size) * bin_size
             if self.checkpoint_every != checkpoint_every:
                 log.info("checkpoint_every %d rounded up to %d (whole bins)", checkpoint_every, self.checkpoint_every)
@@ -180,11 +191,12 @@ class Experiment:
         #: member -> (step, message) of members stopped by a non-finite loss
         self.failed: dict[int, tuple[int, str]] = {}
         self._probed: list[dict[str, Any]] = [{} for _ in range(self.members)]
-        # streams with held-out data per task (test_batch) are tested at the end of every task
-        self.evaluate = hasattr(stream, "test_batch")
-        if self.evaluate and not stream.steps_per_task:
-            raise ConfigError(f"{type(stream).__name__} has test_batch(task) but no fixed task length")
-        self._tested: list[dict[str, Any]] = [{} for _ in range(self.members)]
+        self.evaluation = (Evaluation(stream, model, loss_fn, task_type, self.members, self.population)
+                           if hasattr(stream, "evaluation_sets") else None)
+        self.grows = hasattr(stream, "active_outputs")  # class-incremental: the outputs in use grow by task
+        # a stream with a learning-rate schedule scales each group's learning rate as given here
+        self.lr_factor = getattr(stream, "learning_rate_factor", None)
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
 
     def member_name(self, member: int) -> str:
         seeds = getattr(self.stream, "seeds", None)
@@ -202,6 +214,8 @@ class Experiment:
             "strategy": self.strategy.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
+        if self.evaluation is not None:
+            state["evaluation"] = self.evaluation.state_dict()
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return state
@@ -225,6 +239,8 @@ class Experiment:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.strategy.load_state_dict(state["strategy"])
+        if self.evaluation is not None:
+            self.evaluation.load_state_dict(state["evaluation"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -298,11 +314,13 @@ class Experiment:
 
     def _next_event(self, step: int, in_bin: int) -> int:
         """The next step at which the loop leaves its hot path (check, bin end, probe, end)."""
-        events = [step + self.check_every, step + self.bin_size - in_bin, self.steps]
+        events = [step + self.check_every, self.steps]
+        if self.bin_size is not None:
+            events.append(step + self.bin_size - in_bin)
         if self.probe is not None and self.probe.every:
             events.append(step + self.probe.every - step % self.probe.every)
-        if self.evaluate:
-            events.append(step + self.stream.steps_per_task - step % self.stream.steps_per_task)  # type: ignore[operator]
+        if self.evaluation is not None:
+            events.append(self.evaluation.next_step(step))
         return min(events)
 
     def _run_probe(self, task: int) -> None:
@@ -314,27 +332,12 @@ class Experiment:
             self.model, self.strategy.topology, inputs, targets, self.loss_fn
         )
 
-    @torch.no_grad()
-    def _run_test(self, task: int) -> None:
-        """Test the model (eval mode, no gradient, no RNG) on the held-out data of a finished task."""
+    def _run_evaluation(self, task: int) -> None:
+        """Evaluate the held-out sets of ``task`` (the model in full, its stopped members zeroed)."""
         self.backends.expand()
         if self.failed:
             self._zero_failed()
-        inputs, targets = self.stream.test_batch(task)  # type: ignore[attr-defined]
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            output = forward(self.model, inputs, self.population)
-        finally:
-            self.model.train(was_training)
-        losses = self.loss_fn(output, targets).tolist()
-        accuracies = None
-        if self.task_type == "classification":
-            accuracies = (output.argmax(-1) == targets).float().mean(1).tolist()
-        self._tested = [
-            {"test_loss": loss, **({"test_accuracy": accuracies[m]} if accuracies is not None else {})}
-            for m, loss in enumerate(losses)
-        ]
+        self.evaluation.run(task)  # type: ignore[union-attr]
 
     def _check(self, recent: torch.Tensor, step: int) -> None:
         """Stop every running member with a non-finite loss among ``recent`` (steps, S) ending at ``step``."""
@@ -372,13 +375,13 @@ class Experiment:
                 seconds_per_step=elapsed / len(losses),
             )
             row.update(self._probed[member])
-            if self.evaluate:  # test columns in every row, NaN where no task ended in the bin
-                columns = ("test_loss", "test_accuracy") if self.task_type == "classification" else ("test_loss",)
-                row.update({column: self._tested[member].get(column, math.nan) for column in columns})
+            if self.evaluation is not None:  # evaluation columns in every row, NaN where none ran in the bin
+                row.update(self.evaluation.take_row(member))
             self._emit(member, row)
             rows.append(row)
         self._probed = [{} for _ in range(self.members)]
-        self._tested = [{} for _ in range(self.members)]
+        if self.evaluation is not None:
+            self.evaluation.clear()
         return rows
 
     def _loop(self, step: int, task: int) -> None:
@@ -397,15 +400,28 @@ class Experiment:
             dynamic_ncols=True, mininterval=1.0, leave=False,
         )
         next_check = self._next_event(step, 0)
+        evaluate_at = self.evaluation.next_step(step) if self.evaluation is not None else None
+        next_checkpoint = (step // self.checkpoint_every + 1) * self.checkpoint_every if self.checkpoint_every else None
+        applied_factor = None
         strategy.set_horizon(self.steps, self.stream.steps_per_task)
         model.train()
         try:
             for x, y, batch_task in self.stream.batches(step):
                 if batch_task != task:
+                    if self.evaluation is not None and task >= 0:
+                        self.evaluation.end_task()  # early stopping: go on from the task's best state
                     task = batch_task
+                    if self.grows:
+                        use_outputs(model, self.stream.active_outputs(task))  # type: ignore[attr-defined]
                     strategy.on_task_start(task)
                     if self.probe is not None:
                         self._run_probe(task)
+                if self.lr_factor is not None:
+                    factor = self.lr_factor(step)
+                    if factor != applied_factor:
+                        for group, base in zip(optimizer.param_groups, self.base_lrs):
+                            group["lr"] = base * factor
+                        applied_factor = factor
                 if backends:
                     backends.prepare(strategy.step + 1)  # compact layers, unless the strategy refreshes
                 output, loss = train_step(x, y)  # the output, (S,) losses, and gradients in .grad
@@ -428,9 +444,11 @@ class Experiment:
                 bar.update(step - bar.n)
                 if self.probe is not None and self.probe.every and step % self.probe.every == 0:
                     self._run_probe(task)
-                if self.evaluate and step % self.stream.steps_per_task == 0:  # type: ignore[operator]
-                    self._run_test(task)  # the task just ended
-                if len(losses) == self.bin_size or step == self.steps:
+                evaluated = step == evaluate_at
+                if evaluated:
+                    self._run_evaluation(task)
+                    evaluate_at = self.evaluation.next_step(step)  # type: ignore[union-attr]
+                if len(losses) == self.bin_size or step == self.steps or (self.bin_size is None and evaluated):
                     rows = self._bin_rows(step, task, losses, corrects, examples, units, connections,
                                           time.perf_counter() - bin_start_time)
                     if self.members == 1:
@@ -438,10 +456,11 @@ class Experiment:
                     losses, corrects, examples, checked = [], [], 0, 0
                     units[:] = 0
                     connections[:] = 0
-                    if self.checkpoint_every and self.out_dir is not None and (
-                        step % self.checkpoint_every == 0 or step == self.steps
+                    if next_checkpoint is not None and self.out_dir is not None and (
+                        step >= next_checkpoint or step == self.steps
                     ):
                         self._save_checkpoint(step, task)
+                        next_checkpoint = (step // self.checkpoint_every + 1) * self.checkpoint_every
                     if self.on_row is not None and rows:
                         self.on_row(rows)
                     bin_start_time = time.perf_counter()

@@ -23,7 +23,7 @@ from .init import activation_gain, fans, uniform_
 from .masked import MaskedLinear
 from .population import MemberLayerNorm
 
-__all__ = ["mlp", "convnet", "ACTIVATION_MODULES", "NORMS", "initialise"]
+__all__ = ["mlp", "convnet", "ACTIVATION_MODULES", "NORMS", "initialise", "ActiveOutputs", "use_outputs"]
 
 #: hidden-layer normalisations of :func:`mlp` (``layer``: a LayerNorm over the units, before the activation)
 NORMS = ("none", "layer")
@@ -48,6 +48,40 @@ class CReLU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
+
+
+class ActiveOutputs(nn.Module):
+    """Passes on the first ``count`` of the outputs (the classes seen so far in a class-incremental stream);
+    the loop sets ``count`` at each task start (:func:`use_outputs`). ``count`` is a buffer, saved with the
+    model; forward reads a Python copy of it, so that it costs no device synchronisation."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__()
+        self.total = self._count = total
+        self.register_buffer("count", torch.tensor(total))
+        self.register_load_state_dict_post_hook(lambda module, keys: module.set_count(int(module.count)))
+
+    def set_count(self, count: int) -> None:
+        if not 0 < count <= self.total:
+            raise ConfigError(f"the stream asks for {count} outputs of a model with {self.total}")
+        self._count = count
+        self.count.fill_(count)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self._count == self.total else x[..., : self._count]
+
+    def extra_repr(self) -> str:
+        return f"{self._count} of {self.total}"
+
+
+def use_outputs(model: nn.Module, count: int) -> None:
+    """Let ``model``'s :class:`ActiveOutputs` pass on its first ``count`` outputs."""
+    found = [module for module in model.modules() if isinstance(module, ActiveOutputs)]
+    if not found:
+        raise ConfigError(f"the stream's classes grow by task, but {type(model).__name__} has no ActiveOutputs "
+                          "layer to restrict its outputs to the classes seen; end the model with dst.nets.ActiveOutputs")
+    for module in found:
+        module.set_count(count)
 
 
 ACTIVATION_MODULES: dict[str, type[nn.Module]] = {

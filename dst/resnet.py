@@ -16,6 +16,9 @@ weights" would not remove it (ReDo's rule for ResNets, Sokar et al. 2023, likewi
 block-internal layers). The authors' CBP code (``lop/algos/res_gnt.py``) also resets the stem and each
 block's second convolution, taking the next convolution in a list as their consumer; that is not done here.
 
+The logits pass through :class:`dst.nets.ActiveOutputs`: in a class-incremental stream only the outputs of
+the classes seen so far are in use (the authors slice them the same way).
+
 Initialisation as the authors' ``kaiming_init_resnet_module`` but uniform, as every dst network:
 convolutions U(-b, b) with b = gain_relu * sqrt(3 / fan_in) (the variance of their Kaiming normal), the
 linear layer with the linear gain, every bias 0, BatchNorm weight 1 and bias 0. It is a plain torch model,
@@ -28,7 +31,7 @@ import torch
 from torch import nn
 
 from .init import activation_gain
-from .nets import initialise
+from .nets import ActiveOutputs, initialise
 from .topology import HiddenLayer
 
 __all__ = ["BasicBlock", "ResNet18"]
@@ -75,15 +78,24 @@ class ResNet18(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, classes)
+        self.outputs = ActiveOutputs(classes)  # the classes seen so far (class-incremental streams)
+        self.init = init
+        self.reinitialise(generator)
+
+    @torch.no_grad()
+    def reinitialise(self, generator: torch.Generator | None = None) -> None:
+        """Draw every weight afresh as at construction (in registration order, so the draws are a function of
+        the generator alone), biases 0, BatchNorm weight 1, bias 0 and its running statistics reset."""
         relu, linear = activation_gain("relu"), activation_gain("linear")
-        for module in self.modules():  # registration order: the draws are a function of the generator alone
+        for module in self.modules():
             if isinstance(module, nn.Conv2d):
-                initialise(module, init, relu, generator)
+                initialise(module, self.init, relu, generator)
             elif isinstance(module, nn.Linear):
-                initialise(module, init, linear, generator)
+                initialise(module, self.init, linear, generator)
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+                module.reset_running_stats()
 
     def blocks(self) -> list[BasicBlock]:
         return [module for module in self.modules() if isinstance(module, BasicBlock)]
@@ -99,4 +111,4 @@ class ResNet18(nn.Module):
         return self.pool(self.stages(self.stem(x))).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
+        return self.outputs(self.fc(self.features(x)))

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from .population import check_seeds
 from .rundir import SUMMARY, write_population
 from .streams.base import derive_seed
 from .summary import summarize
+from .timing import StepTimer, duration
 
 __all__ = ["RunSpec", "prepare", "run", "resolve_device", "member_dir", "write_summaries"]
 
@@ -66,6 +68,9 @@ class RunSpec:
     @property
     def member_seeds(self) -> tuple[int, ...]:
         return check_seeds(self.seed if self.seeds is None else self.seeds)
+
+
+log = logging.getLogger(__name__)
 
 
 def member_dir(out_dir: str | os.PathLike, seed: int) -> Path:
@@ -194,6 +199,18 @@ def write_summaries(experiment: Experiment, frames: list[pd.DataFrame]) -> None:
         os.replace(tmp, Path(directory, SUMMARY))
 
 
+def _announce_duration(experiment: Experiment) -> None:
+    """Log the run's expected time once its first steps are timed (10 warm-up steps, then 100 steps or
+    10 seconds, whichever comes first)."""
+
+    def announce(seconds_per_step: float) -> None:
+        log.info("about %s for the %d steps of this run (%.3g s per step over its first steps; evaluations and "
+                 "probes after them not counted)", duration(seconds_per_step * experiment.steps), experiment.steps,
+                 seconds_per_step)
+
+    StepTimer(experiment, after=10, measure=100, budget=10.0, on_measured=announce)
+
+
 def run(
     spec: RunSpec,
     out_dir: str | os.PathLike | None = None,
@@ -209,6 +226,7 @@ def run(
     written; an exception it raises stops the run (the rows written so far are kept). ``member_dirs``: as
     for :func:`prepare`."""
     experiment = prepare(spec, out_dir, progress=progress, on_row=on_row, member_dirs=member_dirs)
+    _announce_duration(experiment)  # a run says early on how long it will take (logged, at INFO)
     if spec.seeds is not None and out_dir is not None:
         record = {**asdict(spec), "seeds": list(spec.member_seeds)}
         write_population(out_dir, record, resume=resume)

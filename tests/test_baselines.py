@@ -64,6 +64,29 @@ def test_head_reset_reinitialises_the_output_layer_at_each_new_task_only():
     assert net[2].weight.abs().max() <= (1 * 3 / 4) ** 0.5
 
 
+def test_retrain_draws_every_layer_afresh_at_its_activations_gain_for_each_member_at_new_tasks_only():
+    net = dst.sparsify(_population(), density=0.5, seed=[0, 1, 2])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    strategy = dst.strategies.build("retrain", net, opt, seed=[0, 1, 2])
+    _backward(net, torch.randn(3, 2, 4))
+    opt.step()
+    with torch.no_grad():
+        net[0].bias.fill_(1.0)
+    before = [p.detach().clone() for p in net.parameters()]
+    strategy.on_task_start(0)
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+    strategy.on_task_start(1)
+    hidden, head = net[0], net[2]
+    # U(-b, b): b = gain * sqrt(3 / fan_in), the ReLU gain sqrt(2) for the hidden layer, 1 for the output
+    assert hidden.weight.abs().max() <= 2**0.5 * (3 / 4) ** 0.5 and head.weight.abs().max() <= (3 / 6) ** 0.5
+    assert hidden.weight.abs().max() > 0.5 * (3 / 4) ** 0.5
+    assert (hidden.bias == 0).all() and (head.bias == 0).all()
+    assert (hidden.weight[~hidden.mask] == 0).all() and (head.weight[~head.mask] == 0).all()
+    assert not torch.equal(hidden.weight[0], before[0][0]) and not torch.equal(hidden.weight[0], hidden.weight[1])
+    assert all((opt.state[p]["momentum_buffer"] == 0).all() for p in net.parameters())
+    assert strategy.retrains == 1
+
+
 def _population(seeds=(0, 1, 2)):
     return dst.nets.mlp(4, [6], 2, generators=[torch.Generator().manual_seed(s) for s in seeds])
 

@@ -106,6 +106,7 @@ REFRESHING = {
     "spectral-reg": ({"strength": 1e-2}, {}),
     "hare-tortoise": ({"reset_every": 300}, {}),
     "plasticity-injection": ({"every_task": True, "head_layers": 1}, {}),
+    "retrain": ({}, {}),
 }
 
 
@@ -121,7 +122,7 @@ def test_every_strategy_resumes_to_exactly_the_uninterrupted_run(tmp_path, name)
     full = prepare(spec, tmp_path / "full", progress=False)
     (full_rows,) = full.run()
     if name not in ("bp", "l2-init", "shrink-perturb", "head-reset", "weight-clipping", "upgd", "parseval",
-                    "spectral-reg", "hare-tortoise", "plasticity-injection"):  # these change weights, not the topology
+                    "spectral-reg", "hare-tortoise", "plasticity-injection", "retrain"):  # these change weights, not the topology
         assert (full_rows["units_replaced"] + full_rows["connections_regrown"]).sum() > 0, "no refresh happened"
     crashing = prepare(spec, tmp_path / "cut", progress=False)
     _crash_at(crashing, 1300)

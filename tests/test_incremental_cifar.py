@@ -112,3 +112,118 @@ def test_a_training_set_with_unequal_classes_is_refused(data):
     (images, labels), test = data
     with pytest.raises(DataError, match="the same number in each"):
         ClassIncrementalCIFARStream((images[:-1], labels[:-1]), test, 0, **SMALL)
+
+
+# -- the benchmark, end to end ---------------------------------------------------------------------
+
+import json  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+from dst.runner import RunSpec, prepare, run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    return make_cifar100(tmp_path_factory.mktemp("cifar-run"), train_per_class=6, test_per_class=2)
+
+
+def _spec(cifar_dir, strategy="bp", **bench):
+    return RunSpec("class-incremental-cifar100", strategy, device="cpu",
+                   bench={"preset": "smoke", "data_dir": str(cifar_dir), **bench})
+
+
+def test_learning_rate_follows_the_authors_schedule_within_each_task(data):
+    stream = _stream(data, epochs_per_increment=200)  # 5 steps per epoch in task 0
+    factors = [stream.learning_rate_factor(5 * epoch) for epoch in (0, 59, 60, 119, 120, 159, 160, 199, 200)]
+    assert factors == pytest.approx([1, 1, 0.2, 0.2, 0.04, 0.04, 0.008, 0.008, 1])
+
+
+def test_the_smoke_preset_runs_one_row_per_epoch_with_test_and_validation_accuracy(cifar_dir, tmp_path):
+    rows = run(_spec(cifar_dir, "cbp"), tmp_path / "run", progress=False)
+    # task 0: 2 epochs of 5 steps; task 1: 2 epochs of 10 steps
+    assert rows["step"].tolist() == [5, 10, 20, 30] and rows["task"].tolist() == [0, 0, 1, 1]
+    for column in ("test_accuracy", "validation_accuracy", "test_loss", "validation_loss"):
+        assert rows[column].notna().all(), column
+    assert rows["effective_rank"].notna().tolist() == [True, False, True, False]  # probed at each task start
+    assert rows["test_accuracy"].between(0, 1).all()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["performance_metric"] == "selected_test_accuracy"
+    best = rows[rows["task"] == 1].sort_values("validation_accuracy", ascending=False, kind="stable").iloc[0]
+    assert summary["late_window"] == pytest.approx(best["test_accuracy"])
+
+
+class _Recorder:
+    """Wraps a strategy: the model state at every task start, and after every row."""
+
+    def __init__(self, experiment):
+        self.starts, self.started, self.after_rows = [], [], []
+        strategy, model = experiment.strategy, experiment.model
+        inner = strategy.on_task_start
+
+        def on_task_start(task):
+            self.starts.append((task, {k: v.clone() for k, v in model.state_dict().items()}))
+            inner(task)
+            self.started.append({k: v.clone() for k, v in model.state_dict().items()})
+
+        strategy.on_task_start = on_task_start
+        experiment.on_row = lambda rows: self.after_rows.append(
+            (rows[0], {k: v.clone() for k, v in model.state_dict().items()}))
+
+
+@pytest.mark.parametrize("early_stopping", [True, False])
+def test_early_stopping_goes_on_from_the_tasks_best_validation_epoch(cifar_dir, early_stopping):
+    experiment = prepare(_spec(cifar_dir, early_stopping=early_stopping), progress=False)
+    recorder = _Recorder(experiment)
+    experiment.run()
+    (row0, state0), (row1, state1) = recorder.after_rows[:2]  # the two epochs of task 0
+    best = state0 if row0["validation_accuracy"] >= row1["validation_accuracy"] and early_stopping else state1
+    task, start = recorder.starts[1]
+    assert task == 1
+    for key, value in start.items():
+        if key.endswith("outputs.count"):
+            continue
+        assert torch.equal(value, best[key]), key
+    if row0["validation_accuracy"] == row1["validation_accuracy"] and early_stopping:
+        assert best is state0  # the first of equals is kept
+
+
+@pytest.mark.parametrize("strategy", ["cbp", "retrain"])
+def test_a_resumed_run_writes_the_rows_of_an_uninterrupted_one(cifar_dir, tmp_path, strategy):
+    whole = run(_spec(cifar_dir, strategy), tmp_path / "whole", progress=False)
+    spec = RunSpec(**{**_spec(cifar_dir, strategy).__dict__, "checkpoint_every": 5, "steps": 10})
+    run(spec, tmp_path / "part", progress=False)  # stops at the end of task 0, checkpoint there
+    resumed = run(RunSpec(**{**spec.__dict__, "steps": 30}), tmp_path / "part", resume=True, progress=False)
+    # the run was cut at the task boundary: the resumed one starts task 1 (early stopping, retraining) itself
+    timing = [c for c in whole if "seconds" in c]
+    pd.testing.assert_frame_equal(whole.drop(columns=timing), resumed.drop(columns=timing))
+
+
+def test_retrain_starts_each_task_from_a_fresh_network(cifar_dir):
+    from dst.resnet import ResNet18
+    from dst.streams.base import derive_seed
+
+    experiment = prepare(_spec(cifar_dir, "retrain"), progress=False)
+    recorder = _Recorder(experiment)
+    experiment.run()
+    assert experiment.strategy.retrains == 1
+    fresh = ResNet18(100, 4, generator=torch.Generator().manual_seed(derive_seed(experiment.strategy.seeds[0], 61, 1)))
+    after = recorder.started[1]  # right after the strategy's task-1 start
+    for key, value in fresh.state_dict().items():
+        if not key.endswith("outputs.count"):
+            assert torch.equal(after[key], value), key
+    assert not torch.equal(recorder.starts[1][1]["stem.0.weight"], after["stem.0.weight"])
+    momentum = experiment.optimizer.state[experiment.model.fc.weight]["momentum_buffer"]
+    assert momentum.abs().max() > 0  # trained on after the reset
+
+
+def test_missing_data_and_bad_protocols_are_clear_errors(tmp_path, monkeypatch):
+    from dst import benchmarks
+
+    monkeypatch.delenv("DST_CIFAR100_DIR", raising=False)
+    with pytest.raises(DataError, match="cifar-100-python.tar.gz"):
+        prepare(RunSpec("class-incremental-cifar100", "bp", device="cpu", bench={"preset": "smoke"}), progress=False)
+    with pytest.raises(ConfigError, match="multiple of epochs_per_increment"):
+        benchmarks.build("class-incremental-cifar100", epochs=4000, epochs_per_increment=300)
+    with pytest.raises(ConfigError, match="must be the 20 increments"):
+        benchmarks.build("class-incremental-cifar100", epochs=2000)

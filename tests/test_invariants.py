@@ -99,7 +99,7 @@ STRATEGY_NAMES = sorted(dst.strategies.available())
 
 #: Strategies that change weights or optimizer state without a topology refresh to count.
 NO_TOPOLOGY_REFRESH = {"bp", "l2-init", "shrink-perturb", "weight-clipping", "upgd", "parseval", "spectral-reg", "hare-tortoise",
-                       "plasticity-injection"}
+                       "plasticity-injection", "retrain"}
 
 #: Strategies that need a constant fan-in mask, and the distributions that give one.
 FAN_IN_ONLY = {"srigl", "cbp-srigl"}

@@ -5,7 +5,8 @@ available classes taken in consecutive pairs, then a fresh permutation when thos
 odd number of classes the one left over sits out that cycle), so the two classes of a task always
 differ. Labels are 0 and 1 by position in the pair. A task trains ``epochs`` passes over its
 2 x 600 training images, each pass in a fresh random order, in mini-batches of ``batch_size``; after the
-task the model is tested on the 2 x 100 test images (``test_batch``), which is the benchmark's measure.
+task the model is tested on the 2 x 100 test images (``test_batch``; the loop's ``evaluation_sets``), which is
+the benchmark's measure.
 
 Images are the uint8 files of :mod:`dst.streams.imagenet32`, read lazily (only the classes of the tasks
 being run; a few tasks' tensors are kept in a small LRU cache). Pixels are scaled to [0, 1] by default
@@ -151,6 +152,15 @@ class ContinualImageNetStream(Stream):
         (1, 2 * test_images, ...)."""
         _, _, x, y = self._task_data(task)
         return x[None], y[None]
+
+    evaluation_names = ("test",)
+
+    def next_evaluation(self, step: int) -> int:
+        """Each task is tested when it ends."""
+        return (step // self.steps_per_task + 1) * self.steps_per_task
+
+    def evaluation_sets(self, task: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {"test": self.test_batch(task)}
 
     def batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         task, offset = divmod(start_step, self.steps_per_task)

@@ -10,6 +10,8 @@ Held out: the first ``validation_per_class`` (50) training images of each class,
 validation set, as in the authors' code; the test file is the test set. At the end of every epoch both are
 evaluated on the classes seen so far (:meth:`evaluation_sets`), which is how the authors measure it; with
 ``early_stopping`` the loop keeps the epoch of best validation accuracy of each task and goes on from it.
+The learning rate follows the authors' schedule within each task (:meth:`learning_rate_factor`): the base
+rate, then 0.2, 0.04 and 0.008 times it from epochs 60, 120 and 160 of 200.
 
 Labels: class ``order[j]`` is label j, so the network's output j stands for the j-th class of the order and
 a task uses the first ``active_outputs(task)`` outputs (the authors index the outputs by the order; with
@@ -82,6 +84,8 @@ class ClassIncrementalCIFARStream(Stream):
         validation_per_class: int = 50,
         augmentation: bool = True,
         early_stopping: bool = True,
+        lr_milestones: Sequence[float] = (0.3, 0.6, 0.8),
+        lr_decay: float = 0.2,
         probe_size: int = 1000,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -111,6 +115,8 @@ class ClassIncrementalCIFARStream(Stream):
         self.epochs_per_increment, self.batch_size = epochs_per_increment, batch_size
         self.augmentation, self.early_stopping, self.probe_size = augmentation, early_stopping, probe_size
         self.train_per_class = train_per_class
+        self.lr_milestones = tuple(round(m * epochs_per_increment) for m in lr_milestones)
+        self.lr_decay = lr_decay
         order = torch.randperm(classes, generator=torch.Generator().manual_seed(derive_seed(self.seeds[0], _CLASS_ORDER)))
         self.class_order = order
         rank = torch.empty_like(order)
@@ -164,6 +170,13 @@ class ClassIncrementalCIFARStream(Stream):
         start, epoch = self.task_start(task), self.steps_per_epoch(task)
         return start + ((step - start) // epoch + 1) * epoch
 
+    def learning_rate_factor(self, step: int) -> float:
+        """The authors' schedule within each task: the base learning rate for the first 60 of 200 epochs, then
+        times 0.2 at epochs 60, 120 and 160 (``lr_milestones`` as fractions of the task's epochs)."""
+        task = self.task_of(step)
+        epoch = (step - self.task_start(task)) // self.steps_per_epoch(task)
+        return self.lr_decay ** sum(epoch >= milestone for milestone in self.lr_milestones)
+
     # -- data -------------------------------------------------------------------------------------
     def _normalised(self, images: torch.Tensor) -> torch.Tensor:
         return images.float().mul_(self._scale).sub_(self._shift)
@@ -171,6 +184,8 @@ class ClassIncrementalCIFARStream(Stream):
     def _held_out(self, rows: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, task: int) -> Batch:
         index = rows[: self.active_outputs(task)].reshape(-1).to(self.device)
         return self._normalised(images[index])[None], self.rank[labels[index]][None]
+
+    evaluation_names = ("test", "validation")
 
     def evaluation_sets(self, task: int) -> dict[str, Batch]:
         """The test and validation images of the classes seen in ``task``, (1, N, 3, 32, 32), labels (1, N)."""
