@@ -143,3 +143,14 @@ def test_cbp_on_the_resnet_replaces_block_channels_with_fresh_batchnorm_and_zero
         assert fresh == count, step
         replaced += count
     assert replaced > 0
+
+
+def test_a_batchnorm_the_surgery_cannot_pair_with_the_units_is_refused():
+    from dst.errors import TopologyError
+    from dst.topology import HiddenLayer
+
+    model = ResNet18(10, 4)
+    block, wider = model.stages[0][0], model.stages[1][0]
+    wrong = HiddenLayer("stages.0.0.conv1", block.conv1, block.conv2, block.act1, norm=wider.bn1)  # 8 channels, not 4
+    with pytest.raises(TopologyError, match="one parameter set per unit"):
+        Topology(model, [wrong]).hidden_layers
