@@ -28,7 +28,7 @@ from typing import Any
 
 from dst import benchmarks
 from dst.errors import ConfigError, NonFiniteLossError
-from dst.rundir import CHECKPOINT, CONFIG, FAILURE, METRICS, SUMMARY, read_population
+from dst.rundir import CHECKPOINT, CONFIG, FAILURE, SUMMARY, read_population
 from dst.runner import RunSpec
 
 from .spec import Comparison, ResolvedArm, dir_name, jsonable

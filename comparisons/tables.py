@@ -24,9 +24,10 @@ import numpy as np
 import pandas as pd
 
 from dst.errors import ConfigError
+from dst.rundir import METRICS
 from dst.summary import summarize
 
-from .execute import COMPARISON_FILE, CONFIG, METRICS, SUMMARY, read_failure
+from .execute import COMPARISON_FILE, CONFIG, SUMMARY, read_failure
 from .spec import dir_name
 
 __all__ = [

@@ -45,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .backends import Backends
+from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import ConfigError, NonFiniteLossError
 from .evaluation import Evaluation
 from .nets import use_outputs
@@ -52,7 +53,6 @@ from .population import is_population, zero_members
 from .refresh import NO_REFRESH, RefreshStrategy
 from .step import TrainingStep
 from .rundir import (
-    CHECKPOINT,
     FAILURE,
     METRICS,
     append_metrics,
@@ -202,56 +202,6 @@ class Experiment:
         seeds = getattr(self.stream, "seeds", None)
         return f"member {member} (seed {seeds[member]})" if seeds else f"member {member}"
 
-    # -- checkpoints ------------------------------------------------------------------------
-    def _checkpoint_state(self, step: int, task: int) -> dict[str, Any]:
-        state = {
-            "step": step,
-            "task": task,
-            "rows": [len(rows) for rows in self.rows],
-            "failed": dict(self.failed),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "strategy": self.strategy.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-        }
-        if self.evaluation is not None:
-            state["evaluation"] = self.evaluation.state_dict()
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def _save_checkpoint(self, step: int, task: int) -> None:
-        assert self.out_dir is not None
-        self.backends.expand()
-        tmp = self.out_dir / (CHECKPOINT + ".tmp")
-        torch.save(self._checkpoint_state(step, task), tmp)
-        os.replace(tmp, self.out_dir / CHECKPOINT)  # atomic: a crash never leaves half a checkpoint
-
-    def _load_checkpoint(self) -> tuple[int, int]:
-        assert self.out_dir is not None and self.member_dirs is not None
-        path = self.out_dir / CHECKPOINT
-        if not path.exists():
-            if any((d / METRICS).exists() and (d / METRICS).stat().st_size for d in self.member_dirs):
-                log.warning("%s has no %s yet: running it again from step 0 (the run is deterministic, so "
-                            "the rows already written are recomputed)", self.out_dir, CHECKPOINT)
-            return 0, -1
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.strategy.load_state_dict(state["strategy"])
-        if self.evaluation is not None:
-            self.evaluation.load_state_dict(state["evaluation"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        counts = state["rows"] if isinstance(state["rows"], list) else [state["rows"]]
-        self.failed = {int(k): tuple(v) for k, v in state.get("failed", {}).items()}  # type: ignore[misc]
-        for member, (directory, count) in enumerate(zip(self.member_dirs, counts)):
-            written = directory / METRICS
-            rows = pd.read_csv(written).to_dict("records") if written.exists() and written.stat().st_size else []
-            self.rows[member] = rows[:count]
-        return int(state["step"]), int(state["task"])
-
     # -- output -----------------------------------------------------------------------------
     def _start_files(self) -> None:
         """Each member's ``metrics.csv`` holds exactly its rows so far (none for a fresh run)."""
@@ -300,7 +250,7 @@ class Experiment:
                     check_config(directory, metadata, resume=resume)
         elif resume:
             raise ConfigError("resume needs an out_dir holding a checkpoint")
-        step, task = (self._load_checkpoint() if resume else (0, -1))
+        step, task = (load_checkpoint(self) if resume else (0, -1))
         if step < self.steps:
             if self.member_dirs is not None:
                 self._start_files()
@@ -459,7 +409,7 @@ class Experiment:
                     if next_checkpoint is not None and self.out_dir is not None and (
                         step >= next_checkpoint or step == self.steps
                     ):
-                        self._save_checkpoint(step, task)
+                        save_checkpoint(self, step, task)
                         next_checkpoint = (step // self.checkpoint_every + 1) * self.checkpoint_every
                     if self.on_row is not None and rows:
                         self.on_row(rows)

@@ -21,7 +21,8 @@ the classes seen so far are in use (the authors slice them the same way).
 
 Initialisation as the authors' ``kaiming_init_resnet_module`` but uniform, as every dst network:
 convolutions U(-b, b) with b = gain_relu * sqrt(3 / fan_in) (the variance of their Kaiming normal), the
-linear layer with the linear gain, every bias 0, BatchNorm weight 1 and bias 0. It is a plain torch model,
+linear layer with the linear gain, every bias 0, BatchNorm weight 1 and bias 0; CBP draws a replaced
+channel's kernel from the same uniform (the authors' ResGnT from the normal of that variance). It is a plain torch model,
 a population of one, which is how dst runs conv nets (``dst.population.forward`` strips the member dimension).
 """
 

@@ -49,7 +49,6 @@ from .optim_state import reset_optimizer_state
 from .prune_regrow import RigL, RigLConfig
 from .ranking import picked, ranked
 from .population import member_view
-from .refresh import RefreshStats
 
 __all__ = ["SRigLConfig", "SRigL", "row_fan_ins"]
 
