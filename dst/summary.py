@@ -79,9 +79,11 @@ def summarize(rows: pd.DataFrame, window: float = 0.1) -> dict[str, Any]:
     performance = "accuracy" if "accuracy" in rows else "loss"
     if "test_accuracy" in rows and rows["test_accuracy"].notna().any():
         performance = "test_accuracy"
+    per_task = None
     if performance == "test_accuracy" and "validation_accuracy" in rows:
         performance = "selected_test_accuracy"
-        values = selected_test_accuracy(rows).iloc[1:]  # after the first task, one value per task
+        per_task = selected_test_accuracy(rows)
+        values = per_task.iloc[1:]  # after the first task, one value per task
     else:
         values = after_first_task(rows)[performance] if len(rows) else pd.Series(dtype=float)
     summary: dict[str, Any] = {
@@ -95,6 +97,8 @@ def summarize(rows: pd.DataFrame, window: float = 0.1) -> dict[str, Any]:
         "connections_regrown": int(rows["connections_regrown"].sum()),
         "seconds_per_step": float(rows["seconds"].sum() / rows["step"].iloc[-1]) if len(rows) else math.nan,
     }
+    if per_task is not None:  # what the class-incremental CIFAR paper plots: one accuracy per increment
+        summary["selected_test_accuracy_per_task"] = [float(v) for v in per_task]
     for column in ("effective_rank", "approximate_rank", "dead_fraction", "weight_magnitude"):
         column_values = rows[column].dropna() if column in rows else pd.Series(dtype=float)
         summary[f"final_{column}"] = float(column_values.iloc[-1]) if len(column_values) else math.nan

@@ -149,8 +149,10 @@ def test_the_smoke_preset_runs_one_row_per_epoch_with_test_and_validation_accura
     assert rows["test_accuracy"].between(0, 1).all()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["performance_metric"] == "selected_test_accuracy"
-    best = rows[rows["task"] == 1].sort_values("validation_accuracy", ascending=False, kind="stable").iloc[0]
-    assert summary["late_window"] == pytest.approx(best["test_accuracy"])
+    best = [rows[rows["task"] == task].sort_values("validation_accuracy", ascending=False, kind="stable").iloc[0]
+            for task in (0, 1)]
+    assert summary["late_window"] == pytest.approx(best[1]["test_accuracy"])
+    assert summary["selected_test_accuracy_per_task"] == pytest.approx([b["test_accuracy"] for b in best])
 
 
 class _Recorder:
