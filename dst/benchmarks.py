@@ -42,6 +42,8 @@ __all__ = [
     "ClassIncrementalCIFARConfig",
     "ContinualImageNet",
     "ContinualImageNetConfig",
+    "SlipperyAntBenchmark",
+    "SlipperyAntConfig",
     "MNISTConfig",
     "PermutedMNIST",
     "PermutedMNISTConfig",
@@ -140,6 +142,15 @@ class Benchmark(ABC):
     def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """``loss_fn(output, target)`` -> one loss per member, shape (S,)."""
         return cross_entropy_per_member if self.task_type == "classification" else mse_per_member
+
+    def make_experiment(self, stream: Stream, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        strategy: Any, **loop: Any) -> Any:
+        """The training loop for these parts: :class:`dst.experiment.Experiment`, which a benchmark with
+        another loop (PPO's) replaces; ``loop`` holds the run's steps, bins, files and callbacks."""
+        from .experiment import Experiment
+
+        return Experiment(stream, model, optimizer, strategy, loss_fn=self.loss_fn, task_type=self.task_type,
+                          backend=self.config.backend, **loop)
 
     def make_probe(self) -> "Probe | None":
         from .probe import Probe
@@ -352,3 +363,4 @@ from .image_benchmarks import (  # noqa: E402
     ContinualImageNet,
     ContinualImageNetConfig,
 )
+from .rl.benchmark import SlipperyAntBenchmark, SlipperyAntConfig  # noqa: E402  (needs the rl extra only to run)

@@ -109,10 +109,10 @@ def _describe(registry_module) -> str:
 
 
 def _table(df: pd.DataFrame) -> str:
-    columns = [c for c in ("seed", "step", "task", "loss", "accuracy", "test_accuracy", "units_replaced",
-                           "connections_regrown", "seconds_per_step") if c in df.columns]
+    columns = [c for c in ("seed", "step", "task", "friction", "episodic_return", "loss", "accuracy", "test_accuracy",
+                           "units_replaced", "connections_regrown", "seconds_per_step") if c in df.columns]
     formats = {"loss": "{:.4f}".format, "accuracy": "{:.4f}".format, "test_accuracy": "{:.4f}".format,
-               "seconds_per_step": "{:.2e}".format}
+               "friction": "{:.4f}".format, "episodic_return": "{:.1f}".format, "seconds_per_step": "{:.2e}".format}
     return df[columns].to_string(index=False, formatters=formats)
 
 

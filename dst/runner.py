@@ -168,14 +168,12 @@ def prepare(
         if spec.seeds is not None:
             check_seeds(seeds, distinct=True)  # one folder per seed
         member_dirs = [Path(out_dir)] if spec.seeds is None else [member_dir(out_dir, seed) for seed in seeds]
-    return Experiment(
+    return benchmark.make_experiment(
         stream,
         model,
         optimizer,
         strategy,
         steps=steps,
-        loss_fn=benchmark.loss_fn,
-        task_type=benchmark.task_type,
         bin_size=benchmark.bin_steps(stream),
         out_dir=out_dir,
         member_dirs=member_dirs,
@@ -184,7 +182,6 @@ def prepare(
         progress=progress,
         probe=benchmark.make_probe(),
         on_row=on_row,
-        backend=benchmark.config.backend,
     )
 
 
@@ -208,7 +205,8 @@ def _announce_duration(experiment: Experiment) -> None:
                  "probes after them not counted)", duration(seconds_per_step * experiment.steps), experiment.steps,
                  seconds_per_step)
 
-    StepTimer(experiment, after=10, measure=100, budget=10.0, on_measured=announce)
+    StepTimer(experiment, after=10, measure=100, budget=10.0, on_measured=announce,
+              counter=(lambda: experiment.steps_done) if hasattr(experiment, "steps_done") else None)
 
 
 def run(

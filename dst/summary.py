@@ -25,7 +25,7 @@ __all__ = ["HIGHER_IS_BETTER", "after_first_task", "selected_test_accuracy", "la
            "plasticity_loss", "summarize"]
 
 #: Performance measures where a larger value is better (the others, losses, are better when smaller).
-HIGHER_IS_BETTER = ("accuracy", "test_accuracy", "selected_test_accuracy")
+HIGHER_IS_BETTER = ("accuracy", "test_accuracy", "selected_test_accuracy", "episodic_return")
 
 
 def _count(rows: int, window: float) -> int:
@@ -74,9 +74,11 @@ def selected_test_accuracy(rows: pd.DataFrame) -> pd.Series:
 
 def summarize(rows: pd.DataFrame, window: float = 0.1) -> dict[str, Any]:
     """Performance and plasticity numbers of one run (NaN where a column is absent). The measure is the
-    online accuracy (or loss) per row; the held-out test accuracy per task where a stream tests (continual
+    online accuracy (or loss) per row, the episodic return in reinforcement learning; the held-out test accuracy per task where a stream tests (continual
     ImageNet); the test accuracy of each task's best validation epoch where it validates too (CIFAR)."""
     performance = "accuracy" if "accuracy" in rows else "loss"
+    if "episodic_return" in rows:
+        performance = "episodic_return"  # reinforcement learning: the return of the episodes ended in each bin
     if "test_accuracy" in rows and rows["test_accuracy"].notna().any():
         performance = "test_accuracy"
     per_task = None

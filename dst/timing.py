@@ -2,7 +2,8 @@
 
 :class:`StepTimer` wraps a prepared experiment's ``strategy.after_step``: it starts its clock after the
 first ``after`` steps (allocations and first conversions left out) and, once it has timed ``measure`` steps
-or ``budget`` seconds, puts ``after_step`` back and calls ``on_measured(seconds_per_step)`` once. Whatever the loop does between steps
+or ``budget`` seconds, puts ``after_step`` back and calls ``on_measured(seconds_per_step)`` once. Steps are
+the strategy's (one per optimizer step), or what ``counter()`` counts (PPO: environment steps). Whatever the loop does between steps
 (bin rows, probes, evaluations) falls inside the timed stretch when it happens there.
 """
 
@@ -18,21 +19,23 @@ __all__ = ["StepTimer", "duration"]
 
 class StepTimer:
     def __init__(self, experiment: Any, *, after: int = 100, measure: int | None = None,
-                 budget: float = math.inf, on_measured: Callable[[float], None] | None = None) -> None:
+                 budget: float = math.inf, on_measured: Callable[[float], None] | None = None,
+                 counter: Callable[[], int] | None = None) -> None:
         self.start: float | None = None
         self.first = 0
         self.seconds, self.steps = 0.0, 0
         self.done = False
         strategy = experiment.strategy
         step = strategy.after_step
+        done = counter if counter is not None else (lambda: strategy.step)
 
         def timed():
             stats = step()
             if self.start is None:
-                if strategy.step >= after:
-                    self.start, self.first = time.perf_counter(), strategy.step
+                if done() >= after:
+                    self.start, self.first = time.perf_counter(), done()
                 return stats
-            self.seconds, self.steps = time.perf_counter() - self.start, strategy.step - self.first
+            self.seconds, self.steps = time.perf_counter() - self.start, done() - self.first
             if (measure is not None and self.steps >= measure) or self.seconds >= budget:
                 self.done = True
                 strategy.after_step = step  # measured: the steps go on unwrapped

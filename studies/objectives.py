@@ -70,7 +70,8 @@ def directions(names: Sequence[str], benchmark: str, bench: Mapping[str, Any] | 
         if objective.direction is not None:
             result.append(objective.direction)
         else:
-            result.append("maximize" if built.task_type == "classification" else "minimize")
+            higher = built.task_type in ("classification", "reinforcement")  # accuracy, return: higher is better
+            result.append("maximize" if higher else "minimize")
     return result
 
 
