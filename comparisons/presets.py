@@ -230,6 +230,27 @@ def incremental_cifar() -> list[Comparison]:
     return [Comparison("class-incremental-cifar100", arms, seeds=tuple(range(5)), name="incremental-cifar")]
 
 
+#: the authors' Slippery Ant arms (``lop/rl/cfg/sant``): label, strategy, settings, benchmark overrides
+_SLIPPERY_ANT = (
+    ("std-ppo", "bp", {}, {}),
+    ("ns-adam", "bp", {}, {"betas": (0.99, 0.99)}),
+    ("l2", "bp", {}, {"betas": (0.99, 0.99), "weight_decay": 1e-3}),
+    ("cbp", "cbp", {"replacement_rate": 1e-4, "maturity_threshold": 10_000, "utility": "contribution"},
+     {"betas": (0.99, 0.99), "weight_decay": 1e-4}),
+)
+
+
+def paper_slippery_ant() -> list[Comparison]:
+    """PPO on Slippery Ant as the authors ran it (``--bench preset=paper``: 20M steps, friction changed every 2M
+    at an episode end, drawn per seed log-uniformly from [0.02, 2]), 3 seeds: standard PPO (Adam 1e-4), NS Adam
+    (betas 0.99, 0.99), L2 (NS Adam, weight decay 1e-3) and CBP (NS Adam, weight decay 1e-4, replacement rate
+    1e-4, maturity 10,000, the contribution utility), the settings of their ``cfg/sant``. Days of CPU per run
+    (the authors report about 24 CPU-hours per 50M steps); ``--estimate`` measures it here. Needs the rl extra."""
+    arms = tuple(Arm(label, strategy, settings=settings, bench={"preset": "paper", **bench})
+                 for label, strategy, settings, bench in _SLIPPERY_ANT)
+    return [Comparison("slippery-ant", arms, seeds=(0, 1, 2), name="paper-slippery-ant")]
+
+
 def paper() -> list[Comparison]:
     """Both published scales: ``paper-bit-flipping`` and ``paper-permuted-mnist`` (in OUT/<name>/)."""
     return paper_bit_flipping() + paper_permuted_mnist()
@@ -246,6 +267,7 @@ PRESETS: dict[str, Callable[[], list[Comparison]]] = {
     "paper-bit-flipping": paper_bit_flipping,
     "paper-permuted-mnist": paper_permuted_mnist,
     "paper-permuted-mnist-narrow": paper_permuted_mnist_narrow,
+    "paper-slippery-ant": paper_slippery_ant,
 }
 
 

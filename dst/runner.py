@@ -145,6 +145,8 @@ def prepare(
     device = resolve_device(spec.device)
     torch.manual_seed(derive_seed(seeds[0], _GLOBAL_RNG))
     stream, model, optimizer = benchmark.build(seeds, device, lr=lrs)
+    if next(model.parameters()).device.type != device.type:  # where it really runs (slippery-ant keeps to the CPU)
+        device = next(model.parameters()).device
     steps = spec.steps if spec.steps is not None else benchmark.default_steps(stream)
     strategy = strategies.build(
         spec.strategy, model, optimizer, config=configs, seed=[derive_seed(seed, _STRATEGY_RNG) for seed in seeds]

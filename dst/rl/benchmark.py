@@ -11,6 +11,7 @@ and the contribution utility (``--bench weight_decay=...``, ``--set ...``). A po
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,8 @@ from .loop import PPOExperiment
 from .ppo import ActorCritic, PPOSettings
 
 __all__ = ["SlipperyAntConfig", "SlipperyAntBenchmark"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -91,9 +94,15 @@ class SlipperyAntBenchmark(Benchmark):
             seed, max(1, c.total_steps // c.change_time + 1), *c.friction_range)
         return SlipperyAnt(frictions, c.change_time, seed, episode_steps=c.episode_steps)
 
-    def make_stream(self, seeds: tuple[int, ...], device: torch.device) -> SlipperyAnt:
+    def build(self, seeds, device, lr=None):
+        """As every benchmark's, but on the CPU: a MuJoCo step per action makes the simulation the cost, and
+        the networks stay beside it (a warning says so when another device was asked for)."""
         if torch.device(device).type != "cpu":
-            raise ConfigError("slippery-ant runs on the CPU (the simulation is the cost): use --device cpu")
+            log.warning("slippery-ant runs on the CPU (one MuJoCo step per action; the networks stay beside "
+                        "the simulation), not on %s", device)
+        return super().build(seeds, "cpu", lr)
+
+    def make_stream(self, seeds: tuple[int, ...], device: torch.device) -> SlipperyAnt:
         (seed,) = seeds  # not batchable: one member
         return self._env(seed)
 
