@@ -60,7 +60,8 @@ def _measure(arm, seeds: tuple[int, ...], calibration: int, budget: float) -> di
     runs = 1  # a benchmark that cannot batch members runs each seed alone: time one, count them all
     if not benchmarks.get(arm.spec.benchmark).cls.batchable:
         seeds, runs = seeds[:1], len(seeds)
-    spec = replace(arm.spec, seeds=seeds, steps=measured + warmup, bench=bench, checkpoint_every=None)
+    # the run itself, as the comparison would start it (so every check of its length holds), stopped by the timer
+    spec = replace(arm.spec, seeds=seeds, bench=bench, checkpoint_every=None)
     experiment = prepare(spec, progress=False)
 
     def stop(_: float) -> None:

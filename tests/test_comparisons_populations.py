@@ -223,6 +223,24 @@ def test_estimate_measures_on_one_thread_as_the_workers_train_and_restores_the_c
         torch.set_num_threads(before)
 
 
+def test_estimate_times_an_unbatchable_arm_on_one_seed_counts_every_seed_and_stops_at_its_budget(monkeypatch):
+    from comparisons import estimate as estimate_module
+    from comparisons.api import prepare_comparison
+    from comparisons.presets import free_form
+
+    pytest.importorskip("gymnasium", reason='the rl extra (pip install -e ".[test,rl]") is not installed')
+    specs = []
+    real = estimate_module.prepare
+    monkeypatch.setattr(estimate_module, "prepare", lambda spec, **k: specs.append(spec) or real(spec, **k))
+    comparison = free_form("slippery-ant", ["bp"], seeds=(0, 1, 2), bench=["preset=smoke", "total_steps=5000",
+                                                                        "change_time=1000"])
+    table = estimate_module.estimate(prepare_comparison(comparison, "unused-out"), workers=2, budget=0.5)
+    assert [spec.seeds for spec in specs] == [(0,)]  # one seed timed: slippery-ant runs one member per run
+    (row,) = table.to_dict("records")
+    assert row["runs"] == 3 and row["seconds"] == pytest.approx(row["seconds_per_step"] * 5000 * 3)
+    assert table.attrs["wall_seconds"] == pytest.approx(row["seconds"] / 2)  # three runs over two workers
+
+
 def test_the_report_counts_each_arms_weights_and_plots_performance_against_weights_and_cost(tmp_path):
     out = tmp_path / "budget"
     arms = ["--strategies", "bp,rigl", "--bench", "rigl.density=0.5", "--bench", "hidden=16", "--seeds", "2"]
