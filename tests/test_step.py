@@ -9,7 +9,6 @@ from torch import nn
 
 import dst
 import dst.arrays
-from dst.experiment import Experiment
 from dst.masked import MaskedLinear
 from dst.nets import mlp
 from dst.population import cross_entropy_per_member, mse_per_member
