@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import json
 
+import pandas as pd
 import pytest
 import torch
 
 from dst.errors import ConfigError, DataError
+from dst.runner import RunSpec, prepare, run
 from dst.streams.cifar100 import load_cifar100
 from dst.streams.incremental_cifar import MEAN, STD, ClassIncrementalCIFARStream, augment
 from test_cifar import make_cifar100
@@ -115,12 +118,6 @@ def test_a_training_set_with_unequal_classes_is_refused(data):
 
 
 # -- the benchmark, end to end ---------------------------------------------------------------------
-
-import json  # noqa: E402
-
-import pandas as pd  # noqa: E402
-
-from dst.runner import RunSpec, prepare, run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
