@@ -153,8 +153,11 @@ class PPOExperiment:
                     distribution.mean.shape, generator=self.generator)
                 log_prob = distribution.log_prob(action).sum()
             next_obs, reward, terminated, truncated = self.env.step(action.numpy())
-            observations.append(x), actions.append(action), log_probs.append(log_prob)
-            rewards.append(reward), dones.append(float(terminated or truncated))
+            observations.append(x)
+            actions.append(action)
+            log_probs.append(log_prob)
+            rewards.append(reward)
+            dones.append(float(terminated or truncated))
             episode[0] += reward
             episode[1] += 1
             self.steps_done += 1
