@@ -250,6 +250,15 @@ def paper_slippery_ant() -> list[Comparison]:
     return [Comparison("slippery-ant", arms, seeds=(0, 1, 2), name="paper-slippery-ant")]
 
 
+def slippery_ant_cpu() -> list[Comparison]:
+    """The four Slippery Ant arms of ``paper-slippery-ant`` at the benchmark's ``cpu`` preset (700,000 steps,
+    friction changed every 100,000 at an episode end, 64-64 networks, Adam lr 3e-4), 3 seeds: about an hour on
+    2 cores (``--workers 2``). Needs the rl extra."""
+    arms = tuple(Arm(label, strategy, settings=settings, bench={"preset": "cpu", **bench})
+                 for label, strategy, settings, bench in _SLIPPERY_ANT)
+    return [Comparison("slippery-ant", arms, seeds=(0, 1, 2), name="slippery-ant-cpu")]
+
+
 def paper() -> list[Comparison]:
     """Both published scales: ``paper-bit-flipping`` and ``paper-permuted-mnist`` (in OUT/<name>/)."""
     return paper_bit_flipping() + paper_permuted_mnist()
@@ -267,6 +276,7 @@ PRESETS: dict[str, Callable[[], list[Comparison]]] = {
     "paper-permuted-mnist": paper_permuted_mnist,
     "paper-permuted-mnist-narrow": paper_permuted_mnist_narrow,
     "paper-slippery-ant": paper_slippery_ant,
+    "slippery-ant-cpu": slippery_ant_cpu,
 }
 
 
