@@ -22,6 +22,7 @@ from .tables import (
     better_direction,
     combined_table,
     load_record,
+    per_task_table,
     run_states,
     summarize_runs,
     write_table,
@@ -148,7 +149,7 @@ def _arm_lines(record: dict[str, Any]) -> list[str]:
 
 
 def write_report(out: str | os.PathLike, fmt: str = "csv") -> dict[str, Any]:
-    """Write ``runs.csv`` (or ``.parquet``), ``summary.csv``, the plots and ``report.md`` under ``out``.
+    """Write ``runs.csv`` (or ``.parquet``), ``summary.csv``, ``per_task.csv``, the plots and ``report.md`` under ``out``.
 
     Returns ``{"summary": DataFrame, "states": DataFrame, "paths": [Path, ...]}`` (``states``: every started
     run's state and reason, :func:`run_states`). Only finished runs enter the summary numbers and the plots;
@@ -167,9 +168,12 @@ def write_report(out: str | os.PathLike, fmt: str = "csv") -> dict[str, Any]:
     paths.append(summary_path)
     finished = runs[runs["finished"]] if len(runs) else runs
     metric = _performance_metric(summary)
+    per_row = "test_accuracy" if metric == "selected_test_accuracy" else metric  # one per task: each epoch's
+    per_task_path = out / "per_task.csv"
+    per_task_table(runs, per_row).to_csv(per_task_path, index=False)
+    paths.append(per_task_path)
     plots = []
     if len(finished):
-        per_row = "test_accuracy" if metric == "selected_test_accuracy" else metric  # one per task: plot each epoch's
         title = f"{record['benchmark']}: {per_row} per bin, mean and 95% bootstrap CI over seeds"
         plots.append(plot_performance(finished, record["arms"], per_row, out / "performance.png", title=title))
         plots.append(plot_metrics(finished, record["arms"], out / "metrics.png"))
@@ -295,8 +299,9 @@ def _markdown(record: dict[str, Any], summary: pd.DataFrame, states: pd.DataFram
         "",
         *_directions(metric),
         "",
-        "Per-arm numbers with all settings: `summary.csv`; every metrics row of every run: `runs.csv` "
-        "(or `runs.parquet`); each run's own files: `runs/<arm>/seed-<k>/`.",
+        "Per-arm numbers with all settings: `summary.csv`; per arm and task, the mean performance over the "
+        "task and its interval: `per_task.csv`; every metrics row of every run: `runs.csv` (or "
+        "`runs.parquet`); each run's own files: `runs/<arm>/seed-<k>/`.",
         "",
         *_not_finished_lines(states),
     ]

@@ -222,6 +222,22 @@ def bootstrap_interval(values: Sequence[float] | pd.Series) -> tuple[float, floa
     return float(means[0]), float(low[0]), float(high[0]), int(counts[0])
 
 
+def per_task_table(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per arm and task (in the order met): ``n`` finished runs and the mean over them of each run's mean
+    ``metric`` over the task's rows, with its :data:`INTERVAL` (``mean``, ``low``, ``high``): the performance
+    in each task, e.g. the return in each friction period of Slippery Ant."""
+    columns = ["arm", "task", "n", "mean", "low", "high"]
+    if not len(runs) or metric not in runs or "task" not in runs:
+        return pd.DataFrame(columns=columns)
+    finished = runs[runs["finished"] & runs[metric].notna()]
+    per_run = finished.groupby(["arm", "task", "seed"], sort=False)[metric].mean()
+    rows = []
+    for (arm, task), values in per_run.groupby(level=["arm", "task"], sort=False):
+        mean, low, high, n = bootstrap_interval(values)
+        rows.append({"arm": arm, "task": task, "n": n, "mean": mean, "low": low, "high": high})
+    return pd.DataFrame(rows, columns=columns)
+
+
 def better_direction(metric: str, performance_metric: str) -> str:
     """``higher`` or ``lower``: which way ``metric`` is better (for accuracy-like or loss-like performance)."""
     if metric == "late_window":
