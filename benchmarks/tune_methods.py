@@ -3,6 +3,8 @@
     python benchmarks/tune_methods.py --protocol bit-flipping --out benchmarks/results/tune-methods
     python benchmarks/tune_methods.py --protocol permuted-mnist --bench data_dir=../shared/data/mnist
     python benchmarks/tune_methods.py --methods upgd,snr --trials 8 --steps 50000   # a few, smaller
+    python benchmarks/tune_methods.py --methods cbp,redo --threads 1 &   # two tunings side by side, one core
+    python benchmarks/tune_methods.py --methods upgd,snr --threads 1 &   # each (tuned.json: rerun with all)
 
 Every method gets the same budget: ``--trials`` finished Optuna trials (TPE), each ``--seeds`` seeds, trials
 asked ``--batch`` at a time and trained as one population; the objective is the late-window error (loss on
@@ -52,6 +54,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="trials per population (default 8)")
     parser.add_argument("--steps", type=int, default=None, help="steps per trial (default: 300k / 100k)")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per process (default: the cores over the workers; give 1 when several "
+                             "tunings share the cores, or they oversubscribe them)")
     parser.add_argument("--bench", action="append", default=[], metavar="KEY=VALUE", help="extra benchmark setting")
     parser.add_argument("--out", default="benchmarks/results/tune-methods")
     args = parser.parse_args()
@@ -70,7 +75,7 @@ def main() -> None:
                    "--study", method, "--storage", str(journal), "--out", str(out), "--trials", str(args.trials),
                    "--seeds", str(args.seeds), "--batch", str(args.batch), "--steps", str(steps),
                    "--workers", str(args.workers), "--sampler-seed", "0", "--device", "cpu",
-                   "--only", ",".join(settings)]
+                   "--only", ",".join(settings)] + (["--threads", str(args.threads)] if args.threads else [])
         command += [f"--bench={b}" for b in protocol["bench"] + args.bench]
         command += [f"--param={name}={spec}" for name, spec in settings.items() if spec is not None]
         start = time.perf_counter()
