@@ -239,24 +239,27 @@ _SLIPPERY_ANT = (
 )
 
 
+def _slippery_ant(preset: str, name: str) -> list[Comparison]:
+    """The authors' four arms at the benchmark's ``preset``, 3 seeds."""
+    arms = tuple(Arm(label, strategy, settings=settings, bench={"preset": preset, **bench})
+                 for label, strategy, settings, bench in _SLIPPERY_ANT)
+    return [Comparison("slippery-ant", arms, seeds=(0, 1, 2), name=name)]
+
+
 def paper_slippery_ant() -> list[Comparison]:
     """PPO on Slippery Ant as the authors ran it (``--bench preset=paper``: 20M steps, friction changed every 2M
     at an episode end, drawn per seed log-uniformly from [0.02, 2]), 3 seeds: standard PPO (Adam 1e-4), NS Adam
     (betas 0.99, 0.99), L2 (NS Adam, weight decay 1e-3) and CBP (NS Adam, weight decay 1e-4, replacement rate
     1e-4, maturity 10,000, the contribution utility), the settings of their ``cfg/sant``. Days of CPU per run
     (the authors report about 24 CPU-hours per 50M steps); ``--estimate`` measures it here. Needs the rl extra."""
-    arms = tuple(Arm(label, strategy, settings=settings, bench={"preset": "paper", **bench})
-                 for label, strategy, settings, bench in _SLIPPERY_ANT)
-    return [Comparison("slippery-ant", arms, seeds=(0, 1, 2), name="paper-slippery-ant")]
+    return _slippery_ant("paper", "paper-slippery-ant")
 
 
 def slippery_ant_cpu() -> list[Comparison]:
     """The four Slippery Ant arms of ``paper-slippery-ant`` at the benchmark's ``cpu`` preset (700,000 steps,
     friction changed every 100,000 at an episode end, 64-64 networks, Adam lr 3e-4), 3 seeds: about an hour on
     2 cores (``--workers 2``). Needs the rl extra."""
-    arms = tuple(Arm(label, strategy, settings=settings, bench={"preset": "cpu", **bench})
-                 for label, strategy, settings, bench in _SLIPPERY_ANT)
-    return [Comparison("slippery-ant", arms, seeds=(0, 1, 2), name="slippery-ant-cpu")]
+    return _slippery_ant("cpu", "slippery-ant-cpu")
 
 
 def paper() -> list[Comparison]:

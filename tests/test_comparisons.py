@@ -144,7 +144,6 @@ def test_bootstrap_interval_equals_exact_enumeration_of_all_resamples(values, bo
 
 
 def test_per_task_table_averages_each_run_over_its_task_then_the_runs():
-    from comparisons.tables import per_task_table
     rows = [  # arm, seed, task, value, finished
         ("a", 0, 0, 1.0, True), ("a", 0, 0, 3.0, True), ("a", 0, 1, 10.0, True),
         ("a", 1, 0, 4.0, True), ("a", 1, 1, 20.0, True), ("a", 1, 1, float("nan"), True),
@@ -152,12 +151,12 @@ def test_per_task_table_averages_each_run_over_its_task_then_the_runs():
         ("b", 0, 0, 7.0, True),
     ]
     runs = pd.DataFrame(rows, columns=["arm", "seed", "task", "episodic_return", "finished"])
-    table = per_task_table(runs, "episodic_return")
+    table = comparisons_tables.per_task_table(runs, "episodic_return")
     assert list(zip(table["arm"], table["task"], table["n"])) == [("a", 0, 2), ("a", 1, 2), ("b", 0, 1)]
     assert table["mean"].tolist() == [3.0, 15.0, 7.0]  # a, task 0: runs' means 2 and 4; task 1: 10 and 20
     assert (table["low"][:2] >= [2.0, 10.0]).all() and (table["high"][:2] <= [4.0, 20.0]).all()
     assert math.isnan(table["low"][2])  # one run: no interval
-    assert per_task_table(runs.drop(columns="task"), "episodic_return").empty
+    assert comparisons_tables.per_task_table(runs.drop(columns="task"), "episodic_return").empty
 
 
 def test_bootstrap_interval_agrees_with_scipy_percentile_bootstrap():
