@@ -71,7 +71,7 @@ def load_checkpoint(experiment: "Experiment") -> tuple[int, int]:
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     counts = state["rows"] if isinstance(state["rows"], list) else [state["rows"]]
-    experiment.failed = {int(k): tuple(v) for k, v in state.get("failed", {}).items()}  # type: ignore[misc]
+    experiment.failures.stopped = {int(k): tuple(v) for k, v in state.get("failed", {}).items()}  # type: ignore[misc]
     for member, (directory, count) in enumerate(zip(experiment.member_dirs, counts)):
         written = directory / METRICS
         rows = pd.read_csv(written).to_dict("records") if written.exists() and written.stat().st_size else []

@@ -22,10 +22,7 @@ model, optimizer, strategy and RNG states of the whole population. Because strea
 of (seed, step), a resumed run produces exactly the rows an uninterrupted run produces (all but the
 timing columns); a resumed run with no checkpoint yet starts again from step 0 and rewrites the same rows.
 
-A member whose loss becomes NaN or infinite stops: its rows so far are kept (``metrics.csv`` has at
-least its header), ``failure.json`` in its directory says ``kind``, ``error`` and ``step``, its
-parameters and optimizer state are zeroed so that it cannot disturb a batched operation, and the other
-members go on. When no member is left, the run raises :class:`~dst.errors.NonFiniteLossError`.
+A member whose loss becomes NaN or infinite stops and the others go on (:mod:`dst.failures`).
 """
 
 from __future__ import annotations
@@ -46,21 +43,14 @@ from tqdm.auto import tqdm
 
 from .backends import Backends
 from .checkpoint import load_checkpoint, save_checkpoint
-from .errors import ConfigError, NonFiniteLossError
+from .errors import ConfigError
+from .failures import Failures
 from .evaluation import Evaluation
 from .nets import use_outputs
-from .population import is_population, zero_members
+from .population import is_population
 from .refresh import NO_REFRESH, RefreshStrategy
 from .step import TrainingStep
-from .rundir import (
-    FAILURE,
-    METRICS,
-    append_metrics,
-    check_config,
-    check_output_dir,
-    write_failure,
-    write_metrics,
-)
+from .rundir import FAILURE, append_metrics, check_config, check_output_dir, write_metrics
 from .streams import Stream
 
 if TYPE_CHECKING:
@@ -188,8 +178,8 @@ class Experiment:
         if probe is not None and not hasattr(stream, "probe_batch"):
             raise ConfigError(f"{type(stream).__name__} has no probe_batch(task): it cannot be probed")
         self.rows: list[list[dict[str, Any]]] = [[] for _ in range(self.members)]
-        #: member -> (step, message) of members stopped by a non-finite loss
-        self.failed: dict[int, tuple[int, str]] = {}
+        self.failures = Failures(model, optimizer, self.backends, self.members, self.member_dirs,
+                                 self._columns(), self.member_name)
         self._probed: list[dict[str, Any]] = [{} for _ in range(self.members)]
         self.evaluation = (Evaluation(stream, model, loss_fn, task_type, self.members, self.population)
                            if hasattr(stream, "evaluation_sets") else None)
@@ -197,6 +187,11 @@ class Experiment:
         # a stream with a learning-rate schedule scales each group's learning rate as given here
         self.lr_factor = getattr(stream, "learning_rate_factor", None)
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+
+    @property
+    def failed(self) -> dict[int, tuple[int, str]]:
+        """member -> (step, message) of the members stopped by a non-finite loss (:mod:`dst.failures`)."""
+        return self.failures.stopped
 
     def member_name(self, member: int) -> str:
         seeds = getattr(self.stream, "seeds", None)
@@ -218,27 +213,6 @@ class Experiment:
     def _columns(self) -> list[str]:
         return ["step", "task", "loss", *(["accuracy"] if self.task_type == "classification" else []),
                 "units_replaced", "connections_regrown", "seconds", "seconds_per_step"]
-
-    def _record_failure(self, member: int, step: int, value: float) -> NonFiniteLossError:
-        """Stop ``member``: keep its rows (at least a header), write its ``failure.json``, zero its parameters
-        and optimizer state so that its non-finite values stay out of every batched operation."""
-        error = NonFiniteLossError(step, value, self.member_name(member) if self.members > 1 else "")
-        self.failed[member] = (step, str(error))
-        log.warning("%s", error)
-        if self.member_dirs is not None:
-            directory = self.member_dirs[member]
-            if not self.rows[member] and not (directory / METRICS).stat().st_size:
-                (directory / METRICS).write_text(",".join(self._columns()) + "\n")
-            write_failure(directory, "non-finite-loss", str(error), step)
-        self._zero_failed()
-        return error
-
-    def _zero_failed(self) -> None:
-        """Zero the stopped members' parameters and optimizer state, whose non-finite values would otherwise
-        reach batched operations (the probe's SVDs); they go on training unseen, and may diverge again, so
-        this runs again before every probe and test."""
-        self.backends.expand()
-        zero_members(self.model, self.optimizer, list(self.failed))
 
     def run(self, resume: bool = False) -> list[pd.DataFrame]:
         """Train for ``steps`` steps (continuing from the checkpoint with ``resume``); return each member's rows."""
@@ -275,8 +249,7 @@ class Experiment:
 
     def _run_probe(self, task: int) -> None:
         self.backends.expand()
-        if self.failed:
-            self._zero_failed()
+        self.failures.zero()
         inputs, targets = self.stream.probe_batch(task)  # type: ignore[attr-defined]
         self._probed = self.probe(  # type: ignore[misc]
             self.model, self.strategy.topology, inputs, targets, self.loss_fn
@@ -285,26 +258,8 @@ class Experiment:
     def _run_evaluation(self, task: int) -> None:
         """Evaluate the held-out sets of ``task`` (the model in full, its stopped members zeroed)."""
         self.backends.expand()
-        if self.failed:
-            self._zero_failed()
+        self.failures.zero()
         self.evaluation.run(task)  # type: ignore[union-attr]
-
-    def _check(self, recent: torch.Tensor, step: int) -> None:
-        """Stop every running member with a non-finite loss among ``recent`` (steps, S) ending at ``step``."""
-        finite = torch.isfinite(recent)
-        if bool(finite.all()):
-            return
-        error = None
-        for member in (~finite.all(0)).nonzero().flatten().tolist():
-            if member in self.failed:
-                continue
-            bad = int((~finite[:, member]).nonzero()[0, 0])
-            error = self._record_failure(member, step - len(recent) + bad + 1, float(recent[bad, member]))
-        if len(self.failed) == self.members and error is not None:
-            if self.members == 1:
-                raise error
-            first = min(step for step, _ in self.failed.values())
-            raise NonFiniteLossError(first, math.nan, f"every one of the {self.members} members")
 
     def _bin_rows(
         self, step: int, task: int, losses, corrects, examples, units, connections, elapsed
@@ -389,7 +344,7 @@ class Experiment:
                 if step < next_check and step < self.steps:
                     continue
                 # -- once per check_every steps: NaN check, progress; bin rows; checkpoints -------
-                self._check(torch.stack(losses[checked:]), step)
+                self.failures.check(torch.stack(losses[checked:]), step)
                 checked = len(losses)
                 bar.update(step - bar.n)
                 if self.probe is not None and self.probe.every and step % self.probe.every == 0:
