@@ -2,14 +2,17 @@
 
 :func:`prepare_comparison` does everything that can fail before a run starts and returns a
 :class:`Prepared` comparison; :func:`run_prepared` runs what is not finished and writes the report from
-it; :func:`run_comparison` is the two in one call.
+it; :func:`run_comparison` is the two in one call. Every call that has runs to do records its real wall
+time (:mod:`comparisons.walltime`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from .execute import Job, is_finished, plan, record_comparison, run_jobs, write_
 from .report import write_report
 from .spec import Comparison, ResolvedArm, resolve
 from .tables import check_format
+from .walltime import record_wall_time
 
 __all__ = ["Prepared", "prepare_comparison", "run_prepared", "run_comparison"]
 
@@ -36,6 +40,7 @@ class Prepared:
     record: dict[str, Any]
     jobs: tuple[Job, ...]
     fmt: str = "csv"
+    command: str = ""
 
 
 def prepare_comparison(comparison: Comparison, out: str | os.PathLike, *, fmt: str = "csv",
@@ -49,7 +54,7 @@ def prepare_comparison(comparison: Comparison, out: str | os.PathLike, *, fmt: s
     jobs = plan(arms, comparison.seeds, out)
     for job in jobs:
         is_finished(job)  # raises when a finished run there holds another spec
-    return Prepared(comparison, Path(out), arms, record, jobs, fmt)
+    return Prepared(comparison, Path(out), arms, record, jobs, fmt, command)
 
 
 def run_prepared(prepared: Prepared, *, workers: int | None = None, progress: bool = True,
@@ -67,8 +72,16 @@ def run_prepared(prepared: Prepared, *, workers: int | None = None, progress: bo
     except OSError as err:
         raise ConfigError(f"cannot create output directory {str(prepared.out)!r}: {err.strerror or err}") from None
     write_record(prepared.out, prepared.record)
-    outcomes = run_jobs(prepared.jobs, workers=workers, progress=progress, retry_failed=retry_failed,
-                        population=population)
+    todo = sum(not is_finished(job) for job in prepared.jobs)
+    started, start = datetime.now(timezone.utc), time.perf_counter()
+    outcomes = None
+    try:
+        outcomes = run_jobs(prepared.jobs, workers=workers, progress=progress, retry_failed=retry_failed,
+                            population=population)
+    finally:
+        if todo:
+            record_wall_time(prepared.out, started, time.perf_counter() - start, todo, outcomes,
+                             workers or os.cpu_count() or 1, prepared.command)
     failed = sum(outcome.status == "failed" for outcome in outcomes)
     if failed:
         log.warning("%d of %d runs failed (see the outcomes)", failed, len(outcomes))

@@ -27,6 +27,7 @@ from .tables import (
     summarize_runs,
     write_table,
 )
+from .walltime import wall_time_lines
 
 __all__ = ["write_report", "format_summary", "markdown_table", "verdict"]
 
@@ -182,7 +183,7 @@ def write_report(out: str | os.PathLike, fmt: str = "csv") -> dict[str, Any]:
     plots = [p for p in plots if p is not None]
     paths += plots
     report = out / "report.md"
-    report.write_text(_markdown(record, summary, states, plots, metric))
+    report.write_text(_markdown(record, summary, states, plots, metric, wall_time_lines(out)))
     paths.append(report)
     return {"summary": summary, "states": states, "paths": paths}
 
@@ -267,7 +268,7 @@ def _one_window_lines(summary: pd.DataFrame) -> list[str]:
 
 
 def _markdown(record: dict[str, Any], summary: pd.DataFrame, states: pd.DataFrame, plots: list[Path],
-              metric: str) -> str:
+              metric: str, wall_times: list[str]) -> str:
     total = len(states)
     done = int((states["state"] == "finished").sum())
     steps = record.get("steps") or "the benchmark's default"
@@ -304,6 +305,7 @@ def _markdown(record: dict[str, Any], summary: pd.DataFrame, states: pd.DataFram
         "`runs.parquet`); each run's own files: `runs/<arm>/seed-<k>/`.",
         "",
         *_not_finished_lines(states),
+        *wall_times,
     ]
     if plots:
         lines += ["## Plots", ""]
