@@ -46,9 +46,6 @@ class Failures:
         self.members, self.member_dirs, self.columns, self.name = members, member_dirs, list(columns), name
         self.stopped: dict[int, tuple[int, str]] = {}
 
-    def __bool__(self) -> bool:
-        return bool(self.stopped)
-
     def check(self, recent: torch.Tensor, step: int) -> None:
         """Stop every running member with a non-finite loss among ``recent`` (steps, S) ending at ``step``."""
         finite = torch.isfinite(recent)
