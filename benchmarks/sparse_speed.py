@@ -14,7 +14,11 @@ thread. Rows:
 - ``condensed d``: the same with constant fan-in (ERK's layer densities) on the condensed backend;
 - ``csr d``: the unstructured (ERK) net on the CSR backend;
 - ``srigl masked 0.1`` / ``srigl condensed 0.1``: SRigL (update every 100 steps, drop fraction 0.3), over
-  blocks of 200 steps, so each block holds two refreshes: its amortised cost.
+  blocks of 200 steps, so each block holds two refreshes: its amortised cost;
+- at batch 1, beside the peers (``benchmarks/peers.py``: rigl-torch's and sparsimony's RigL where they are
+  installed, ``pip install --no-deps rigl-torch sparsimony``): ``torch dense``, plain PyTorch dense SGD
+  (autograd, ``torch.optim.SGD``) and ``rigl masked 0.1``, dst's RigL (ERK, the same schedule), over
+  blocks of 200 steps like SRigL.
 
 Targets (issue #15): masked at 0.1 at most 1.10x dense; condensed at 0.1 at most 0.5x; SRigL's amortised
 refresh at most 5% above static condensed; CSR at 0.05 at most 0.7x. The break-even density of a backend is where its ratio crosses
@@ -33,6 +37,7 @@ import time
 import torch
 
 import dst
+from peers import PEERS, PeerLearner, available
 from dst.backends import Backends
 from dst.population import cross_entropy_per_member
 from dst.step import TrainingStep
@@ -51,7 +56,7 @@ class Learner:
             distribution = "constant-fan-in" if backend == "condensed" or strategy == "srigl" else "erk"
             dst.sparsify(self.model, density, distribution, seed=[1])
         self.optimizer = dst.build_optimizer("sgd", self.model.parameters(), 0.01)
-        settings = {"update_interval": 100, "drop_fraction": 0.3} if strategy == "srigl" else {}
+        settings = {"update_interval": 100, "drop_fraction": 0.3} if strategy != "bp" else {}
         self.strategy = dst.strategies.build(strategy, self.model, self.optimizer, seed=[2], **settings)
         self.strategy.set_horizon(10_000_000, None)
         self.backends = Backends(self.model, self.optimizer, self.strategy, backend)
@@ -102,7 +107,7 @@ def main() -> None:
     batches = (1,) if args.quick else (1, 16)
     for batch in batches:
         steps = 20 if batch == 1 else 10
-        rows: dict[str, Learner] = {"dense": Learner(1.0, "masked", "bp", batch, args.device, steps)}
+        rows: dict[str, Learner | PeerLearner] = {"dense": Learner(1.0, "masked", "bp", batch, args.device, steps)}
         for density in densities:
             rows[f"masked {density}"] = Learner(density, "masked", "bp", batch, args.device, steps)
             rows[f"condensed {density}"] = Learner(density, "condensed", "bp", batch, args.device, steps)
@@ -110,6 +115,11 @@ def main() -> None:
         if batch == 1:
             rows["srigl masked 0.1"] = Learner(0.1, "masked", "srigl", batch, args.device, 200)
             rows["srigl condensed 0.1"] = Learner(0.1, "condensed", "srigl", batch, args.device, 200)
+            rows["rigl masked 0.1"] = Learner(0.1, "masked", "rigl", batch, args.device, 200)
+            rows["torch dense"] = PeerLearner(SHAPE, None, 1.0, batch, args.device, steps)
+            for peer in PEERS:
+                if available(peer) is None:
+                    rows[f"{peer} 0.1"] = PeerLearner(SHAPE, peer, 0.1, batch, args.device, 200)
         for learner in rows.values():  # warm up: first conversions, allocator, caches
             learner.run()
         times: dict[str, list[float]] = {name: [] for name in rows}
@@ -130,7 +140,14 @@ def main() -> None:
             static = median["condensed 0.1"]
             print(f"SRigL's amortised refresh on condensed at 0.1: {median['srigl condensed 0.1'] / static - 1:+.1%} "
                   f"over static condensed (target <= +5%); on masked {median['srigl masked 0.1'] / median['masked 0.1'] - 1:+.1%}")
-    print("\nrigl-torch and sparsimony: not measured here (no network to pip-install them from).")
+            torch_dense = median["torch dense"]
+            print(f"RigL at 0.1 against plain PyTorch dense SGD ({torch_dense * 1e3:.3f} ms/step): dst (masked, ERK) "
+                  f"{median['rigl masked 0.1'] / torch_dense:.2f}x", end="")
+            for peer in PEERS:
+                missing = available(peer)
+                print(f"; {peer} " + (f"{median[f'{peer} 0.1'] / torch_dense:.2f}x" if missing is None else missing),
+                      end="")
+            print()
 
 
 if __name__ == "__main__":
