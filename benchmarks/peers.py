@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PEERS", "PeerLearner", "available"]
+__all__ = ["PEERS", "PeerLearner", "available", "seconds_per_step"]
 
 
 def _sequential(n_in: int, hidden: list[int], n_out: int) -> nn.Sequential:
@@ -89,9 +89,9 @@ class PeerLearner:
 
     def run(self) -> float:
         """CPU seconds per step over one block (wall seconds on a GPU)."""
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-        start = time.process_time() if self.device == "cpu" else time.perf_counter()
+        return seconds_per_step(self._block, len(self.x), self.device)
+
+    def _block(self) -> None:
         for x, y in zip(self.x, self.y):
             self.optimizer.zero_grad()
             F.cross_entropy(self.model(x), y).backward()
@@ -102,10 +102,19 @@ class PeerLearner:
                 self.optimizer.step()
                 if self.sparsifier is not None:
                     self.sparsifier.step()  # type: ignore[attr-defined]
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-        end = time.process_time() if self.device == "cpu" else time.perf_counter()
-        return (end - start) / len(self.x)
+
+
+def seconds_per_step(block: Callable[[], None], steps: int, device: str) -> float:
+    """``block()``'s CPU seconds per step (``time.process_time``, which other processes disturb far less than
+    wall time); on a GPU its wall seconds, synchronised before and after."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.process_time() if device == "cpu" else time.perf_counter()
+    block()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    end = time.process_time() if device == "cpu" else time.perf_counter()
+    return (end - start) / steps
 
 
 def available(peer: str) -> str | None:

@@ -32,12 +32,11 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 
 import torch
 
 import dst
-from peers import PEERS, PeerLearner, available
+from peers import PEERS, PeerLearner, available, seconds_per_step
 from dst.backends import Backends
 from dst.population import cross_entropy_per_member
 from dst.step import TrainingStep
@@ -68,9 +67,9 @@ class Learner:
 
     def run(self) -> float:
         """CPU seconds per step over one block."""
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-        start = time.process_time() if self.device == "cpu" else time.perf_counter()
+        return seconds_per_step(self._block, len(self.x), self.device)
+
+    def _block(self) -> None:
         for x, y in zip(self.x, self.y):
             if self.backends:
                 self.backends.prepare(self.strategy.step + 1)
@@ -78,10 +77,6 @@ class Learner:
             self.strategy.before_step()
             self.optimizer.step()
             self.strategy.after_step()
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-        end = time.process_time() if self.device == "cpu" else time.perf_counter()
-        return (end - start) / len(self.x)
 
 
 def _break_even(ratios: dict[float, float]) -> str:
