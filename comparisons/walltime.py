@@ -30,7 +30,7 @@ def record_wall_time(out: str | os.PathLike, started: datetime, seconds: float, 
     call was interrupted before it returned."""
     path = Path(out) / WALL_TIMES
     statuses = [outcome.status for outcome in outcomes or ()]
-    row = {"started": started.isoformat(timespec="seconds"), "wall_seconds": round(seconds, 1), "runs": runs,
+    row = {"started": started.isoformat(timespec="seconds"), "wall_seconds": round(seconds, 3), "runs": runs,
            "finished": statuses.count("finished"), "failed": statuses.count("failed"),
            "interrupted": outcomes is None, "workers": workers, "command": command}
     new = not path.exists() or not path.stat().st_size
