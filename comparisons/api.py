@@ -18,7 +18,7 @@ from typing import Any
 
 from dst.errors import ConfigError
 
-from .execute import Job, is_finished, plan, record_comparison, run_jobs, write_record
+from .execute import Job, earlier_failure, is_finished, plan, record_comparison, run_jobs, write_record
 from .report import write_report
 from .spec import Comparison, ResolvedArm, resolve
 from .tables import check_format
@@ -72,16 +72,19 @@ def run_prepared(prepared: Prepared, *, workers: int | None = None, progress: bo
     except OSError as err:
         raise ConfigError(f"cannot create output directory {str(prepared.out)!r}: {err.strerror or err}") from None
     write_record(prepared.out, prepared.record)
-    todo = sum(not is_finished(job) for job in prepared.jobs)
+    todo = [job for job in prepared.jobs if not is_finished(job)]
     started, start = datetime.now(timezone.utc), time.perf_counter()
     outcomes = None
     try:
         outcomes = run_jobs(prepared.jobs, workers=workers, progress=progress, retry_failed=retry_failed,
                             population=population)
     finally:
-        if todo:
-            record_wall_time(prepared.out, started, time.perf_counter() - start, todo, outcomes,
-                             workers or os.cpu_count() or 1, prepared.command)
+        if todo:  # what the runs left on disk, so an interrupted call counts the runs it did finish
+            record_wall_time(prepared.out, started, time.perf_counter() - start, len(todo),
+                             finished=sum(is_finished(job) for job in todo),
+                             failed=sum(earlier_failure(job) is not None for job in todo),
+                             interrupted=outcomes is None, workers=workers or os.cpu_count() or 1,
+                             command=prepared.command)
     failed = sum(outcome.status == "failed" for outcome in outcomes)
     if failed:
         log.warning("%d of %d runs failed (see the outcomes)", failed, len(outcomes))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -24,15 +23,14 @@ WALL_TIMES = "wall_times.csv"
 COLUMNS = ("started", "wall_seconds", "runs", "finished", "failed", "interrupted", "workers", "command")
 
 
-def record_wall_time(out: str | os.PathLike, started: datetime, seconds: float, runs: int,
-                     outcomes: Sequence | None, workers: int, command: str) -> None:
-    """Append one call's row; ``outcomes`` (its :class:`~comparisons.execute.RunOutcome` s) is None when the
-    call was interrupted before it returned."""
+def record_wall_time(out: str | os.PathLike, started: datetime, seconds: float, runs: int, *, finished: int,
+                     failed: int, interrupted: bool, workers: int, command: str) -> None:
+    """Append one call's row: of its ``runs`` to do, how many ``finished`` and ``failed`` (as the run
+    directories say afterwards, so an ``interrupted`` call still counts the runs it finished)."""
     path = Path(out) / WALL_TIMES
-    statuses = [outcome.status for outcome in outcomes or ()]
     row = {"started": started.isoformat(timespec="seconds"), "wall_seconds": round(seconds, 3), "runs": runs,
-           "finished": statuses.count("finished"), "failed": statuses.count("failed"),
-           "interrupted": outcomes is None, "workers": workers, "command": command}
+           "finished": finished, "failed": failed, "interrupted": interrupted, "workers": workers,
+           "command": command}
     new = not path.exists() or not path.stat().st_size
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)

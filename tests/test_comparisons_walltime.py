@@ -26,13 +26,16 @@ def test_each_call_with_runs_to_do_records_its_wall_time_and_the_report_lists_th
     assert "## Wall time" in report and "over 2 call(s)" in report and "--seeds 3" in report
 
 
-def test_an_interrupted_call_is_recorded_as_interrupted(tmp_path, monkeypatch):
-    def interrupted(*args, **kwargs):
+def test_an_interrupted_call_is_recorded_as_interrupted_with_the_runs_it_finished(tmp_path, monkeypatch):
+    real = comparisons_api.run_jobs
+
+    def interrupted_after_the_runs(*args, **kwargs):
+        real(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(comparisons_api, "run_jobs", interrupted)
+    monkeypatch.setattr(comparisons_api, "run_jobs", interrupted_after_the_runs)
     out = tmp_path / "out"
     assert main([*TINY, "--seeds", "2", "--out", str(out)]) == 130
     calls = pd.read_csv(out / "wall_times.csv")
     assert len(calls) == 1 and bool(calls["interrupted"].iloc[0])
-    assert calls["runs"].iloc[0] == 2 and calls["finished"].iloc[0] == 0
+    assert calls["runs"].iloc[0] == 2 and calls["finished"].iloc[0] == 2 and calls["failed"].iloc[0] == 0
