@@ -20,7 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed (and none on a compute node)
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -246,11 +246,15 @@ def plot_budget(summary: pd.DataFrame, path: str | os.PathLike, metric: str) -> 
     axes[0].set_xlabel("active weights per learner (log scale)")
     axes[1].set_xlabel("milliseconds per training step of the arm's population (log scale)")
     axes[0].set_ylabel(f"late-window {metric} (last 10% of bins)")
-    for ax in axes:  # plain numbers at 1, 2 and 5 of each decade: a range of less than a decade stays legible
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    for ax, values in zip(axes, (rows["weights"], rows["seconds_per_step_mean"] * 1e3)):
+        if values.max() > 3 * values.min():  # log scale, plain numbers at 1, 2 and 5 of each decade
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        else:  # a narrow range (one budget's weights): a few linear ticks
+            ax.xaxis.set_major_locator(MaxNLocator(4))
+            ax.set_xlabel(ax.get_xlabel().replace(" (log scale)", ""))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.10g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, alpha=0.3)
     handles = [plt.Line2D([], [], color=cmap(i % 10), marker="o", linestyle="none", label=kind) for i, kind in enumerate(kinds)]
     handles += [plt.Line2D([], [], color="grey", marker=MARKERS[i % len(MARKERS)], linestyle="none", label=layout)
