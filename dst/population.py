@@ -261,8 +261,9 @@ class MemberRandom:
         z = self._bits(shape, step, draw, members, rows)
         return torch.from_numpy(z) if isinstance(z, np.ndarray) else z
 
-    def _bits(self, shape, step, draw, members, rows) -> torch.Tensor | np.ndarray:
-        """:meth:`bits` as the arithmetic leaves them: a numpy array on the CPU, else a torch tensor."""
+    def _bits(self, shape, step, draw, members, rows, span=None) -> torch.Tensor | np.ndarray:
+        """:meth:`bits` as the arithmetic leaves them: a numpy array on the CPU, else a torch tensor.
+        With ``span=(first, last)`` only flat positions first..last-1, shaped (M, last - first)."""
         keys = self._keys if members is None else self._keys[torch.as_tensor(members, device=self.device)]
         count = 1
         for size in shape:
@@ -278,11 +279,13 @@ class MemberRandom:
             rows = torch.as_tensor(rows, device=self.device).to(torch.int64)
             rows = rows.numpy() if host else rows
             start = start + rows * _int64(count * _GOLDEN)
+        first, last = span if span is not None else (0, count)
         if host:
-            offsets = np.arange(1, count + 1, dtype=np.int64)
+            offsets = np.arange(first + 1, last + 1, dtype=np.int64)
         else:
-            offsets = torch.arange(1, count + 1, dtype=torch.int64, device=self.device)
-        return _mix(start[:, None] + offsets * _GOLDEN).reshape(keys.shape[0], *shape)
+            offsets = torch.arange(first + 1, last + 1, dtype=torch.int64, device=self.device)
+        z = _mix(start[:, None] + offsets * _GOLDEN)
+        return z if span is not None else z.reshape(keys.shape[0], *shape)
 
     def uniform(
         self,
@@ -311,11 +314,27 @@ class MemberRandom:
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """Standard normal draws (Box-Muller from two 24-bit uniforms of one 64-bit word), computed in
-        float32 (float64 when asked for), on the CPU with numpy."""
-        z = self._bits(shape, step, draw, members, rows)
+        float32 (float64 when asked for), on the CPU with numpy in blocks of positions whose temporaries
+        stay in cache (the same values as one pass, at about half the time for a million)."""
         wide = dtype == torch.float64
-        high = (_to_float(_shift(z, 40), wide) + 1.0) * 2.0**-24  # (0, 1]: the log is finite
-        low = _to_float(z & ((1 << 24) - 1), wide) * 2.0**-24
-        xp = np if isinstance(z, np.ndarray) else torch
-        value = xp.sqrt(-2.0 * xp.log(high)) * xp.cos(2.0 * math.pi * low)
-        return (torch.from_numpy(value) if xp is np else value).to(dtype)
+        if self.device.type != "cpu":
+            return _box_muller(self._bits(shape, step, draw, members, rows), wide).to(dtype)
+        count = math.prod(int(size) for size in shape)
+        rows_ = len(self.keys) if members is None else int(torch.as_tensor(members).numel())
+        width = max(1, _BLOCK // max(rows_, 1))
+        value = np.empty((rows_, count), dtype=np.float64 if wide else np.float32)
+        for first in range(0, count, width):
+            last = min(first + width, count)
+            value[:, first:last] = _box_muller(self._bits(shape, step, draw, members, rows, (first, last)), wide)
+        return torch.from_numpy(value.reshape(rows_, *shape)).to(dtype)
+
+
+_BLOCK = 1 << 17  # values per numpy pass in MemberRandom.normal: about 1 MiB of int64 temporaries
+
+
+def _box_muller(z: torch.Tensor | np.ndarray, wide: bool) -> torch.Tensor | np.ndarray:
+    """N(0, 1) from 64 random bits each: sqrt(-2 ln u1) cos(2 pi u2), u1 in (0, 1] and u2 in [0, 1)."""
+    high = (_to_float(_shift(z, 40), wide) + 1.0) * 2.0**-24  # (0, 1]: the log is finite
+    low = _to_float(z & ((1 << 24) - 1), wide) * 2.0**-24
+    xp = np if isinstance(z, np.ndarray) else torch
+    return xp.sqrt(-2.0 * xp.log(high)) * xp.cos(2.0 * math.pi * low)

@@ -140,6 +140,21 @@ def test_normal_is_standard_normal():
     assert _kolmogorov_smirnov(z, torch.special.ndtr) < 1.95
 
 
+def test_normal_is_box_muller_of_the_bits_across_blocks_of_positions():
+    # 3 x 200,000 values: several of the blocks the CPU computes them in (checked against float64 math)
+    random = MemberRandom([5, 6, 7])
+    bits = random.bits((200_000,), step=2, draw=1).numpy().view(np.uint64)
+    u1 = ((bits >> np.uint64(40)).astype(np.float64) + 1) / 2**24
+    u2 = (bits & np.uint64(2**24 - 1)).astype(np.float64) / 2**24
+    expected = np.sqrt(-2 * np.log(u1)) * np.cos(2 * np.pi * u2)
+    z = random.normal((200_000,), step=2, draw=1)
+    assert z.shape == (3, 200_000)
+    np.testing.assert_allclose(z.numpy(), expected, rtol=0, atol=2e-5)
+    chosen, rows = torch.tensor([2, 0]), torch.tensor([1, 0])
+    full = random.normal((2, 100_000), step=2, draw=1)
+    assert torch.equal(random.normal((100_000,), step=2, draw=1, members=chosen, rows=rows), full[chosen, rows])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_draws_on_any_device_equal_the_cpu_draws(device):
     cpu = MemberRandom.derived(SEEDS, 21)
