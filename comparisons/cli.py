@@ -33,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from dst.errors import ConfigError, DSTError
+from dst.interrupt import sigterm_interrupts
 
 from .api import Prepared, prepare_comparison, run_prepared
 from .execute import CHECKPOINT, Population, earlier_failure, is_finished, populations
@@ -234,27 +235,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = "-v" in argv or "--verbose" in argv
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if argv[:1] == ["presets"]:
-            print(describe_presets())
-            return 0
-        if argv[:1] == ["report"]:
-            return _report(argv[1:])
-        args = _run_parser().parse_args(argv)
-        if args.list_presets:
-            print(describe_presets())
-            return 0
-        return _run(args, argv)
-    except (DSTError, _UsageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except UnexpectedError as err:
-        if verbose:
-            traceback.print_exception(err.__cause__ or err)
-        print(f"error: {err}\nThis is not a setting dst checks, most likely a bug in dst or the strategy: "
-              "please report it with the command (-v shows the traceback). No run was started.", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        print("interrupted: finished runs are kept; rerun the same command to resume the others "
-              "from their checkpoints", file=sys.stderr)
-        return 130
+    with sigterm_interrupts():
+        try:
+            if argv[:1] == ["presets"]:
+                print(describe_presets())
+                return 0
+            if argv[:1] == ["report"]:
+                return _report(argv[1:])
+            args = _run_parser().parse_args(argv)
+            if args.list_presets:
+                print(describe_presets())
+                return 0
+            return _run(args, argv)
+        except (DSTError, _UsageError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except UnexpectedError as err:
+            if verbose:
+                traceback.print_exception(err.__cause__ or err)
+            print(f"error: {err}\nThis is not a setting dst checks, most likely a bug in dst or the strategy: "
+                  "please report it with the command (-v shows the traceback). No run was started.", file=sys.stderr)
+            return 3
+        except KeyboardInterrupt:
+            print("interrupted: finished runs are kept; rerun the same command to resume the others "
+                  "from their checkpoints", file=sys.stderr)
+            return 130

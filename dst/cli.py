@@ -21,6 +21,7 @@ import pandas as pd
 from . import benchmarks, strategies
 from .config import Config, parse_assignments
 from .errors import ConfigError, DSTError, NonFiniteLossError
+from .interrupt import sigterm_interrupts
 from .population import check_seeds
 from .rundir import FAILURE, METRICS, read_config, read_population
 from .runner import RunSpec, member_dir, run
@@ -230,20 +231,21 @@ def _report_population(spec: RunSpec, out: str, frames: list[pd.DataFrame]) -> i
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "run":
-            return _run(args)
-        if args.command == "strategies":
-            sys.stdout.write(_describe(strategies))
-            return 0
-        if args.command == "benchmarks":
-            sys.stdout.write(_describe(benchmarks))
-            return 0
-    except DSTError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rows written so far are kept; --resume continues from the last checkpoint",
-              file=sys.stderr)
-        return 130
+    with sigterm_interrupts():
+        try:
+            if args.command == "run":
+                return _run(args)
+            if args.command == "strategies":
+                sys.stdout.write(_describe(strategies))
+                return 0
+            if args.command == "benchmarks":
+                sys.stdout.write(_describe(benchmarks))
+                return 0
+        except DSTError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted: rows written so far are kept; --resume continues from the last checkpoint",
+                  file=sys.stderr)
+            return 130
     return 2

@@ -23,6 +23,7 @@ import optuna
 from dst import benchmarks
 from dst.config import parse_assignments
 from dst.errors import ConfigError, DSTError
+from dst.interrupt import sigterm_interrupts
 
 from . import storage as storages
 from .objectives import OBJECTIVES, directions, parse_objectives
@@ -172,8 +173,8 @@ def _spawn_workers(args, spec, name: str, target: int, out: str, workers: int) -
     try:
         codes = [p.wait() for p in processes]
     except KeyboardInterrupt:  # let each worker mark its trial FAIL (as Optuna does on Ctrl-C), then stop it
-        for p in processes:
-            p.send_signal(signal.SIGINT)
+        for p in processes:  # SIGTERM, which a worker takes as Ctrl-C: a SIGINT may be ignored (nohup, &)
+            p.send_signal(signal.SIGTERM)
         for p in processes:
             try:
                 p.wait(timeout=30)
@@ -279,14 +280,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not any(isinstance(f, _NoTracebackForUserErrors) for f in optimize_log.filters):
         optimize_log.addFilter(_NoTracebackForUserErrors())
     args = _parser().parse_args(argv)
-    try:
-        return {"tune": _tune, "worker": _worker, "report": _report}[args.command](args)
-    except TargetNotReached as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except DSTError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished trials are kept in the storage; run again to continue", file=sys.stderr)
-        return 130
+    with sigterm_interrupts():
+        try:
+            return {"tune": _tune, "worker": _worker, "report": _report}[args.command](args)
+        except TargetNotReached as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        except DSTError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted: finished trials are kept in the storage; run again to continue", file=sys.stderr)
+            return 130
