@@ -99,7 +99,7 @@ CBP_MEMBERS = [
 )
 def test_each_cbp_member_runs_the_experiment_of_a_population_of_one_with_its_seed_and_settings(variant):
     configs = [dataclasses.replace(config, **variant) for config in CBP_MEMBERS]
-    units, _ = _assert_member_is_its_own_run("cbp", configs, 500)
+    units, _ = _assert_member_is_its_own_run("cbp", configs, 300)
     assert len({tuple(units[:, s]) for s in range(3)}) == 3  # the members' settings do differ in effect
 
 

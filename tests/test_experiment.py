@@ -80,7 +80,7 @@ def test_resume_after_a_crash_continues_to_exactly_the_uninterrupted_result(tmp_
     pd.testing.assert_frame_equal(_without_timing(full), _without_timing(on_disk), check_dtype=False)
 
 
-#: Per strategy: settings (and benchmark settings) under which it refreshes often within 2,000 steps.
+#: Per strategy: settings (and benchmark settings) under which it refreshes often within 600 steps.
 REFRESHING = {
     "bp": ({}, {}),
     "cbp": ({"replacement_rate": 0.01, "maturity_threshold": 50}, {}),
@@ -104,7 +104,7 @@ REFRESHING = {
     "upgd": ({"sigma": 0.1, "weight_decay": 1e-3}, {}),
     "parseval": ({"strength": 1e-2}, {}),
     "spectral-reg": ({"strength": 1e-2}, {}),
-    "hare-tortoise": ({"reset_every": 300}, {}),
+    "hare-tortoise": ({"reset_every": 250}, {}),
     "plasticity-injection": ({"every_task": True, "head_layers": 1}, {}),
     "retrain": ({}, {}),
 }
@@ -117,15 +117,16 @@ def test_every_registered_strategy_has_a_resume_case():
 @pytest.mark.parametrize("name", sorted(REFRESHING))
 def test_every_strategy_resumes_to_exactly_the_uninterrupted_run(tmp_path, name):
     settings, bench = REFRESHING[name]
-    # the checkpoint (step 1100) comes after a task boundary (1000), so task-start state is restored from it
-    spec = _spec(steps=1500, strategy=name, settings=settings, bench={**SMALL, **bench}, checkpoint_every=1100)
+    # the checkpoint (step 300) comes after a task boundary (200), so task-start state is restored from it
+    short = {"bin_size": 100, "change_every": 200}
+    spec = _spec(steps=600, strategy=name, settings=settings, bench={**short, **bench}, checkpoint_every=300)
     full = prepare(spec, tmp_path / "full", progress=False)
     (full_rows,) = full.run()
     if name not in ("bp", "l2-init", "shrink-perturb", "head-reset", "weight-clipping", "upgd", "parseval",
                     "spectral-reg", "hare-tortoise", "plasticity-injection", "retrain"):  # these change weights, not the topology
         assert (full_rows["units_replaced"] + full_rows["connections_regrown"]).sum() > 0, "no refresh happened"
     crashing = prepare(spec, tmp_path / "cut", progress=False)
-    _crash_at(crashing, 1300)
+    _crash_at(crashing, 450)
     with pytest.raises(KeyboardInterrupt):
         crashing.run()
     resumed = prepare(spec, tmp_path / "cut", progress=False)

@@ -79,6 +79,7 @@ def test_a_sigterm_comparison_stops_its_workers_records_its_call_and_exits_130(t
     assert [path.stat().st_size for path in out.glob("runs/*/seed-*/*")] == sizes  # no worker writes on
 
 
+@pytest.mark.slow  # ~20 s; the default suite stops a comparison's workers by SIGTERM through the same path
 def test_a_sigterm_study_marks_its_workers_running_trials_failed_and_exits_130(tmp_path, leave_nothing_running):
     storage = tmp_path / "s.journal"
     process = _python_m("studies", "tune", "--strategy", "cbp", "--study", "s", "--out", str(tmp_path),

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dst.cli import main
 from dst.errors import ConfigError
 from dst.experiment import TIMING_COLUMNS
 from dst.runner import RunSpec, member_dir, prepare, run
@@ -173,9 +174,14 @@ def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
         (["--seeds", "0:2", "--seed", "1"], "not both"),
     ],
 )
-def test_cli_bad_seeds_exit_2_naming_the_fix(tmp_path, flags, message):
-    done = _cli(*flags, "--steps", "10", "--out", str(tmp_path / "x"))
-    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+def test_cli_bad_seeds_exit_2_naming_the_fix(tmp_path, capsys, flags, message):
+    assert main(["run", "--no-progress", *flags, "--steps", "10", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow  # three processes, ~25 s; test_comparisons_populations resumes an interrupted population in process
 
 
 def test_cli_population_resumes_exactly_after_kill_9(tmp_path):

@@ -17,7 +17,7 @@ from dst.refresh import NO_REFRESH
 
 IN, HIDDEN, OUT, BATCH = 6, (12, 10), 3, 4
 SEEDS = (11, 12, 13)
-STEPS, TASK, EVERY = 500, 100, 50  # steps, steps per task, steps between weight snapshots
+STEPS, TASK, EVERY = 300, 100, 50  # steps, steps per task, steps between weight snapshots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +50,8 @@ CASES = {
                           (("drop_fraction", 0.4),), optimizer="adam"),
     "rigl-cosine": Case("rigl", (("schedule", "cosine"), ("grow_init", "random")),
                         (("drop_fraction", (0.5, 0.3, 0.4)), ("update_interval", (4, 6, 5)),
-                         ("end_step", (300, 450, 0))),
-                        (("end_step", 200),)),
+                         ("end_step", (200, 270, 0))),
+                        (("end_step", 120),)),
     "shrink-perturb": Case("shrink-perturb", (),
                            (("weight_decay", (1e-2, 1e-1, 0.0)), ("noise_std", (1e-3, 0.0, 1e-2))),
                            (("noise_std", 3e-3),)),
@@ -169,7 +169,7 @@ def test_a_member_runs_the_experiment_of_a_population_of_one_with_its_seed_and_s
     single = _run(case, (SEEDS[member],), case.configs()[member], members=[member])
     _assert_member_equals(population, member, single)
     if case.strategy in ("set", "rigl"):
-        assert (population[0][:, member] > 0).sum() > 40  # the refresh really happened, many times
+        assert (population[0][:, member] > 0).sum() > 25  # the refresh really happened, many times
 
 
 @pytest.mark.parametrize("name", list(CASES))

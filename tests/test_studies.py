@@ -622,6 +622,7 @@ def test_two_workers_on_postgresql_complete_the_target_together(postgres_url, tm
     assert by_worker == {str(w.pid) for w in workers}, outputs
 
 
+@pytest.mark.slow  # ~25 s; the default suite kills a trial on the journal file and runs two workers on PostgreSQL
 def test_a_worker_killed_mid_trial_on_postgresql_loses_and_repeats_nothing(postgres_url, tmp_path):
     beats = ("--heartbeat-interval", "1", "--grace-period", "2")
     assert main(tune(tmp_path, "--storage", postgres_url, "--pruner", "none", *beats, trials=1, steps=400,

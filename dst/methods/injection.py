@@ -80,8 +80,8 @@ class InjectedHead(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         while f"{prefix}frozen{self.injections}_a_0" in state_dict:  # the injections of a checkpoint
             j = self.injections
-            for which in ("a", "b"):
-                for k in range(len(self.names)):
+            for k in range(len(self.names)):  # the order inject registers them in
+                for which in ("a", "b"):
                     key = f"{prefix}frozen{j}_{which}_{k}"
                     self.register_buffer(f"frozen{j}_{which}_{k}", torch.empty_like(state_dict[key]))
             self.injections += 1
