@@ -1,5 +1,4 @@
 import json
-import subprocess
 import sys
 
 import pandas as pd
@@ -7,23 +6,16 @@ import pandas as pd
 from dst.cli import main
 
 
-def _dst(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "dst", *args], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
-
-
-def test_run_command_writes_metrics_and_config_and_prints_the_bin_table(tmp_path):
-    result = _dst(
-        "run", "--benchmark", "bit-flipping", "--strategy", "bp", "--steps", "1000", "--seed", "0",
-        "--out", "runs/x", "--bench", "bin_size=250", "--no-progress", cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
+def test_run_command_writes_metrics_and_config_and_prints_the_bin_table(tmp_path, capsys):
+    code = main(["run", "--benchmark", "bit-flipping", "--strategy", "bp", "--steps", "1000", "--seed", "0",
+                 "--out", str(tmp_path / "runs/x"), "--bench", "bin_size=250", "--no-progress"])
+    result = capsys.readouterr()
+    assert code == 0, result.err
     metrics = pd.read_csv(tmp_path / "runs/x/metrics.csv")
     assert list(metrics["step"]) == [250, 500, 750, 1000]
     config = json.loads((tmp_path / "runs/x/config.json").read_text())
     assert config["bench"]["bin_size"] == 250 and config["bench"]["n_bits"] == 20
-    assert "step" in result.stdout and "loss" in result.stdout and "1000" in result.stdout
+    assert "step" in result.out and "loss" in result.out and "1000" in result.out
 
 
 def test_strategies_command_lists_each_strategy_with_its_settings(capsys):

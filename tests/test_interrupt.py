@@ -62,6 +62,7 @@ def test_sigterm_inside_raises_keyboard_interrupt_and_the_previous_handler_comes
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.slow  # ~17 s; the default suite checks the handler itself above, in process
 def test_a_sigterm_comparison_stops_its_workers_records_its_call_and_exits_130(tmp_path, leave_nothing_running):
     out = tmp_path / "out"
     process = _python_m("comparisons", "--strategies", "bp", "--seeds", "2", "--workers", "2",
