@@ -182,8 +182,6 @@ def test_cli_bad_seeds_exit_2_naming_the_fix(tmp_path, capsys, flags, message):
 
 
 @pytest.mark.slow  # three processes, ~25 s; test_comparisons_populations resumes an interrupted population in process
-
-
 def test_cli_population_resumes_exactly_after_kill_9(tmp_path):
     flags = ["--strategy", "cbp", "--seeds", "0,3,5", "--set", "replacement_rate=0.01,0.02,0.03",
              "--set", "maturity_threshold=20", "--bench", "bin_size=250", "--bench", "hidden=8",
